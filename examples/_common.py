@@ -1,0 +1,34 @@
+"""What every example shares: its command-line flags and its run directory."""
+import argparse
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the examples run from anywhere, beside loops.py
+
+
+def parse_args(description, *, epochs, data_help=None):
+    """--epochs, --quick, --device, --resume, --runs, and --data where a real file applies."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs to train (default {epochs})")
+    p.add_argument("--quick", action="store_true", help="a few seconds: small data, few epochs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --runs/<name>")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="where runs are written")
+    if data_help:
+        p.add_argument("--data", default=None, help=data_help)
+    args = p.parse_args()
+    args.default_epochs = epochs
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def run_dir(args, name):
+    """runs/<name>: emptied for a fresh run (an example owns its directory), kept for --resume."""
+    path = os.path.join(args.runs, name)
+    if not args.resume and os.path.isdir(path):
+        shutil.rmtree(path)
+    return path

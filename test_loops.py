@@ -1,0 +1,817 @@
+"""Tests of loops.py: oracles (the hand-written loop, whole-set metrics), real subprocesses.
+
+Run with ``python -m unittest``. ``LOOPS_TEST_DEVICE=cuda python -m unittest`` runs
+the same suite on a GPU.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import pty
+import select
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import weakref
+from unittest import mock
+
+import torch
+
+import loops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEVICE = torch.device(os.environ.get("LOOPS_TEST_DEVICE", "cpu"))
+
+
+def run_python(code, *, env=None, timeout=120, **kw):
+    """Run a Python snippet in a fresh interpreter beside loops.py."""
+    full_env = {**os.environ, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], cwd=HERE, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def mlp(n_in=8, n_out=1, hidden=16, sigmoid=True, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(n_in, hidden), torch.nn.ReLU()]
+    if dropout:
+        layers.append(torch.nn.Dropout(dropout))
+    layers.append(torch.nn.Linear(hidden, n_out))
+    if sigmoid:
+        layers.append(torch.nn.Sigmoid())
+    return torch.nn.Sequential(*layers).to(DEVICE)
+
+
+def binary_data(n=103, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g)
+    y = ((X[:, :1] + 0.5 * torch.randn(n, 1, generator=g)) > 0).float()
+    return X.to(DEVICE), y.to(DEVICE)
+
+
+def regression_data(n=97, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g)
+    y = X @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g) + 3.0
+    return X.to(DEVICE), y.to(DEVICE)
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def hand_loop(model, batch_list, loss_fn, opt, epochs, *, clip=None, scheduler=None):
+    """The tutorial loop, written out; returns the per-epoch sample-weighted mean loss."""
+    means = []
+    for _ in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for xb, yb in batch_list:
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.item() * len(yb)
+            count += len(yb)
+        means.append(total / count)
+    return means
+
+
+def slices(X, y, b):
+    return [(X[i:i + b], y[i:i + b]) for i in range(0, len(X), b)]
+
+
+class Quiet(unittest.TestCase):
+    """fit with verbose=0 unless a test asks otherwise."""
+
+    def fit(self, *args, **kw):
+        kw.setdefault("verbose", 0)
+        return loops.fit(*args, **kw)
+
+    def assertClose(self, a, b, rel=1e-12, msg=None):
+        self.assertTrue(math.isclose(a, b, rel_tol=rel, abs_tol=rel), msg or f"{a} != {b}")
+
+    def tmpdir(self):
+        d = tempfile.TemporaryDirectory()
+        self.addCleanup(d.cleanup)
+        return d.name
+
+
+# --- 1. the same numbers as a hand-written loop --------------------------------
+
+class HandLoopTest(Quiet):
+    def check(self, make_model, data, loss_fn, make_opt, b, epochs=4, as_list=False):
+        X, y = data
+        ref = make_model()
+        ref_means = hand_loop(ref, slices(X, y, b), loss_fn, make_opt(ref), epochs)
+        model = make_model()
+        train = slices(X, y, b) if as_list else (X, y)
+        h = self.fit(model, train, loss_fn, make_opt(model), epochs=epochs, batch_size=b,
+                     shuffle=False)
+        self.assertTrue(same_weights(model, ref), "fit left other weights than the hand loop")
+        self.assertEqual(len(h["loss"]), epochs)
+        for got, want in zip(h["loss"], ref_means):
+            self.assertClose(got, want)
+
+    def test_bce_classifier_on_tensors(self):
+        self.check(mlp, binary_data(), torch.nn.BCELoss(),
+                   lambda m: torch.optim.Adam(m.parameters(), 1e-2), b=10)
+
+    def test_bce_classifier_on_a_list_of_batches(self):
+        self.check(mlp, binary_data(), torch.nn.BCELoss(),
+                   lambda m: torch.optim.Adam(m.parameters(), 1e-2), b=10, as_list=True)
+
+    def test_mse_regressor_on_tensors(self):
+        self.check(lambda: mlp(sigmoid=False), regression_data(), torch.nn.MSELoss(),
+                   lambda m: torch.optim.SGD(m.parameters(), 1e-2, momentum=0.9), b=16)
+
+    def test_mse_regressor_on_a_list_of_batches(self):
+        self.check(lambda: mlp(sigmoid=False), regression_data(), torch.nn.MSELoss(),
+                   lambda m: torch.optim.SGD(m.parameters(), 1e-2, momentum=0.9), b=16,
+                   as_list=True)
+
+    def test_dataloader_gives_the_same_run_as_tensors(self):
+        X, y = binary_data()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=9)
+        a, b = mlp(), mlp()
+        ha = self.fit(a, (X, y), torch.nn.BCELoss(), torch.optim.Adam(a.parameters()),
+                      epochs=2, batch_size=9, shuffle=False)
+        hb = self.fit(b, loader, torch.nn.BCELoss(), torch.optim.Adam(b.parameters()), epochs=2)
+        self.assertTrue(same_weights(a, b))
+        self.assertEqual(ha["loss"], hb["loss"])
+
+    def test_sum_reduced_loss_is_a_per_sample_mean(self):
+        X, y = regression_data()
+        model = mlp(sigmoid=False)
+        logs = loops.evaluate(model, (X, y), torch.nn.MSELoss(reduction="sum"), batch_size=10)
+        with torch.no_grad():
+            want = ((model(X) - y) ** 2).sum().item() / len(X)
+        self.assertClose(logs["loss"], want, rel=1e-5)
+
+
+# --- 2. exact epoch metrics: batched equals whole-set --------------------------
+
+def oracle(name, p, y):
+    """Whole-set values written independently of loops (Python floats from lists)."""
+    p, y = p.double().cpu(), y.double().cpu()
+    if name == "accuracy":
+        return (p.argmax(1) == y.long()).double().mean().item()
+    pf, yf = p.reshape(-1).tolist(), y.reshape(-1).tolist()
+    err = [a - b for a, b in zip(pf, yf)]
+    tp = sum(a > 0.5 and b > 0.5 for a, b in zip(pf, yf))
+    fp = sum(a > 0.5 and not b > 0.5 for a, b in zip(pf, yf))
+    fn = sum(not a > 0.5 and b > 0.5 for a, b in zip(pf, yf))
+    return {
+        "binary_accuracy": sum((a > 0.5) == (b > 0.5) for a, b in zip(pf, yf)) / len(pf),
+        "mse": sum(e * e for e in err) / len(err),
+        "rmse": math.sqrt(sum(e * e for e in err) / len(err)),
+        "mae": sum(abs(e) for e in err) / len(err),
+        "mape": 100 * sum(abs(e) / max(abs(b), 1e-7) for e, b in zip(err, yf)) / len(err),
+        "max_error": max(abs(e) for e in err),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+    }[name]
+
+
+class ExactMetricsTest(Quiet):
+    """With lr=0 the model does not move, so the training epoch's value must equal the
+    whole-set value too; batch size 7 leaves a short last batch."""
+
+    def run_metrics(self, model, train, val, loss_fn, names):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        h = self.fit(model, train, loss_fn, opt, epochs=1, val=val, batch_size=7,
+                     metrics={n: n for n in names})
+        with torch.no_grad():
+            model.eval()
+            for prefix, (X, y) in (("", train), ("val_", val)):
+                p = model(X)
+                t = y.double() if y.is_floating_point() else y
+                self.assertClose(h[prefix + "loss"][0], loss_fn(p.double(), t).item(), rel=1e-6)
+                for n in names:
+                    self.assertClose(h[prefix + n][0], oracle(n, p, y), rel=1e-6,
+                                     msg=f"{prefix}{n}: {h[prefix + n][0]} vs {oracle(n, p, y)}")
+
+    def test_binary_metrics(self):
+        X, y = binary_data(100)
+        self.run_metrics(mlp(), (X[:64], y[:64]), (X[64:], y[64:]), torch.nn.BCELoss(),
+                         ["binary_accuracy", "precision", "recall", "f1"])
+
+    def test_regression_metrics(self):
+        X, y = regression_data(100)
+        self.run_metrics(mlp(sigmoid=False), (X[:64], y[:64]), (X[64:], y[64:]),
+                         torch.nn.MSELoss(), ["mse", "rmse", "mae", "mape", "max_error"])
+
+    def test_multiclass_accuracy(self):
+        g = torch.Generator().manual_seed(3)
+        X = torch.randn(100, 8, generator=g).to(DEVICE)
+        y = torch.randint(0, 4, (100,), generator=g).to(DEVICE)
+        self.run_metrics(mlp(n_out=4, sigmoid=False), (X[:64], y[:64]), (X[64:], y[64:]),
+                         torch.nn.CrossEntropyLoss(), ["accuracy"])
+
+    def test_public_metric_functions_match_the_oracle(self):
+        X, y = regression_data(50)
+        p = y + torch.randn_like(y)
+        for n in ["mse", "rmse", "mae", "mape", "max_error"]:
+            self.assertClose(getattr(loops, n)(p, y).item(), oracle(n, p, y), rel=1e-6)
+        yb = (y > 3).float()
+        pb = torch.sigmoid(p - 3)
+        for n in ["binary_accuracy", "precision", "recall", "f1"]:
+            self.assertClose(getattr(loops, n)(pb, yb).item(), oracle(n, pb, yb), rel=1e-9)
+
+    def test_target_shape_n_does_not_broadcast_against_n_by_1(self):
+        p = torch.tensor([[1.0], [2.0], [3.0]])
+        self.assertEqual(loops.mae(p, torch.tensor([1.0, 2.0, 5.0])).item(), 2 / 3)
+
+    def test_precision_with_no_positive_prediction_is_zero(self):
+        self.assertEqual(loops.precision(torch.zeros(4, 1), torch.ones(4, 1)).item(), 0.0)
+
+    def test_accuracy_on_one_column_says_use_binary_accuracy(self):
+        with self.assertRaisesRegex(ValueError, "binary_accuracy"):
+            loops.accuracy(torch.rand(5, 1), torch.ones(5, 1))
+
+    def test_confusion_matrix_matches_a_hand_count(self):
+        g = torch.Generator().manual_seed(4)
+        scores = torch.randn(60, 3, generator=g)
+        y = torch.randint(0, 3, (60,), generator=g)
+        want = [[0] * 3 for _ in range(3)]
+        for t, p in zip(y.tolist(), scores.argmax(1).tolist()):
+            want[t][p] += 1
+        self.assertEqual(loops.confusion_matrix(scores, y, 3).tolist(), want)
+        self.assertEqual(loops.confusion_matrix(scores.argmax(1), y, 3).tolist(), want)
+        probs, labels = torch.tensor([[0.9], [0.2], [0.7]]), torch.tensor([[1.0], [1.0], [0.0]])
+        self.assertEqual(loops.confusion_matrix(probs, labels, 2).tolist(), [[0, 1], [1, 1]])
+
+    def test_metrics_by_function_and_custom_function(self):
+        X, y = binary_data(60)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+        def mean_prob(p, t):
+            return p.mean()
+        h = self.fit(model, (X, y), torch.nn.BCELoss(), opt, epochs=1, batch_size=7,
+                     metrics={"acc": loops.binary_accuracy, "mp": mean_prob})
+        with torch.no_grad():
+            p = model(X)
+        self.assertClose(h["acc"][0], oracle("binary_accuracy", p, y))
+        self.assertClose(h["mp"][0], p.double().mean().item(), rel=1e-6)
+
+    def test_bad_metric_names_the_key(self):
+        X, y = binary_data()
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, "'acc'.*'acuracy'"):
+            loops.evaluate(model, (X, y), metrics={"acc": "acuracy"})
+        with self.assertRaisesRegex(TypeError, "'acc'"):
+            loops.evaluate(model, (X, y), metrics={"acc": 3})
+
+
+# --- 3. modes and memory ------------------------------------------------------------
+
+class Recorder(torch.nn.Module):
+    """Dropout + BatchNorm model that writes down the mode and grad state of each call."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                       torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                       torch.nn.Linear(16, 1), torch.nn.Sigmoid())
+        self.calls, self.outputs = [], []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        out = self.net(x)
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+class ModesTest(Quiet):
+    def test_evaluate_and_predict_run_in_eval_mode_without_grad_and_restore_the_mode(self):
+        X, y = binary_data()
+        model = Recorder().to(DEVICE)
+        for start_mode in (True, False):
+            model.train(start_mode)
+            bn = model.net[1].running_mean.clone()
+            a = loops.evaluate(model, (X, y), torch.nn.BCELoss(), batch_size=10)
+            b = loops.evaluate(model, (X, y), torch.nn.BCELoss(), batch_size=10)
+            p1, p2 = loops.predict(model, X, batch_size=10), loops.predict(model, (X, y))
+            self.assertEqual(model.training, start_mode)
+            self.assertEqual(set(model.calls), {(False, False)})
+            self.assertEqual(a, b)  # dropout off: repeatable
+            self.assertTrue(torch.equal(bn, model.net[1].running_mean))  # BN stats untouched
+            self.assertEqual(p1.device.type, "cpu")
+            model.eval()
+            with torch.no_grad():
+                self.assertTrue(torch.allclose(p1, model(X).cpu(), atol=1e-6))
+            self.assertTrue(torch.allclose(p1, p2, atol=1e-6))
+            model.calls.clear()
+
+    def test_predict_keeps_input_order_over_batches(self):
+        model = torch.nn.Linear(1, 1).to(DEVICE)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+            model.bias.zero_()
+        X = torch.arange(23.0).unsqueeze(1).to(DEVICE)
+        self.assertEqual(loops.predict(model, X, batch_size=4).squeeze(1).tolist(),
+                         list(map(float, range(23))))
+        batches = [(X[i:i + 5], None) for i in range(0, 23, 5)]
+        self.assertEqual(loops.predict(model, batches).squeeze(1).tolist(),
+                         list(map(float, range(23))))
+
+    def test_training_runs_in_train_mode_with_grad(self):
+        X, y = binary_data()
+        model = Recorder().to(DEVICE)
+        model.eval()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                 epochs=1, batch_size=10)
+        self.assertEqual(set(model.calls), {(True, True)})
+
+    def test_history_is_plain_floats_and_json(self):
+        X, y = binary_data()
+        model = mlp()
+        h = self.fit(model, (X[:80], y[:80]), torch.nn.BCELoss(),
+                     torch.optim.Adam(model.parameters()), epochs=2, val=(X[80:], y[80:]),
+                     metrics={"acc": "binary_accuracy", "f1": "f1"})
+        self.assertEqual(list(h), ["epoch", "loss", "acc", "f1", "val_loss", "val_acc",
+                                   "val_f1", "lr", "time"])
+        self.assertTrue(all(type(v) is float for vs in h.values() for v in vs))
+        self.assertEqual(json.loads(json.dumps(h)), h)
+        self.assertEqual(h["epoch"], [1.0, 2.0])
+
+    def test_no_autograd_graph_survives_a_step(self):
+        X, y = binary_data()
+        model = Recorder().to(DEVICE)
+        alive = []
+
+        def forward(x, inner=model.forward):
+            alive.append(sum(r() is not None for r in model.outputs))
+            return inner(x)
+        model.forward = forward
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                 epochs=2, batch_size=10)
+        self.assertEqual(len(alive), 22)
+        self.assertEqual(max(alive), 0, "an output with its graph outlived its step")
+
+
+# --- 4. inputs ------------------------------------------------------------------------
+
+class InputsTest(Quiet):
+    def test_one_shot_iterator_is_refused_for_several_epochs(self):
+        X, y = binary_data()
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        with self.assertRaisesRegex(TypeError, "list or a DataLoader"):
+            self.fit(model, iter(slices(X, y, 10)), torch.nn.BCELoss(), opt, epochs=2)
+        h = self.fit(model, iter(slices(X, y, 10)), torch.nn.BCELoss(), opt, epochs=1)
+        self.assertEqual(len(h["loss"]), 1)
+
+    def test_batches_slices_keeps_the_short_batch_and_shuffles_by_generator(self):
+        X, y = torch.arange(10.0), torch.arange(10)
+        sizes = [len(xb) for xb, _ in loops.batches(X, y, 4)]
+        self.assertEqual(sizes, [4, 4, 2])
+        self.assertEqual([len(xb) for xb, _ in loops.batches(X, y, 4, drop_last=True)], [4, 4])
+
+        def order(seed):
+            g = torch.Generator().manual_seed(seed)
+            return torch.cat([xb for xb, _ in loops.batches(X, y, 4, shuffle=True, generator=g)])
+        self.assertTrue(torch.equal(order(5), order(5)))
+        self.assertFalse(torch.equal(order(5), order(6)))
+        self.assertEqual(sorted(order(5).tolist()), list(map(float, range(10))))
+        for xb, yb in loops.batches(X, y, 3, shuffle=True):
+            self.assertTrue(torch.equal(xb, yb.float()))  # rows stay paired
+
+    def test_tensor_data_is_moved_to_the_device_once_not_per_batch(self):
+        X, y = binary_data(200)
+
+        def count_moves(b):
+            model = mlp()
+            calls = []
+            real = torch.Tensor.to
+
+            def to(self, *a, **k):
+                calls.append(1)
+                return real(self, *a, **k)
+            with mock.patch.object(torch.Tensor, "to", to):
+                self.fit(model, (X, y), torch.nn.BCELoss(),
+                         torch.optim.SGD(model.parameters(), 0.1), epochs=3, batch_size=b)
+            return len(calls)
+        self.assertEqual(count_moves(4), count_moves(100))
+
+    def test_same_seed_same_run_with_shuffle_and_dropout(self):
+        X, y = binary_data()
+
+        def run(seed):
+            model = mlp(dropout=0.3)
+            h = self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                         epochs=3, batch_size=8, seed=seed)
+            h.pop("time")
+            return h, model
+        (h1, m1), (h2, m2), (h3, m3) = run(7), run(7), run(8)
+        self.assertEqual(h1, h2)
+        self.assertTrue(same_weights(m1, m2))
+        self.assertNotEqual(h1["loss"], h3["loss"])
+        self.assertFalse(same_weights(m1, m3))
+
+
+# --- 5. checkpoints --------------------------------------------------------------------
+
+class CheckpointTest(Quiet):
+    def setUp(self):
+        X, y = binary_data(160)
+        self.train, self.val = (X[:120], y[:120]), (X[120:], y[120:])
+
+    def test_best_last_and_history_csv(self):
+        d = self.tmpdir()
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), 0.05)
+        seen = []
+
+        def after(epoch, logs):
+            seen.append(torch.load(os.path.join(d, "best.pt"), weights_only=True)["epoch"]
+                        if os.path.exists(os.path.join(d, "best.pt")) else None)
+        with mock.patch("os.replace", wraps=os.replace) as replace:
+            h = self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=6, val=self.val,
+                         batch_size=16, checkpoint=d, metrics={"acc": "binary_accuracy"})
+        # every file arrived by a rename from a temp file in the same directory
+        for src, dst in (c.args for c in replace.call_args_list):
+            self.assertEqual(os.path.dirname(src), os.path.dirname(dst))
+            self.assertTrue(src.endswith(".tmp"))
+        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+        best = torch.load(os.path.join(d, "best.pt"), weights_only=True)
+        last = torch.load(os.path.join(d, "last.pt"), weights_only=True)
+        vl = h["val_loss"]
+        self.assertEqual(best["epoch"], vl.index(min(vl)) + 1)
+        self.assertEqual(best["value"], min(vl))
+        self.assertEqual(last["epoch"], 6)
+        self.assertEqual(last["history"], h)
+        with open(os.path.join(d, "history.csv")) as f:
+            rows = [line.strip().split(",") for line in f]
+        self.assertEqual(rows[0], list(h))
+        self.assertEqual(len(rows), 7)
+        for i, row in enumerate(rows[1:]):
+            self.assertEqual([float(v) for v in row], [h[k][i] for k in h])
+        # reloading best.pt into a fresh model reproduces the best val loss exactly
+        fresh = mlp(seed=99)
+        loops.load_checkpoint(os.path.join(d, "best.pt"), fresh)
+        again = loops.evaluate(fresh, self.val, torch.nn.BCELoss(), batch_size=16)
+        self.assertEqual(again["loss"], min(vl))
+
+    def test_min_delta_counts_only_real_improvements(self):
+        d = self.tmpdir()
+        model = mlp()
+        self.fit(model, self.train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.05),
+                 epochs=4, val=self.val, checkpoint=d, min_delta=1e9)
+        self.assertEqual(torch.load(os.path.join(d, "best.pt"), weights_only=True)["epoch"], 1)
+
+    def test_save_and_load_checkpoint_round_trip_with_optimizer(self):
+        d = self.tmpdir()
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), 0.01)
+        self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=1)
+        path = os.path.join(d, "m.pt")
+        loops.save_checkpoint(path, model, opt, note="hello", step=3)
+        fresh = mlp(seed=5)
+        fresh_opt = torch.optim.Adam(fresh.parameters(), 0.5)
+        ck = loops.load_checkpoint(path, fresh, fresh_opt)
+        self.assertEqual((ck["note"], ck["step"]), ("hello", 3))
+        self.assertTrue(same_weights(model, fresh))
+        self.assertEqual(fresh_opt.param_groups[0]["lr"], 0.01)
+        with self.assertRaisesRegex(TypeError, "lambda|function"):
+            loops.save_checkpoint(path, model, fn=lambda: 0)
+
+    def test_saves_the_unwrapped_model(self):
+        d = self.tmpdir()
+        inner = mlp()
+        loops.save_checkpoint(os.path.join(d, "m.pt"), torch.nn.DataParallel(inner))
+        keys = torch.load(os.path.join(d, "m.pt"), weights_only=True)["model"].keys()
+        self.assertEqual(set(keys), set(inner.state_dict()))
+
+
+# --- 6. training controls ----------------------------------------------------------------
+
+class ControlsTest(Quiet):
+    def setUp(self):
+        X, y = binary_data(160)
+        self.train, self.val = (X[:120], y[:120]), (X[120:], y[120:])
+
+    def test_monitor_defaults(self):
+        for val, key in ((None, "loss"), (self.val, "val_loss")):
+            d = self.tmpdir()
+            model = mlp()
+            h = self.fit(model, self.train, torch.nn.BCELoss(),
+                         torch.optim.SGD(model.parameters(), 2.0), epochs=5, val=val,
+                         checkpoint=d)
+            best = torch.load(os.path.join(d, "best.pt"), weights_only=True)
+            self.assertEqual(best["monitor"], key)
+            self.assertEqual(best["epoch"], h[key].index(min(h[key])) + 1)
+
+    def test_mode_max_on_accuracy(self):
+        d = self.tmpdir()
+        model = mlp()
+        h = self.fit(model, self.train, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 2.),
+                     epochs=5, val=self.val, metrics={"acc": "binary_accuracy"},
+                     monitor="val_acc", mode="max", checkpoint=d)
+        best = torch.load(os.path.join(d, "best.pt"), weights_only=True)
+        self.assertEqual(best["epoch"], h["val_acc"].index(max(h["val_acc"])) + 1)
+
+    def test_patience_stops_after_k_epochs_without_improvement(self):
+        model = mlp()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            h = loops.fit(model, self.train, torch.nn.BCELoss(),
+                          torch.optim.SGD(model.parameters(), 0.0), epochs=20, patience=3,
+                          shuffle=False, verbose=2)
+        self.assertEqual(len(h["loss"]), 4)  # epoch 1 is the best; 2, 3, 4 do not improve
+        self.assertIn("early stop", out.getvalue())
+
+    def test_restore_best_loads_the_best_weights(self):
+        snapshots = {}
+        model = mlp()
+
+        def keep(epoch, logs):
+            snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        h = self.fit(model, self.train, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 1),
+                     epochs=5, monitor="loss", mode="max", restore_best=True, on_epoch_end=keep)
+        best = h["loss"].index(max(h["loss"])) + 1
+        self.assertNotEqual(best, 5)
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.equal(v, snapshots[best][k]))
+
+    def test_restore_best_from_best_pt_after_resume(self):
+        d = self.tmpdir()
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), 1)
+        self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=3, monitor="loss",
+                 mode="max", checkpoint=d)
+        self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=5, monitor="loss",
+                 mode="max", checkpoint=d, resume=True, restore_best=True)
+        best = torch.load(os.path.join(d, "best.pt"), weights_only=True)
+        self.assertLess(best["epoch"], 4)
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.equal(v, best["model"][k].to(v.device)))
+
+    def test_epoch_scheduler_and_lr_history(self):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        h = self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=5, scheduler=sched)
+        self.assertEqual(h["lr"], [0.1, 0.1, 0.05, 0.05, 0.025])
+
+    def test_plateau_scheduler_receives_the_monitored_value(self):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), 0.0)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+        with mock.patch.object(sched, "step", wraps=sched.step) as step:
+            h = self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=3, val=self.val,
+                         scheduler=sched)
+        self.assertEqual([c.args[0] for c in step.call_args_list], h["val_loss"])
+
+    def test_step_scheduler_matches_a_hand_loop(self):
+        X, y = self.train
+        epochs, b = 3, 16
+        steps = -(-len(X) // b)
+
+        def setup():
+            m = mlp()
+            o = torch.optim.SGD(m.parameters(), 0.1, momentum=0.9)
+            s = torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=epochs * steps)
+            return m, o, s
+        ref, ro, rs = setup()
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(ro.param_groups[0]["lr"])
+            hand_loop(ref, slices(X, y, b), torch.nn.BCELoss(), ro, 1, scheduler=rs)
+        model, opt, sched = setup()
+        h = self.fit(model, (X, y), torch.nn.BCELoss(), opt, epochs=epochs, batch_size=b,
+                     shuffle=False, scheduler=sched, scheduler_interval="step")
+        self.assertTrue(same_weights(model, ref))
+        self.assertEqual(h["lr"], lrs)
+        self.assertEqual(sched.last_epoch, epochs * steps)
+
+    def test_clip_grad_norm_matches_a_hand_loop(self):
+        X, y = self.train
+        ref = mlp()
+        hand_loop(ref, slices(X, y, 10), torch.nn.BCELoss(),
+                  torch.optim.SGD(ref.parameters(), 0.5), 2, clip=0.01)
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.5),
+                 epochs=2, batch_size=10, shuffle=False, clip_grad_norm=0.01)
+        self.assertTrue(same_weights(model, ref))
+        unclipped = mlp()
+        self.fit(unclipped, (X, y), torch.nn.BCELoss(),
+                 torch.optim.SGD(unclipped.parameters(), 0.5), epochs=2, batch_size=10,
+                 shuffle=False)
+        self.assertFalse(same_weights(model, unclipped))
+
+    def test_on_epoch_end_gets_the_logs_and_can_stop(self):
+        model = mlp()
+        seen = []
+
+        def hook(epoch, logs):
+            seen.append((epoch, sorted(logs)))
+            return epoch == 2
+        h = self.fit(model, self.train, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 1),
+                     epochs=5, val=self.val, on_epoch_end=hook)
+        self.assertEqual(len(h["loss"]), 2)
+        self.assertEqual(seen[0], (1, sorted(h)))
+        self.assertEqual([e for e, _ in seen], [1, 2])
+
+
+# --- 7. progress -------------------------------------------------------------------------
+
+PROGRESS_SCRIPT = """
+import sys, time, torch, loops
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__(); self.lin = torch.nn.Linear(4, 1)
+    def forward(self, x):
+        time.sleep(0.004)
+        return self.lin(x)
+torch.manual_seed(0)
+X, y = torch.randn(400, 4), torch.randn(400, 1)
+model = Slow()
+loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+          epochs=2, batch_size=2, verbose=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+"""
+
+
+def run_in_pty(code, *args):
+    """Run a script with its stdout on a pseudo-terminal; return (output, seconds)."""
+    master, slave = pty.openpty()
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=HERE, stdout=slave,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": HERE})
+    os.close(slave)
+    chunks = []
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=60)
+    os.close(master)
+    p.stderr_text = p.stderr.read().decode()
+    p.stderr.close()
+    return b"".join(chunks).decode(), time.perf_counter() - t0, p
+
+
+class ProgressTest(unittest.TestCase):
+    def test_live_line_on_a_terminal(self):
+        out, seconds, p = run_in_pty(PROGRESS_SCRIPT)
+        self.assertEqual(p.returncode, 0, p.stderr_text)
+        out = out.replace("\r\n", "\n")  # the terminal turns \n into \r\n
+        lines = out.split("\n")
+        self.assertEqual(len([ln for ln in lines if ln]), 2)
+        refreshes = out.count("\r")
+        self.assertGreaterEqual(refreshes, 6)  # about 0.8 s per epoch: several refreshes
+        self.assertLessEqual(refreshes, 10 * seconds + 4)  # at most ~10 a second
+        for i, line in enumerate(lines[:2], 1):
+            updates = line.split("\r")
+            self.assertRegex(updates[1], rf"^epoch {i}/2  \d+/200  \d+ it/s  ETA [\d.]+s  loss ")
+            self.assertRegex(updates[-1].rstrip(), rf"^epoch {i}/2  loss \d\.\d{{4}}  [\d.]+s")
+
+    def test_summary_lines_only_into_a_pipe(self):
+        p = run_python(PROGRESS_SCRIPT)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("\r", p.stdout)
+        lines = p.stdout.splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[0], r"^epoch 1/2  loss \d\.\d{4}  [\d.]+s  \* best$")
+
+    def test_verbose_2_on_a_terminal_prints_no_carriage_return(self):
+        out, _, p = run_in_pty(PROGRESS_SCRIPT, "2")
+        self.assertEqual(p.returncode, 0)
+        self.assertEqual(out.replace("\r\n", "\n").count("\r"), 0)
+        self.assertEqual(len(out.splitlines()), 2)
+
+    def test_verbose_0_prints_nothing(self):
+        X, y = binary_data()
+        model = mlp()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), .1),
+                      epochs=2, verbose=0)
+        self.assertEqual(out.getvalue(), "")
+
+    def test_summary_golden_strings(self):
+        logs = {"epoch": 7, "loss": 0.48213, "acc": 0.7734, "val_loss": 0.50119,
+                "val_acc": 0.75, "lr": 0.1, "time": 0.41}
+        self.assertEqual(
+            loops._format_summary(7, 50, logs, percent={"acc"}, seconds=0.41, best=True),
+            "epoch 7/50  loss 0.4821  acc 77.3%  val_loss 0.5012  val_acc 75.0%  0.41s  * best")
+        self.assertEqual(
+            loops._format_summary(12, 100, {"loss": 45123.4, "mae": 0.000123, "r": math.nan},
+                                  seconds=75.2),
+            "epoch 12/100  loss 45123.4  mae 1.230e-04  r nan  1:15")
+
+    def test_progress_golden_strings(self):
+        self.assertEqual(
+            loops._format_progress(3, 50, 41, 77, {"loss": 0.48213}, 0.5, 41),
+            "epoch 3/50  41/77  82 it/s  ETA 0.44s  loss 0.4821")
+        self.assertEqual(
+            loops._format_progress(1, 2, 5, None, {"loss": 1.5, "acc": 0.5}, 2.0, 5,
+                                   percent={"acc"}),
+            "epoch 1/2  5/?  2.50 it/s  loss 1.5000  acc 50.0%")
+
+
+# --- 8. GPU-ready: no host read per step ---------------------------------------------------
+
+class HostReadsTest(Quiet):
+    def count_reads(self, batch_size):
+        X, y = binary_data(400)
+        model = mlp()
+        reads = []
+        patches = []
+        for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _real=real, **k):
+                reads.append(1)
+                return _real(self, *a, **k)
+            patches.append(mock.patch.object(torch.Tensor, name, counted))
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            stack.enter_context(mock.patch.object(loops, "_CPU_CHECK_SECONDS", 1e9))
+            self.fit(model, (X[:300], y[:300]), torch.nn.BCELoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=3, val=(X[300:], y[300:]),
+                     batch_size=batch_size, metrics={"acc": "binary_accuracy", "f1": "f1"})
+        return len(reads)
+
+    def test_reads_do_not_grow_with_the_number_of_steps(self):
+        few, many = self.count_reads(100), self.count_reads(2)  # 3 vs 150 steps an epoch
+        self.assertEqual(few, many)
+        self.assertLessEqual(many, 1 + 3 * 3)  # the seed draw; per epoch: tick, train, val
+
+    @unittest.skipUnless(torch.cuda.is_available(), "needs CUDA")
+    def test_cuda_epoch_does_not_sync_per_step(self):
+        import warnings
+        X, y = binary_data(4000)
+        X, y = X.cuda(), y.cuda()
+
+        def syncs(batch_size):
+            model = mlp().cuda()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    self.fit(model, (X, y), torch.nn.BCELoss(),
+                             torch.optim.SGD(model.parameters(), 0.1), epochs=2,
+                             batch_size=batch_size, metrics={"acc": "binary_accuracy"})
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            return len(w)
+        self.assertEqual(syncs(1000), syncs(10))  # 4 vs 400 steps an epoch
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+# --- the front door: README example, examples, run_all.sh -----------------------------------
+
+class FrontDoorTest(unittest.TestCase):
+    def test_readme_example_runs(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            text = f.read()
+        code = text.split("```python\n", 1)[1].split("```", 1)[0]
+        with tempfile.TemporaryDirectory() as d:
+            p = subprocess.run([sys.executable, "-c", code], cwd=d, capture_output=True,
+                               text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": HERE})
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(sorted(os.listdir(os.path.join(d, "runs", "demo"))),
+                             ["best.pt", "history.csv", "last.pt"])
+        self.assertRegex(p.stdout, r"epoch 1/50  loss \d\.\d{4}  acc [\d.]+%  val_loss")
+        self.assertIn("'acc':", p.stdout)
+
+    def test_run_all_runs_every_example_and_reports_failures(self):
+        with tempfile.TemporaryDirectory() as d:
+            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--quick",
+                                "--runs", d], stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=300)
+            self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+            self.assertNotIn("\r", p.stdout)
+            for script in sorted(os.listdir(os.path.join(HERE, "examples"))):
+                if script.endswith(".py") and not script.startswith("_"):
+                    self.assertIn(f"== examples/{script} --quick", p.stdout)
+            self.assertIn("== all examples passed", p.stdout)
+            # a failing example is reported, the others still run, and the exit code says so
+            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--no-such-flag"],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=300)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("example(s) failed", p.stdout)
