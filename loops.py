@@ -318,22 +318,26 @@ class _Meter:
     """Epoch sums of the loss and the metrics, on the device; read back in one transfer.
 
     ``add`` runs every step and only appends detached tensors to lists: no host
-    read, no arithmetic. ``_fold`` turns what is pending into sums with a few
-    vectorised ops on the device (still no host read); ``read`` is the one
-    place that waits for the device, and it also finds the first non-finite loss.
+    read, no arithmetic. Every ``_FOLD_STEPS`` steps (or when the outputs held
+    pass ``_PENDING`` values) what is pending is folded into the sums with a few
+    vectorised ops on the device. Fold points depend only on the step count, so
+    the sums, down to the last bit, do not depend on when anyone looked.
+    ``read`` (the one place that waits for the device) adds the pending part
+    without committing it, and finds the first non-finite loss.
     """
-    _PENDING = 1 << 22  # fold once this many output values wait: bounds the memory held
+    _FOLD_STEPS = 128
+    _PENDING = 1 << 22
 
-    def __init__(self, stats, device, *, start=0, loss_is_sum=False):
+    def __init__(self, stats, device, *, loss_is_sum=False):
         self.stats, self.device, self.loss_is_sum = stats, device, loss_is_sum
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
         self.n = 0
         self.sums = {k: None for k in stats}
         self.counts = {k: 0 for k in stats}
-        self.first_step = start  # steps done before this meter started (a resumed epoch)
-        self._losses, self._ns, self._outs, self._ys = [], [], [], []
-        self._unchecked, self._pending = [], 0
+        self.checked = 0  # steps whose loss is known to be finite
+        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+        self._unchecked = []  # folded losses not yet looked at
 
     def add(self, loss, out, y, n):
         self._losses.append(loss)
@@ -341,72 +345,98 @@ class _Meter:
         if self.stats:
             self._outs.append(out)
             self._ys.append(y)
-            self._pending += out.numel()
-            if self._pending > self._PENDING:
-                self._fold()
+            self._numel += out.numel()
+        if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
+            self._fold()
 
-    def _fold(self):
-        if not self._losses:
-            return
+    def _pending_sums(self):
+        """(losses, loss sum, rows, metric sums, metric counts) of the pending steps."""
         losses = torch.stack(self._losses)
-        self._unchecked.append(losses)
-        start = 0  # batches of one size are summed together: usually one run, or two at the end
-        for size, run in _runs(self._ns):
-            part = losses[start:start + run].to(self.dtype)
+        loss_sum, start = 0, 0
+        for size, run in _runs(self._ns):  # usually one run of equal batches, two at the end
             weight = 1 if self.loss_is_sum else size  # a batch mean stands for `size` rows
-            self.loss_sum += (part.sum() * weight) if run > 1 else (part[0] * weight)
+            loss_sum = loss_sum + losses[start:start + run].to(self.dtype).sum() * weight
             start += run
-        self.n += sum(self._ns)
+        sums, counts = {k: None for k in self.stats}, {k: 0 for k in self.stats}
         if self.stats:
             shapes = {tuple(o.shape[1:]) for o in self._outs}
             groups = ([(torch.cat(self._outs), torch.cat(self._ys))] if len(shapes) == 1
                       else list(zip(self._outs, self._ys)))
             for p, y in groups:
                 for k, st in self.stats.items():
-                    s = st.stat(p, y).reshape(-1).to(self.dtype)
-                    acc = self.sums[k]
-                    self.sums[k] = s if acc is None else (
-                        acc + s if st.reduce == "sum" else torch.maximum(acc, s))
-                    self.counts[k] += st.count(p, y)
-        self._losses, self._ns, self._outs, self._ys, self._pending = [], [], [], [], 0
+                    sums[k] = _combine(st, sums[k], st.stat(p, y).reshape(-1).to(self.dtype))
+                    counts[k] += st.count(p, y)
+        return losses, loss_sum, sum(self._ns), sums, counts
+
+    def _fold(self):
+        if not self._losses:
+            return
+        losses, loss_sum, n, sums, counts = self._pending_sums()
+        self.loss_sum, self.n = self.loss_sum + loss_sum, self.n + n
+        for k, st in self.stats.items():
+            self.sums[k] = _combine(st, self.sums[k], sums[k])
+            self.counts[k] += counts[k]
+        self._unchecked.append(losses)
+        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
 
     def read(self):
-        """Running values as Python floats; FloatingPointError at the first non-finite loss."""
-        self._fold()
-        parts = [self.loss_sum.reshape(1)] + [s for s in self.sums.values() if s is not None]
-        if self._unchecked:
-            losses = torch.cat(self._unchecked)
+        """Values so far as Python floats; FloatingPointError at the first non-finite loss."""
+        loss_sum, n, sums, counts = self.loss_sum, self.n, dict(self.sums), dict(self.counts)
+        check = list(self._unchecked)
+        if self._losses:  # counted, but not committed: fold points stay where they are
+            losses, p_loss, p_n, p_sums, p_counts = self._pending_sums()
+            loss_sum, n = loss_sum + p_loss, n + p_n
+            for k, st in self.stats.items():
+                sums[k] = _combine(st, sums[k], p_sums[k])
+                counts[k] += p_counts[k]
+            check.append(losses)
+        parts = [loss_sum.reshape(1)] + [s for s in sums.values() if s is not None]
+        if check:
+            losses = torch.cat(check)
             bad = ~torch.isfinite(losses)
             j = bad.to(torch.uint8).argmax()  # the first bad step, or 0 if none
             parts += [bad.any().reshape(1), j.reshape(1), losses[j].reshape(1)]
         vals = torch.cat([p.to(self.dtype) for p in parts]).tolist()  # the one host read
-        if self._unchecked:
+        if check:
             any_bad, j, value = vals[-3:]
             if any_bad:
-                step = self.first_step + int(j) + 1
-                raise FloatingPointError(f"loss is {value} at step {step}")
-            self.first_step += sum(len(u) for u in self._unchecked)
+                raise FloatingPointError(f"loss is {value} at step {self.checked + int(j) + 1}")
+            self.checked += sum(len(u) for u in self._unchecked)
             self._unchecked = []
-        logs, i = {"loss": vals[0] / self.n if self.n else math.nan}, 1
+        logs, i = {"loss": vals[0] / n if n else math.nan}, 1
         for k, st in self.stats.items():
-            if self.sums[k] is None:
+            if sums[k] is None:
                 logs[k] = math.nan
                 continue
-            size = self.sums[k].numel()
-            logs[k] = float(st.finish(vals[i:i + size], self.counts[k]))
+            size = sums[k].numel()
+            logs[k] = float(st.finish(vals[i:i + size], counts[k]))
             i += size
         return logs
 
     def state(self):
-        """The partial sums, for a mid-epoch snapshot (call after ``read``)."""
+        """Sums and pending steps, for a mid-epoch snapshot (right after a ``read``)."""
+        cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
         return {"loss_sum": self.loss_sum.cpu(), "n": self.n, "counts": dict(self.counts),
-                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()}}
+                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
+                "losses": torch.stack(self._losses).cpu() if self._losses else None,
+                "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
 
-    def load(self, state):
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.n, self.counts = state["n"], dict(state["counts"])
-        self.sums = {k: (v.to(self.device) if v is not None else None)
-                     for k, v in state["sums"].items()}
+    def load(self, state, step):
+        dev = self.device
+        self.loss_sum, self.n = state["loss_sum"].to(dev), state["n"]
+        self.counts = dict(state["counts"])
+        self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
+        self._losses = list(state["losses"].to(dev)) if state["losses"] is not None else []
+        self._ns = list(state["ns"])
+        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
+        self._numel = sum(t.numel() for t in self._outs)
+        self.checked = step - len(self._losses)
+
+
+def _combine(st, acc, s):
+    if acc is None or s is None:
+        return s if acc is None else acc
+    return acc + s if st.reduce == "sum" else torch.maximum(acc, s)
 
 
 def _runs(values):
@@ -453,14 +483,15 @@ def _train_loop(model, source, loss_fn, optimizer, meter, *, scheduler, clip_gra
                 ticker):
     """Train over ``source``'s batches; ``ticker`` looks at the running values now and then."""
     model.train()
-    step, next_tick = meter.first_step, meter.first_step + 1
+    step = start = meter.checked + len(meter._losses)
+    next_tick = start + 1
     for xb, yb in source:
         loss, out = _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm)
         meter.add(loss, out, yb, len(yb))
         step += 1
         if step == next_tick and ticker is not None:
             next_tick = ticker(step, meter)
-    if step == 0:
+    if step == start == 0:
         raise ValueError("the training data yielded no batches; expected at least one")
     return step
 
@@ -996,10 +1027,10 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                     partial["epoch_time"]
                 epoch_start = partial["rng_epoch"]
                 _set_rng_state(epoch_start, gen)
-            meter = _Meter(stats, device, start=start, loss_is_sum=_is_sum(loss_fn))
+            meter = _Meter(stats, device, loss_is_sum=_is_sum(loss_fn))
             source = train_data.epoch(gen, shuffle, start, epoch)  # draws the epoch's order
             if partial is not None:  # randomness goes on from where the snapshot left it
-                meter.load(partial["meter"])
+                meter.load(partial["meter"], start)
                 _set_rng_state(partial["rng"], gen)
                 partial = None
             last_save = time.perf_counter()
@@ -1047,18 +1078,18 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             else:
                 run.wait += 1
             run.stopped = patience is not None and run.wait >= patience
+            if checkpoint is not None:  # saved before it is announced, or a hook runs
+                if improved:
+                    save_checkpoint(best_path, model, format="loops/1", epoch=epoch,
+                                    monitor=monitor, value=value)
+                save_last()
+                _write_csv(os.path.join(os.fspath(checkpoint), "history.csv"), run.history)
             printer.line(_format_summary(epoch, epochs, logs, percent=percent,
                                          seconds=logs["time"], best=improved))
-            try:
-                if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True:
-                    run.stopped = True
-            finally:  # the epoch is saved even if the callback raised
+            if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True:
+                run.stopped = True
                 if checkpoint is not None:
-                    if improved:
-                        save_checkpoint(best_path, model, format="loops/1", epoch=epoch,
-                                        monitor=monitor, value=value)
-                    save_last()
-                    _write_csv(os.path.join(os.fspath(checkpoint), "history.csv"), run.history)
+                    save_last()  # so that a resume does not train on past the hook's stop
             if run.stopped:
                 if patience is not None and run.wait >= patience:
                     printer.line(f"early stop: {monitor} did not improve for {patience} epochs "

@@ -1,0 +1,476 @@
+"""Never lose a run: kills, resumes, failing writes, unsafe files, NaN, Ctrl-C, bad input."""
+import contextlib
+import errno
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import unittest
+from unittest import mock
+
+import numpy  # noqa: F401  (imported so that snapshots carry numpy's RNG state too)
+import torch
+
+import loops
+from test_loops import DEVICE, HERE, Quiet, binary_data, mlp, same_weights
+
+# A run with every kind of state resume must restore: Dropout (global RNG),
+# shuffling (the batch generator), Adam's moments, a StepLR schedule, and
+# mid-epoch snapshots at every progress tick (save_every=0).
+CHILD = r"""
+import os, sys, time, torch, loops
+run, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "slow-write":  # widen the window between writing a temp file and renaming it
+    real_replace = os.replace
+    def slow_replace(src, dst):
+        print("writing", os.path.basename(dst), flush=True)
+        time.sleep(0.05)
+        real_replace(src, dst)
+    os.replace = slow_replace
+loops._TICK_SECONDS = 0.02
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.2), torch.nn.Linear(32, 1))
+    def forward(self, x):
+        time.sleep(0.002)  # slow enough for a kill to land anywhere
+        return self.net(x)
+
+g = torch.Generator().manual_seed(0)
+X = torch.randn(300, 6, generator=g)
+y = X.sum(1, keepdim=True) + 0.1 * torch.randn(300, 1, generator=g)
+torch.manual_seed(0)
+model = Net()
+opt = torch.optim.Adam(model.parameters(), 1e-2)
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+print("started", flush=True)
+h = loops.fit(model, (X[:240], y[:240]), torch.nn.MSELoss(), opt, epochs=6,
+              val=(X[240:], y[240:]), batch_size=8, metrics={"mae": "mae", "max": "max_error"},
+              checkpoint=run, resume=True, save_every=0, scheduler=sched, seed=1, verbose=0)
+torch.save({"model": model.state_dict(), "history": h}, out)
+print("done", flush=True)
+"""
+
+
+def child(run, out, mode="plain"):
+    return subprocess.Popen([sys.executable, "-c", CHILD, run, out, mode], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": HERE})
+
+
+def wait_for(p, word):
+    for line in p.stdout:
+        if line.startswith(word):
+            return True
+    return False
+
+
+def without_time(h):
+    return {k: v for k, v in h.items() if k != "time"}
+
+
+class KillTest(Quiet):
+    def test_kill_9_anywhere_then_resume_is_bit_identical(self):
+        ref_dir, ref_out = self.tmpdir(), os.path.join(self.tmpdir(), "ref.pt")
+        p = child(ref_dir, ref_out)
+        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+        p.stdout.close(), p.stderr.close()
+        ref = torch.load(ref_out, weights_only=True)
+
+        rng = random.Random(1234)
+        killed_at = []
+        for trial in ("random", "random", "during-write"):
+            run = self.tmpdir()
+            out = os.path.join(self.tmpdir(), "out.pt")
+            for _ in range(2):  # the resumed run is killed once more
+                p = child(run, out, "slow-write" if trial == "during-write" else "plain")
+                self.assertTrue(wait_for(p, "started"))
+                if trial == "during-write":
+                    self.assertTrue(wait_for(p, "writing"))
+                else:
+                    time.sleep(rng.uniform(0.05, 0.6))
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=60)
+                p.stdout.close(), p.stderr.close()
+                last = os.path.join(run, "last.pt")
+                if os.path.exists(last):  # always loadable: the previous complete file
+                    ck = loops.load_checkpoint(last)
+                    killed_at.append((trial, ck["epoch"], ck["step"]))
+            p = child(run, out)
+            self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+            p.stdout.close(), p.stderr.close()
+            got = torch.load(out, weights_only=True)
+            self.assertEqual(without_time(got["history"]), without_time(ref["history"]), trial)
+            for k, v in ref["model"].items():
+                self.assertTrue(torch.equal(v, got["model"][k]), f"{trial}: {k} differs")
+            self.assertEqual([f for f in os.listdir(run) if f.endswith(".tmp")], [])
+        # the kills did land inside epochs, so mid-epoch snapshots were resumed from
+        self.assertTrue(any(step > 0 for _, _, step in killed_at), killed_at)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupting(model, at_call, exc=KeyboardInterrupt):
+    """Make model's forward raise ``exc`` at its ``at_call``-th call (1-based)."""
+    calls = [0]
+    inner = model.forward
+
+    def forward(x):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise exc()
+        return inner(x)
+    model.forward = forward
+    return model
+
+
+class SnapshotTest(Quiet):
+    def setUp(self):
+        X, y = binary_data(200)
+        self.train, self.val = (X[:160], y[:160]), (X[160:], y[160:])
+
+    def run_fit(self, model, d, epochs=4, **kw):
+        opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.9)
+        return self.fit(model, self.train, torch.nn.BCELoss(), opt, epochs=epochs, val=self.val,
+                        batch_size=4, metrics={"acc": "binary_accuracy", "f1": "f1"},
+                        checkpoint=d, resume=True, scheduler=sched, seed=3, **kw)
+
+    def test_mid_epoch_snapshot_resumes_bit_identically(self):
+        ref = mlp(dropout=0.3)
+        h_ref = self.run_fit(ref, self.tmpdir())
+        d = self.tmpdir()
+        # 40 training and 10 validation batches an epoch: the 25th step of epoch 3
+        model = interrupting(mlp(dropout=0.3), at_call=50 * 2 + 25)
+        with mock.patch.object(loops, "_TICK_SECONDS", 0.0):  # a snapshot at every tick
+            h = self.run_fit(model, d, save_every=0)
+        self.assertEqual(len(h["loss"]), 2)
+        ck = loops.load_checkpoint(os.path.join(d, "last.pt"))
+        self.assertEqual((ck["epoch"], ck["step"]), (2, 24))  # the last batch boundary
+        self.assertIn("numpy", ck["rng"])
+        resumed = mlp(seed=9, dropout=0.3)
+        h2 = self.run_fit(resumed, d, save_every=0)
+        self.assertEqual(without_time(h2), without_time(h_ref))
+        self.assertTrue(same_weights(resumed, ref))
+
+    def test_resume_on_a_dataloader_mid_epoch(self):
+        X, y = self.train
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8,
+                                             shuffle=True)
+
+        def go(model, d, **kw):
+            opt = torch.optim.Adam(model.parameters(), 1e-2)
+            return self.fit(model, loader, torch.nn.BCELoss(), opt, epochs=3, checkpoint=d,
+                            resume=True, seed=5, **kw)
+        ref = mlp(dropout=0.2)
+        h_ref = go(ref, self.tmpdir())
+        d = self.tmpdir()
+        with mock.patch.object(loops, "_TICK_SECONDS", 0.0):
+            go(interrupting(mlp(dropout=0.2), at_call=20 + 7), d, save_every=0)
+            resumed = mlp(dropout=0.2, seed=4)
+            h = go(resumed, d, save_every=0)
+        self.assertEqual(without_time(h), without_time(h_ref))
+        self.assertTrue(same_weights(resumed, ref))
+
+    def test_every_file_fit_writes_loads_with_weights_only(self):
+        d = self.tmpdir()
+        with mock.patch.object(loops, "_TICK_SECONDS", 0.0):
+            self.run_fit(interrupting(mlp(), at_call=50 + 25), d, save_every=0)
+        for name in ("best.pt", "last.pt"):
+            ck = torch.load(os.path.join(d, name), weights_only=True)
+            self.assertIn("model", ck)
+
+
+class AtomicWriteTest(Quiet):
+    def test_a_write_that_fails_half_way_keeps_the_previous_files(self):
+        X, y = binary_data(120)
+        d = self.tmpdir()
+        model = mlp()
+        before = {}
+        real_save = torch.save
+
+        def full_disk(obj, f, *a, **k):
+            f.write(b"x" * 100)  # part of the file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def on_epoch_end(epoch, logs):
+            if epoch == 2:  # the files now hold epoch 2; the saves of epoch 3 will fail
+                for name in ("best.pt", "last.pt"):
+                    with open(os.path.join(d, name), "rb") as f:
+                        before[name] = f.read()
+                loops.torch.save = full_disk
+        try:
+            with self.assertRaises(OSError) as err:
+                self.fit(model, (X, y), torch.nn.BCELoss(),
+                         torch.optim.SGD(model.parameters(), 0.5), epochs=5, checkpoint=d,
+                         on_epoch_end=on_epoch_end)
+        finally:
+            loops.torch.save = real_save
+        self.assertEqual(err.exception.errno, errno.ENOSPC)
+        for name, data in before.items():
+            with open(os.path.join(d, name), "rb") as f:
+                self.assertEqual(f.read(), data, name)
+        self.assertEqual(loops.load_checkpoint(os.path.join(d, "last.pt"))["epoch"], 2)
+        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class SafeLoadTest(Quiet):
+    def test_pickled_code_is_refused_and_never_runs(self):
+        d = self.tmpdir()
+        marker, path = os.path.join(d, "pwned"), os.path.join(d, "evil.pt")
+        torch.save({"model": {}, "payload": Evil(marker)}, path)
+        with self.assertRaisesRegex(ValueError, "not a plain checkpoint"):
+            loops.load_checkpoint(path, mlp())
+        self.assertFalse(os.path.exists(marker))
+
+    def test_a_damaged_file_gets_a_clear_error(self):
+        path = os.path.join(self.tmpdir(), "bad.pt")
+        with open(path, "wb") as f:
+            f.write(b"not a checkpoint")
+        with self.assertRaisesRegex(ValueError, "bad.pt"):
+            loops.load_checkpoint(path)
+        with self.assertRaisesRegex(FileNotFoundError, "no checkpoint"):
+            loops.load_checkpoint(path + ".missing")
+
+
+class ResumeMismatchTest(Quiet):
+    def setUp(self):
+        X, y = binary_data()
+        self.data, self.dir = (X, y), self.tmpdir()
+        model = mlp()
+        self.fit(model, self.data, torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                 epochs=3, checkpoint=self.dir)
+
+    def resume(self, model, opt, epochs=5):
+        return self.fit(model, self.data, torch.nn.BCELoss(), opt, epochs=epochs,
+                        checkpoint=self.dir, resume=True)
+
+    def test_other_architecture(self):
+        model = mlp(hidden=20)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with self.assertRaisesRegex(ValueError, "different model architecture.*hidden|20"):
+            self.resume(model, torch.optim.Adam(model.parameters()))
+        for k, v in model.state_dict().items():  # not half-loaded
+            self.assertTrue(torch.equal(v, before[k]))
+
+    def test_other_optimizer_type(self):
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, "optimizer Adam.*SGD"):
+            self.resume(model, torch.optim.SGD(model.parameters(), 0.1))
+
+    def test_fewer_epochs_than_done(self):
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, "already trained 3 epochs.*epochs >= 3"):
+            self.resume(model, torch.optim.Adam(model.parameters()), epochs=2)
+
+    def test_same_epochs_as_done_is_nothing_to_do(self):
+        model = mlp()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            h = self.fit(model, self.data, torch.nn.BCELoss(),
+                         torch.optim.Adam(model.parameters()), epochs=3,
+                         checkpoint=self.dir, resume=True, verbose=2)
+        self.assertEqual(len(h["loss"]), 3)
+        self.assertIn("nothing to do", out.getvalue())
+
+    def test_a_fresh_run_never_overwrites_a_saved_one(self):
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, "already holds a run.*resume=True"):
+            self.fit(model, self.data, torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                     epochs=3, checkpoint=self.dir)
+
+
+class Blowup(torch.nn.Module):
+    """Gives a non-finite output at one chosen call."""
+
+    def __init__(self, at_call, value):
+        super().__init__()
+        self.inner, self.at_call, self.value, self.calls = mlp(), at_call, value, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        return out * self.value if self.calls == self.at_call else out
+
+
+class NonFiniteTest(Quiet):
+    def check(self, value, word):
+        X, y = binary_data(100)
+        d = self.tmpdir()
+        model = Blowup(at_call=2 * 10 + 6, value=value)  # epoch 3, step 6 (10 steps an epoch)
+        loss = torch.nn.MSELoss()
+        with self.assertRaises(FloatingPointError) as err:
+            self.fit(model, (X, y), loss, torch.optim.SGD(model.parameters(), 0.1), epochs=5,
+                     batch_size=10, checkpoint=d)
+        msg = str(err.exception)
+        self.assertRegex(msg, rf"epoch 3: loss is {word} at step 6\b")
+        last = loops.load_checkpoint(os.path.join(d, "last.pt"))
+        best = loops.load_checkpoint(os.path.join(d, "best.pt"))
+        self.assertEqual(last["epoch"], 2)
+        for ck in (last, best):
+            self.assertTrue(all(torch.isfinite(v).all() for v in ck["model"].values()))
+
+    def test_nan_loss(self):
+        self.check(float("nan"), "nan")
+
+    def test_inf_loss(self):
+        self.check(float("inf"), "inf")
+
+
+SIGINT_CHILD = r"""
+import time, torch, loops
+torch.manual_seed(0)
+X, y = torch.randn(200, 4), torch.randn(200, 1)
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__(); self.lin = torch.nn.Linear(4, 1)
+    def forward(self, x):
+        time.sleep(0.002); return self.lin(x)
+model = Slow()
+h = loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+              epochs=1000, batch_size=4, checkpoint=__import__("sys").argv[1], verbose=2)
+print("returned", len(h["loss"]), "epochs")
+"""
+
+
+class CtrlCTest(Quiet):
+    def test_keyboard_interrupt_mid_epoch_returns_the_completed_epochs(self):
+        X, y = binary_data(100)
+        d = self.tmpdir()
+        model = interrupting(mlp(), at_call=2 * 13 + 5)  # in epoch 3
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            h = loops.fit(model, (X, y), torch.nn.BCELoss(),
+                          torch.optim.SGD(model.parameters(), 0.1), epochs=5, batch_size=8,
+                          checkpoint=d, verbose=2)
+        self.assertEqual(len(h["loss"]), 2)
+        self.assertEqual(loops.load_checkpoint(os.path.join(d, "last.pt"))["epoch"], 2)
+        last_line = out.getvalue().splitlines()[-1]
+        self.assertEqual(last_line, "interrupted during epoch 3: returning the history of 2 "
+                                    "completed epochs; last.pt holds epoch 2")
+
+    def test_real_sigint_ends_cleanly_without_a_traceback(self):
+        d = self.tmpdir()
+        p = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, d], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1"})
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("epoch 2/1000"):
+                p.send_signal(signal.SIGINT)
+                break
+        rest, err = p.communicate(timeout=60)
+        lines += rest.splitlines(keepends=True)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertTrue(lines[-2].startswith("interrupted during epoch"), lines[-2:])
+        done = int(lines[-1].split()[1])
+        saved = loops.load_checkpoint(os.path.join(d, "last.pt"))["epoch"]
+        self.assertGreaterEqual(saved, 2)  # every announced epoch was saved
+        self.assertIn(saved, (done - 1, done))  # at most the epoch being written is missing
+        self.assertTrue(lines[-2].rstrip().endswith(f"last.pt holds epoch {saved}"), lines[-2])
+
+
+class Untouchable(torch.nn.Module):
+    """A model whose forward must never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.sigmoid(self.lin(x))
+
+
+class FailFastTest(Quiet):
+    def check(self, error, pattern, data=None, model=None, **kw):
+        X, y = binary_data()
+        model = model or Untouchable().to(DEVICE)
+        ckpt = os.path.join(self.tmpdir(), "run")
+        kw.setdefault("checkpoint", ckpt)
+        kw.setdefault("epochs", 2)
+        opt = kw.pop("optimizer", None) or torch.optim.SGD(model.parameters(), 0.1)
+        with self.assertRaisesRegex(error, pattern):
+            self.fit(model, data if data is not None else (X, y), torch.nn.BCELoss(), opt, **kw)
+        self.assertEqual(getattr(model, "calls", 0), 0, "forward ran before the error")
+        self.assertFalse(os.path.exists(ckpt) and os.listdir(ckpt), "a file was written")
+
+    def test_length_mismatch(self):
+        X, y = binary_data()
+        self.check(ValueError, r"same first dimension.*\(103, 8\).*\(90, 1\)", data=(X, y[:90]))
+
+    def test_empty_dataset(self):
+        X, y = binary_data()
+        self.check(ValueError, "empty", data=(X[:0], y[:0]))
+        self.check(ValueError, "empty", data=[])
+
+    def test_val_is_checked_too(self):
+        X, y = binary_data()
+        self.check(ValueError, "val: .*same first dimension", val=(X, y[:5]))
+
+    def test_batch_size(self):
+        self.check(ValueError, "batch_size must be an int >= 1, got 0", batch_size=0)
+        self.check(ValueError, "batch_size .* got 2.5", batch_size=2.5)
+
+    def test_epochs(self):
+        self.check(ValueError, "epochs must be an int >= 0, got -1", epochs=-1)
+
+    def test_metrics(self):
+        self.check(TypeError, r"metrics\['acc'\]", metrics={"acc": 42})
+        self.check(ValueError, r"metrics\['acc'\]: unknown metric 'accuracyy'",
+                   metrics={"acc": "accuracyy"})
+
+    def test_monitor_and_mode(self):
+        self.check(ValueError, "monitor='val_acc'.*val_ values need val=", monitor="val_acc",
+                   metrics={"acc": "binary_accuracy"})
+        self.check(ValueError, "mode must be 'min' or 'max', got 'maximum'", mode="maximum")
+
+    def test_other_options(self):
+        self.check(ValueError, "patience", patience=0)
+        self.check(ValueError, "verbose", verbose=3)
+        self.check(ValueError, "min_delta", min_delta=-1)
+        self.check(ValueError, "scheduler_interval", scheduler_interval="batch")
+        self.check(TypeError, "optimizer must be a torch.optim.Optimizer",
+                   optimizer=object())
+        self.check(ValueError, "resume=True .* need checkpoint=DIR", resume=True,
+                   checkpoint=None)
+
+    def test_checkpoint_dir_that_cannot_be_written(self):
+        blocker = os.path.join(self.tmpdir(), "a_file")
+        open(blocker, "w").close()
+        self.check(ValueError, "checkpoint directory .*a_file/run.* cannot be written",
+                   checkpoint=os.path.join(blocker, "run"))
+
+    def test_model_on_another_device(self):
+        model = Untouchable().to("meta")
+        self.check(ValueError, "parameters are on meta but device='cpu'", model=model,
+                   device="cpu")
+
+    def test_non_scalar_loss_is_named_at_the_first_step(self):
+        X, y = binary_data()
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, r"shape \(32, 1\); expected a scalar"):
+            self.fit(model, (X, y), torch.nn.BCELoss(reduction="none"),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=1)
+
+
+if __name__ == "__main__":
+    unittest.main()
