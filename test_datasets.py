@@ -1,0 +1,260 @@
+"""Tests of datasets.py and of the recipes in examples/ (real subprocesses)."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+
+import datasets
+import loops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tmpdir(test):
+    d = tempfile.TemporaryDirectory()
+    test.addCleanup(d.cleanup)
+    return d.name
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def write_idx(path, array, gz):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                     *array.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+class LinearTest(unittest.TestCase):
+    def test_points_and_split(self):
+        data = datasets.linear()
+        (X, y), (Xt, yt) = data
+        self.assertEqual((X.shape, Xt.shape, X.dtype, y.dtype),
+                         ((40, 1), (10, 1), torch.float32, torch.float32))
+        allX = torch.cat([X, Xt]).squeeze(1)
+        self.assertTrue(torch.allclose(allX, torch.arange(50) * 0.02))
+        self.assertTrue(torch.allclose(torch.cat([y, yt]).squeeze(1), 0.7 * allX + 0.3))
+
+
+class PimaTest(unittest.TestCase):
+    def test_synthetic_shapes_balance_and_seed(self):
+        data = datasets.pima()
+        (X, y), (Xt, yt) = data
+        self.assertIn("synthetic stand-in", data.source)
+        self.assertEqual((X.shape, Xt.shape, y.shape, yt.shape),
+                         ((700, 8), (68, 8), (700, 1), (68, 1)))
+        self.assertEqual((X.dtype, y.dtype), (torch.float32, torch.float32))
+        self.assertEqual(set(torch.cat([y, yt]).unique().tolist()), {0.0, 1.0})
+        self.assertTrue(0.28 < torch.cat([y, yt]).mean().item() < 0.42)
+        (X2, _), _ = datasets.pima(seed=0)
+        (X3, _), _ = datasets.pima(seed=1)
+        self.assertTrue(torch.equal(X, X2))
+        self.assertFalse(torch.equal(X, X3))
+
+    def test_standardised_with_training_statistics_only(self):
+        (X, _), (Xt, _) = datasets.pima()
+        self.assertTrue(torch.allclose(X.mean(0), torch.zeros(8), atol=1e-5))
+        self.assertTrue(torch.allclose(X.std(0, correction=0), torch.ones(8), atol=1e-5))
+        raw, _ = datasets._synthetic_pima(0)
+        mean, std = raw[:700].mean(0), raw[:700].std(0)
+        self.assertTrue(np.allclose(Xt.numpy(), (raw[700:] - mean) / std, atol=1e-5))
+        self.assertFalse(torch.allclose(Xt.mean(0), torch.zeros(8), atol=1e-2))  # not its own
+
+    def test_reads_the_real_csv_in_order(self):
+        rng = np.random.default_rng(0)
+        raw = np.column_stack([rng.integers(0, 200, (720, 8)), rng.integers(0, 2, 720)])
+        path = write(os.path.join(tmpdir(self), "pima.csv"),
+                     "\n".join(",".join(str(v) for v in row) for row in raw) + "\n")
+        data = datasets.pima(path)
+        (X, y), (Xt, yt) = data
+        self.assertEqual(data.source, path)
+        self.assertEqual((X.shape, Xt.shape), ((700, 8), (20, 8)))
+        feats = raw[:, :8].astype(np.float64)
+        mean, std = feats[:700].mean(0), feats[:700].std(0)
+        self.assertTrue(np.allclose(X.numpy(), (feats[:700] - mean) / std, atol=1e-5))
+        self.assertTrue(np.allclose(Xt.numpy(), (feats[700:] - mean) / std, atol=1e-5))
+        self.assertEqual(y.squeeze(1).tolist(), raw[:700, 8].astype(float).tolist())
+        self.assertEqual(yt.squeeze(1).tolist(), raw[700:, 8].astype(float).tolist())
+
+
+class HousingTest(unittest.TestCase):
+    def test_synthetic_shapes_and_split(self):
+        data = datasets.housing()
+        (X, y), (Xt, yt) = data
+        self.assertIn("synthetic stand-in", data.source)
+        self.assertEqual((X.shape, Xt.shape, y.shape), ((14448, 8), (6192, 8), (14448, 1)))
+        self.assertTrue(torch.allclose(X.mean(0), torch.zeros(8), atol=1e-4))
+        self.assertTrue(0.15 <= y.min().item() and y.max().item() <= 5.0)
+        (_, y2), _ = datasets.housing(seed=0)
+        (_, y3), _ = datasets.housing(seed=1)
+        self.assertTrue(torch.equal(y, y2))
+        self.assertFalse(torch.equal(y, y3))
+
+    def test_reads_a_csv_with_or_without_header(self):
+        d = tmpdir(self)
+        rng = np.random.default_rng(1)
+        raw = np.round(rng.normal(size=(50, 9)), 4)
+        body = "\n".join(",".join(repr(float(v)) for v in row) for row in raw) + "\n"
+        plain = write(os.path.join(d, "plain.csv"), body)
+        header = write(os.path.join(d, "header.csv"),
+                       "MedInc,HouseAge,AveRooms,AveBedrms,Population,AveOccup,Latitude,"
+                       "Longitude,MedHouseVal\n" + body)
+        a, b = datasets.housing(plain, seed=3), datasets.housing(header, seed=3)
+        for (Xa, ya), (Xb, yb) in zip(a, b):
+            self.assertTrue(torch.equal(Xa, Xb) and torch.equal(ya, yb))
+        order = np.random.default_rng(3).permutation(50)
+        (_, y), (_, yt) = a
+        self.assertTrue(np.allclose(y.squeeze(1).numpy(), raw[order[:35], 8]))
+        self.assertTrue(np.allclose(yt.squeeze(1).numpy(), raw[order[35:], 8]))
+
+
+class LoadCsvTest(unittest.TestCase):
+    def setUp(self):
+        self.d = tmpdir(self)
+
+    def csv(self, name, text):
+        return write(os.path.join(self.d, name), text)
+
+    def test_target_column_and_header_detection(self):
+        path = self.csv("t.csv", "a,b,c\n1,2,3\n4,5,6\n")
+        X, y = datasets.load_csv(path, target=0)
+        self.assertEqual(X.tolist(), [[2.0, 3.0], [5.0, 6.0]])
+        self.assertEqual(y.tolist(), [[1.0], [4.0]])
+        X, y = datasets.load_csv(self.csv("s.csv", "1;2\n3;4\n"), delimiter=";")
+        self.assertEqual((X.tolist(), y.tolist()), ([[1.0], [3.0]], [[2.0], [4.0]]))
+
+    def test_errors_name_file_line_and_column(self):
+        bad = self.csv("bad.csv", "1,2,3\n4,5,6\n7,x,9\n")
+        with self.assertRaisesRegex(ValueError, r"bad.csv, line 3, column 2: 'x' is not a num"):
+            datasets.load_csv(bad)
+        ragged = self.csv("ragged.csv", "1,2,3\n4,5,6\n7,8,9\n1,2\n")
+        with self.assertRaisesRegex(ValueError, r"ragged.csv, line 4: 2 columns, expected 3"):
+            datasets.load_csv(ragged)
+        with self.assertRaisesRegex(ValueError, r"empty.csv: no data rows"):
+            datasets.load_csv(self.csv("empty.csv", ""))
+        with self.assertRaisesRegex(ValueError, r"head.csv: no data rows .*header"):
+            datasets.load_csv(self.csv("head.csv", "a,b\n"))
+
+
+class DigitsTest(unittest.TestCase):
+    def test_shapes_range_splits_and_seed(self):
+        data = datasets.digits(n=1000, seed=0)
+        (X, y), (Xv, yv), (Xt, yt) = data
+        self.assertEqual((X.shape, Xv.shape, Xt.shape),
+                         ((800, 1, 28, 28), (100, 1, 28, 28), (100, 1, 28, 28)))
+        self.assertEqual((X.dtype, y.dtype), (torch.float32, torch.int64))
+        self.assertTrue(0 <= X.min().item() and X.max().item() <= 1)
+        self.assertEqual(sorted(y.unique().tolist()), list(range(10)))
+        (X2, y2), _, _ = datasets.digits(n=1000, seed=0)
+        (X3, _), _, _ = datasets.digits(n=1000, seed=1)
+        self.assertTrue(torch.equal(X, X2) and torch.equal(y, y2))
+        self.assertFalse(torch.equal(X, X3))
+
+    def test_a_small_mlp_learns_it_well_but_not_perfectly(self):
+        train, val, test = datasets.digits(n=4000, seed=2)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 100),
+                                    torch.nn.ReLU(), torch.nn.Linear(100, 10))
+        loops.fit(model, train, torch.nn.CrossEntropyLoss(),
+                  torch.optim.Adam(model.parameters(), 2e-3), epochs=8, batch_size=64,
+                  verbose=0, seed=0)
+        acc = loops.evaluate(model, test, metrics={"acc": "accuracy"})["acc"]
+        self.assertGreater(acc, 0.6)   # chance is 0.1
+        self.assertLess(acc, 0.97)     # not solved outright: mistakes worth looking at
+
+
+class MnistTest(unittest.TestCase):
+    def test_reads_idx_files_gzipped_or_not(self):
+        rng = np.random.default_rng(0)
+        for gz in (False, True):
+            d = tmpdir(self)
+            tr_x, tr_y = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+            te_x, te_y = rng.integers(0, 256, (3, 28, 28)), rng.integers(0, 10, 3)
+            ext = ".gz" if gz else ""
+            write_idx(os.path.join(d, "train-images-idx3-ubyte" + ext), tr_x, gz)
+            write_idx(os.path.join(d, "train-labels-idx1-ubyte" + ext), tr_y, gz)
+            write_idx(os.path.join(d, "t10k-images-idx3-ubyte" + ext), te_x, gz)
+            write_idx(os.path.join(d, "t10k-labels-idx1-ubyte" + ext), te_y, gz)
+            data = datasets.mnist(d)
+            (X, y), (Xt, yt) = data
+            self.assertEqual((X.shape, Xt.shape, X.dtype, y.dtype),
+                             ((5, 1, 28, 28), (3, 1, 28, 28), torch.float32, torch.int64))
+            self.assertTrue(np.allclose(X.squeeze(1).numpy(), tr_x / 255.0))
+            self.assertTrue(np.allclose(Xt.squeeze(1).numpy(), te_x / 255.0))
+            self.assertEqual((y.tolist(), yt.tolist()), (tr_y.tolist(), te_y.tolist()))
+
+    def test_missing_and_bad_files(self):
+        d = tmpdir(self)
+        with self.assertRaisesRegex(FileNotFoundError, "train-images-idx3-ubyte"):
+            datasets.mnist(d)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            write(os.path.join(d, name), "not idx")
+        with self.assertRaisesRegex(ValueError, "bad magic number"):
+            datasets.mnist(d)
+
+
+def run_example(name, *args, timeout=120):
+    with tempfile.TemporaryDirectory() as runs:
+        p = subprocess.run([sys.executable, os.path.join(HERE, "examples", name), "--quick",
+                            "--runs", runs, *args], capture_output=True, text=True,
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+        files = sorted(os.listdir(os.path.join(runs, name[:-3]))) if p.returncode == 0 else []
+    return p, files
+
+
+class RecipesTest(unittest.TestCase):
+    """Each recipe with --quick in a subprocess: exit code, key lines, its run directory."""
+
+    def check(self, name, *patterns, args=()):
+        p, files = run_example(name, *args)
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        self.assertNotIn("\r", p.stdout)
+        for pattern in patterns:
+            self.assertRegex(p.stdout, pattern)
+        self.assertEqual(files, ["best.pt", "history.csv", "last.pt"])
+        return p.stdout
+
+    def test_linear(self):
+        out = self.check("linear.py", r"data: y = 0.7 x \+ 0.3",
+                         r"learned weight 0\.\d{4} \(true 0.7\), bias 0\.\d{4} \(true 0.3\)")
+        w = float(out.split("learned weight ")[1].split()[0])
+        self.assertAlmostEqual(w, 0.7, delta=0.05)
+
+    def test_pima_with_the_real_file_format(self):
+        self.check("pima.py", r"data: synthetic stand-in for the Pima", r"test accuracy \d+")
+        rng = np.random.default_rng(0)
+        raw = np.column_stack([rng.integers(0, 200, (768, 8)), rng.integers(0, 2, 768)])
+        path = write(os.path.join(tmpdir(self), "pima-indians-diabetes.csv"),
+                     "\n".join(",".join(map(str, row)) for row in raw) + "\n")
+        self.check("pima.py", rf"data: {path};", r"test accuracy", args=("--data", path))
+
+    def test_housing(self):
+        self.check("housing.py", r"data: synthetic stand-in for California housing",
+                   r"test: RMSE \d\.\d{4} \(\$[\d,]+\), MAE \d\.\d{4}")
+
+    def test_digits_synthetic_and_mnist_files(self):
+        self.check("digits.py", r"data: procedural digits", r"best epoch \d+ .*test accuracy")
+        d = tmpdir(self)
+        rng = np.random.default_rng(0)
+        write_idx(os.path.join(d, "train-images-idx3-ubyte.gz"),
+                  rng.integers(0, 256, (120, 28, 28)), True)
+        write_idx(os.path.join(d, "train-labels-idx1-ubyte.gz"), rng.integers(0, 10, 120), True)
+        write_idx(os.path.join(d, "t10k-images-idx3-ubyte.gz"),
+                  rng.integers(0, 256, (30, 28, 28)), True)
+        write_idx(os.path.join(d, "t10k-labels-idx1-ubyte.gz"), rng.integers(0, 10, 30), True)
+        self.check("digits.py", rf"data: {d}; 100 train / 20 val / 30 test", args=("--data", d))
+
+
+if __name__ == "__main__":
+    unittest.main()
