@@ -7,6 +7,7 @@ import torch
 from _common import parse_args, run_dir
 import datasets
 import loops
+import plots_ascii
 
 args = parse_args(__doc__.splitlines()[0], epochs=10,
                   data_help="a folder with the MNIST or Fashion-MNIST IDX files")
@@ -30,6 +31,8 @@ run = run_dir(args, "digits")
 history = loops.fit(model, train, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3),
                     epochs=epochs, val=val, batch_size=64, metrics={"acc": "accuracy"},
                     checkpoint=run, resume=args.resume, seed=0, device=args.device)
+
+print(plots_ascii.plot_history(history))
 
 best = loops.load_checkpoint(f"{run}/best.pt", model)  # best val loss, not the last epoch
 scores = loops.evaluate(model, test, loss_fn, metrics={"acc": "accuracy"})

@@ -7,6 +7,7 @@ import torch
 from _common import parse_args, run_dir
 import datasets
 import loops
+import plots_ascii
 
 args = parse_args(__doc__.splitlines()[0], epochs=20,
                   data_help="a numeric CSV: 8 feature columns, median house value last")
@@ -29,6 +30,8 @@ run = run_dir(args, "housing")
 history = loops.fit(model, train, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3),
                     epochs=epochs, val=val, batch_size=32, metrics=metrics,
                     checkpoint=run, resume=args.resume, seed=0, device=args.device)
+
+print(plots_ascii.plot_history(history))
 
 loops.load_checkpoint(f"{run}/best.pt", model)
 scores = loops.evaluate(model, test, loss_fn, metrics=metrics)

@@ -7,6 +7,7 @@ import torch
 from _common import parse_args, run_dir
 import datasets
 import loops
+import plots_ascii
 
 args = parse_args(__doc__.splitlines()[0], epochs=300)
 epochs = args.epochs or args.default_epochs  # 300 one-batch epochs take about a second
@@ -39,6 +40,8 @@ history = loops.fit(model, train, torch.nn.L1Loss(), torch.optim.SGD(model.param
                     epochs=epochs, val=test, batch_size=len(train[0]), shuffle=False,
                     checkpoint=run_dir(args, "linear"), resume=args.resume,
                     device=args.device, verbose=0, on_epoch_end=every_50)
+
+print(plots_ascii.plot_history(history))
 
 w, b = model.weight.item(), model.bias.item()
 print(f"learned weight {w:.4f} (true 0.7), bias {b:.4f} (true 0.3)")

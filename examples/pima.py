@@ -7,6 +7,7 @@ import torch
 from _common import parse_args, run_dir
 import datasets
 import loops
+import plots_ascii
 
 args = parse_args(__doc__.splitlines()[0], epochs=50,
                   data_help="the Pima CSV: 9 numeric columns, outcome last, no header")
@@ -27,6 +28,8 @@ run = run_dir(args, "pima")
 history = loops.fit(model, train, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3),
                     epochs=epochs, val=val, batch_size=10, metrics={"acc": "binary_accuracy"},
                     checkpoint=run, resume=args.resume, seed=0, device=args.device)
+
+print(plots_ascii.plot_history(history))
 
 best = loops.load_checkpoint(f"{run}/best.pt", model)
 scores = loops.evaluate(model, test, loss_fn, metrics={"acc": "binary_accuracy"})

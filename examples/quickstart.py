@@ -6,6 +6,7 @@ import torch
 
 from _common import parse_args, run_dir
 import loops
+import plots_ascii
 
 args = parse_args(__doc__.splitlines()[0], epochs=30)
 epochs = args.epochs or (5 if args.quick else args.default_epochs)
@@ -33,6 +34,8 @@ run = run_dir(args, "quickstart")
 history = loops.fit(model, train, loss_fn, optimizer, epochs=epochs, val=val, batch_size=32,
                     metrics={"acc": "binary_accuracy"}, checkpoint=run, resume=args.resume,
                     seed=0, device=args.device)
+
+print(plots_ascii.plot_history(history))
 
 loops.load_checkpoint(f"{run}/best.pt", model)  # the best epoch's weights, not the last
 scores = loops.evaluate(model, test, loss_fn, metrics={"acc": "binary_accuracy"})

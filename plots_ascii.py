@@ -1,0 +1,620 @@
+"""plots_ascii: training curves and pictures as plain text, for a terminal or a log file.
+
+One file, standard library only: copy it beside your script. Every function
+takes lists, tuples, numpy arrays or tensors (anything iterable of numbers, or
+with a ``tolist()``) without importing numpy or torch, and returns a string;
+printing is yours. Output is plain ASCII unless ``unicode=True`` is asked for,
+never carries colour codes, and never raises on data: NaN leaves a gap, +-inf
+is clipped to the edge and counted, and empty or constant input gets a frame
+with a short note.
+
+    >>> import plots_ascii
+    >>> print(plots_ascii.sparkline([3, 1, 4, 1, 5, 9, 2, 6]))
+    :_-_+@.*
+    >>> chart = plots_ascii.line_plot({"loss": [1.0, 0.5, 0.3]}, width=40, height=6)
+    >>> chart.splitlines()[-1]
+    '* loss  last 0.300  best 0.300 @ 3'
+
+From a shell, compare runs by their history.csv files, one series per run:
+
+    python plots_ascii.py runs/a/history.csv runs/b/history.csv --keys loss,val_loss
+"""
+import math
+import os
+import sys
+
+__all__ = ["line_plot", "plot_history", "histogram", "bar_chart", "matrix", "image", "scatter",
+           "sparkline"]
+
+GLYPHS = "*o+x#"
+UNICODE_GLYPHS = "●○◆◇■"
+BEST = "@"
+RAMP = " .:-=+*#%@"
+SPARK = "_.:-=+*#%@"  # like RAMP, but the lowest value stays visible (a space is a NaN)
+_MAXIMISED = ("acc", "accuracy", "precision", "recall", "f1", "auc", "r2")
+
+
+# --- input ------------------------------------------------------------------------
+
+def _floats(values, what="values"):
+    """A flat list of floats from any iterable of numbers (None -> nan)."""
+    if values is None:
+        return []
+    tolist = getattr(values, "tolist", None)  # numpy arrays and tensors, without importing them
+    if tolist is not None:
+        values = tolist()
+    if isinstance(values, (int, float)):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.extend(_floats(v, what))
+            continue
+        if v is None:
+            out.append(math.nan)
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"{what}: expected numbers, got {type(v).__name__} {v!r}") from None
+    return out
+
+
+def _rows(pixels):
+    """2-D nested lists of floats from a 2-D (or 1 x H x W) array-like."""
+    tolist = getattr(pixels, "tolist", None)
+    rows = tolist() if tolist is not None else [list(r) for r in pixels]
+    while len(rows) == 1 and rows and isinstance(rows[0], list) and rows[0] and \
+            isinstance(rows[0][0], list):
+        rows = rows[0]  # (1, H, W) -> (H, W)
+    return [_floats(r, "pixels") for r in rows]
+
+
+# --- numbers on axes ----------------------------------------------------------------
+
+def _nice_step(span, target):
+    """The 1/2/5 x 10^n step nearest to cutting ``span`` into ``target`` parts."""
+    if span <= 0 or not math.isfinite(span):
+        return 1.0
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    return min((m * mag for m in (1, 2, 5, 10)), key=lambda s: abs(math.log(s / raw)))
+
+
+def _decimals(step):
+    return max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+
+
+def _label(v, decimals):
+    text = f"{v:.{decimals}f}"
+    return "0" if text.strip("-0.") == "" else text
+
+
+def _short(v):
+    """A value for a legend: 0.318, 12.5, 4.2e-05."""
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1e5 or a < 1e-3:
+        return f"{v:.2e}"
+    return f"{v:.1f}" if a >= 100 else f"{v:.3f}"
+
+
+def _y_ticks(lo, hi, rows, logy):
+    """[(value on the axis scale, label)] at round values inside [lo, hi]."""
+    if logy:
+        ticks = []
+        for e in range(math.floor(lo) - 1, math.ceil(hi) + 1):
+            for m in (1, 2, 5):
+                t = math.log10(m) + e
+                if lo - 1e-9 <= t <= hi + 1e-9:
+                    ticks.append((t, f"{m * 10.0 ** e:g}"))
+        if len(ticks) > rows // 2 + 1:  # too crowded: powers of ten only
+            ticks = [(t, s) for t, s in ticks if s.lstrip("0.").startswith("1")] or ticks[:1]
+        return ticks
+    step = _nice_step(hi - lo, max(3, rows // 3))
+    while True:  # at least two ticks, so that the scale can be read
+        first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+        if last > first or step < (hi - lo) * 1e-6:
+            break
+        step = _nice_step(step, 2.5)  # 5 -> 2 -> 1 -> 0.5 ...
+    d = _decimals(step)
+    return [(k * step, _label(k * step, d)) for k in range(first, last + 1)]
+
+
+# --- line plots ------------------------------------------------------------------------
+
+def _column_spans(values, columns):
+    """Per plot column, the (min, max) of the curve over that column's stretch of x, or None.
+
+    Points are at x = 0 .. n-1; with more points than columns every point in a
+    column counts (spikes survive); with fewer, the line between two points is
+    interpolated, so the curve stays joined. NaN breaks the line.
+    """
+    n = len(values)
+    if n == 0:
+        return [None] * columns
+    if n == 1 or columns == 1:
+        v = values[-1] if n == 1 else None
+        spans = [None] * columns
+        if v is not None and not math.isnan(v):
+            spans[columns // 2 if n == 1 else 0] = (v, v)
+        return spans
+
+    def at(x):  # interpolated value at fractional x, None across a gap
+        i = min(int(math.floor(x)), n - 2)
+        a, b = values[i], values[i + 1]
+        t = x - i
+        if math.isnan(a) or math.isnan(b):
+            return a if t == 0 and not math.isnan(a) else (b if t == 1 and not math.isnan(b)
+                                                            else None)
+        return a + (b - a) * t
+
+    scale = (n - 1) / (columns - 1)
+    spans = []
+    for c in range(columns):
+        left, right = max(0.0, (c - 0.5) * scale), min(n - 1.0, (c + 0.5) * scale)
+        inside = [values[i] for i in range(math.ceil(left), math.floor(right) + 1)
+                  if not math.isnan(values[i])]
+        if not inside and all(math.isnan(values[i]) for i in (math.floor(left),
+                                                              math.ceil(right))):
+            spans.append(None)
+            continue
+        ends = [v for v in (at(left), at(right)) if v is not None]
+        pts = inside + ends
+        spans.append((min(pts), max(pts)) if pts else None)
+    return spans
+
+
+def _best(name, values):
+    """(index, value) of the best finite value: max for accuracy-like names, else min."""
+    finite = [(v, i) for i, v in enumerate(values) if math.isfinite(v)]
+    if not finite:
+        return None
+    maximise = any(name.lower().removeprefix("val_").startswith(m) for m in _MAXIMISED)
+    v, i = (max(finite, key=lambda p: (p[0], -p[1])) if maximise
+            else min(finite, key=lambda p: (p[0], p[1])))
+    return i, v
+
+
+def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel=None,
+              logy=False, ymin=None, ymax=None, marks=None, unicode=False):
+    """Plot ``{"name": values}`` against x = 1, 2, ... (epochs); one glyph per series.
+
+    ``marks`` are x values to highlight: a ':' column, where a series whose best
+    value lies on it is drawn as '@'. The legend below the frame gives each series' last and best
+    value (the maximum for accuracy-like names, else the minimum).
+    """
+    if not isinstance(series, dict):
+        series = {"": series}
+    names = list(series)
+    data = {k: _floats(v, f"series {k!r}") for k, v in series.items()}
+    glyphs = UNICODE_GLYPHS if unicode else GLYPHS
+    n = max((len(v) for v in data.values()), default=0)
+    notes = []
+
+    # The y range: finite values only, after the user's limits; +-inf and values
+    # beyond the limits are drawn on the edge and counted in the legend.
+    def scaled(v):
+        if logy:
+            return math.log10(v) if v > 0 else (-math.inf if v == 0 else math.nan)
+        return v
+    ys = {k: [scaled(v) for v in vs] for k, vs in data.items()}
+    finite = [v for vs in ys.values() for v in vs if math.isfinite(v)]
+    lo_lim = scaled(ymin) if ymin is not None and (not logy or ymin > 0) else None
+    hi_lim = scaled(ymax) if ymax is not None and (not logy or ymax > 0) else None
+    lo = lo_lim if lo_lim is not None else (min(finite) if finite else 0.0)
+    hi = hi_lim if hi_lim is not None else (max(finite) if finite else 1.0)
+    if not finite:
+        notes.append("no data" if n == 0 else "no finite values")
+    elif max(finite) == min(finite):
+        notes.append(f"constant {_short(data[names[0]][0] if n == 1 else finite[0])}"
+                     if n > 1 else "one point")
+    if hi <= lo:
+        pad = abs(hi) * 0.1 if hi else 1.0
+        lo, hi = (lo - pad, hi + pad) if lo_lim is None or hi_lim is None else (lo, lo + 1.0)
+
+    ticks = _y_ticks(lo, hi, height, logy)
+    label_w = max((len(s) for _, s in ticks), default=1)
+    cols = max(2, width - label_w - 3)
+    grid = [[" "] * cols for _ in range(height)]
+
+    def row(v):
+        return height - 1 - round((min(max(v, lo), hi) - lo) / (hi - lo) * (height - 1))
+
+    mark_cols = set()
+    for x in marks or ():
+        if n > 1 and 1 <= x <= n:
+            mark_cols.add(round((x - 1) / (n - 1) * (cols - 1)))
+        elif n == 1 and x == 1:
+            mark_cols.add(cols // 2)
+    for c in mark_cols:
+        for r in range(height):
+            grid[r][c] = ":"
+    clipped = {}
+    for k, glyph in zip(names, _cycle(glyphs, len(names))):
+        vs = ys[k]
+        clipped[k] = sum(1 for v in vs if math.isinf(v) or (math.isfinite(v) and (
+            (lo_lim is not None and v < lo_lim) or (hi_lim is not None and v > hi_lim))))
+        edge = [hi if v == math.inf else lo if v == -math.inf else v for v in vs]
+        best = _best(k, data[k])
+        best_col = None if best is None else (
+            cols // 2 if n == 1 else round(best[0] / (n - 1) * (cols - 1)))
+        for c, span in enumerate(_column_spans(edge, cols)):
+            if span is None:
+                continue
+            for r in range(row(span[1]), row(span[0]) + 1):
+                grid[r][c] = BEST if c == best_col and c in mark_cols else glyph
+
+    lines = []
+    if title:
+        lines.append(title.center(width).rstrip())
+    if ylabel:
+        lines.append(ylabel)
+    tick_rows = {}
+    for t, s in ticks:
+        tick_rows.setdefault(row(t), s)
+    h, v_, corner = ("─", "│", "+") if unicode else ("-", "|", "+")
+    lines.append(" " * label_w + " " + corner + h * cols + corner)
+    for r in range(height):
+        label = tick_rows.get(r, "")
+        lines.append(f"{label:>{label_w}} " + ("+" if label else v_) + "".join(grid[r]) + v_)
+    # x axis: whole-number ticks that do not collide
+    axis = [h] * cols
+    labels = [" "] * (cols + 1)
+    last_end = -1
+    for x, c in _x_ticks(n, cols):
+        text = str(x)
+        start = min(c, cols + 1 - len(text))  # the last label ends under the frame's edge
+        if start <= last_end:
+            continue
+        axis[c] = "+"
+        labels[start:start + len(text)] = text
+        last_end = start + len(text)
+    lines.append(" " * label_w + " " + corner + "".join(axis) + corner)
+    lines.append((" " * (label_w + 2) + "".join(labels)).rstrip())
+    if xlabel:
+        lines.append((" " * (label_w + 2) + xlabel.center(cols)).rstrip())
+    # legend, outside the plotting area
+    name_w = max((len(k) for k in names), default=0)
+    for k, glyph in zip(names, _cycle(glyphs, len(names))):
+        vals = data[k]
+        finite_vals = [v for v in vals if math.isfinite(v)]
+        parts = [f"{glyph} {k:<{name_w}}" if name_w else glyph]
+        if finite_vals:
+            parts.append(f"last {_short(vals[-1])}")
+            best = _best(k, vals)
+            parts.append(f"best {_short(best[1])} @ {best[0] + 1}")
+        else:
+            parts.append("no finite values" if vals else "no data")
+        if clipped[k]:
+            parts.append(f"{clipped[k]} clipped to the edge")
+        lines.append("  ".join(parts))
+    if mark_cols:
+        lines.append(f": {BEST} marked {', '.join(str(x) for x in sorted(marks))}")
+    if notes:
+        lines.append("(" + "; ".join(notes) + ")")
+    return "\n".join(lines)
+
+
+def _cycle(chars, n):
+    return [chars[i % len(chars)] for i in range(n)]
+
+
+def _x_ticks(n, cols):
+    """[(x, column)] for whole x in 1..n, spaced so that labels do not collide."""
+    if n <= 0:
+        return []
+    if n == 1:
+        return [(1, cols // 2)]
+    room = len(str(n)) + 2
+    step = max(1, math.ceil(_nice_step(n - 1, max(1, cols // (room * 2)))))
+    xs = [1] + [x for x in range(step, n + 1, step) if x > 1]
+    return [(x, round((x - 1) / (n - 1) * (cols - 1))) for x in xs]
+
+
+def plot_history(history, keys=None, **kw):
+    """One chart per metric, pairing ``x`` with ``val_x``; the best epoch marked.
+
+    rmse and mae share one chart (the same unit); accuracy-like metrics start
+    their y axis at 0. ``history`` is what ``loops.fit`` returns (or reads from
+    history.csv); ``keys`` picks the base names to draw.
+    """
+    bases = [k for k in history if not k.startswith("val_") and k not in ("epoch", "lr", "time")]
+    bases += [k[4:] for k in history if k.startswith("val_") and k[4:] not in bases]
+    if keys is not None:
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        unknown = [k for k in keys if k not in bases]
+        if unknown:
+            raise ValueError(f"plot_history: no {unknown} in the history; it has {bases}")
+        bases = keys
+    groups = []
+    errors = [k for k in bases if k in ("rmse", "mae")]
+    for k in bases:
+        if k in errors and len(errors) > 1:
+            if k == errors[0]:
+                groups.append(errors)
+        else:
+            groups.append([k])
+    charts = []
+    for group in groups:
+        series = {}
+        for k in group:
+            for name in (k, "val_" + k):
+                if name in history:
+                    series[name] = history[name]
+        watched = [s for s in series if s.startswith("val_")] or list(series)
+        best = _best(watched[0], _floats(series[watched[0]]))
+        opts = dict(kw)
+        if any(group[0].startswith(m) for m in _MAXIMISED if m != "r2"):
+            opts.setdefault("ymin", 0)
+        if best is not None:
+            opts.setdefault("marks", [best[0] + 1])
+        charts.append(line_plot(series, title=" / ".join(group), **opts))
+    return "\n\n".join(charts)
+
+
+# --- other charts --------------------------------------------------------------------------
+
+def _nonfinite_note(values):
+    nan = sum(1 for v in values if math.isnan(v))
+    inf = sum(1 for v in values if math.isinf(v))
+    parts = ([f"{nan} NaN"] if nan else []) + ([f"{inf} inf"] if inf else [])
+    return f"({' and '.join(parts)} not counted)" if parts else ""
+
+
+def histogram(values, *, bins=20, width=50, title=None):
+    """One row per bin: its range, a bar and its count; NaN and inf counted apart."""
+    vals = _floats(values)
+    finite = [v for v in vals if math.isfinite(v)]
+    lines = [title] if title else []
+    if not finite:
+        lines.append("(no finite values)" if vals else "(no data)")
+        note = _nonfinite_note(vals)
+        return "\n".join(lines + ([note] if note else []))
+    lo, hi = min(finite), max(finite)
+    bins = max(1, int(bins)) if hi > lo else 1
+    size = (hi - lo) / bins if hi > lo else 1.0
+    counts = [0] * bins
+    for v in finite:
+        counts[min(int((v - lo) / size), bins - 1)] += 1
+    d = max(_decimals(size) + 1, 0) if hi > lo else 3
+    edges = [_label(lo + i * size, d) for i in range(bins + 1)]
+    ew = max(len(e) for e in edges)
+    cw = len(str(max(counts)))
+    top = max(counts)
+    for i, c in enumerate(counts):
+        close = "]" if i == bins - 1 else ")"
+        bar = "#" * round(c / top * width)
+        lines.append(f"[{edges[i]:>{ew}}, {edges[i + 1]:>{ew}}{close} {c:>{cw}} {bar}".rstrip())
+    note = _nonfinite_note(vals)
+    return "\n".join(lines + ([note] if note else []))
+
+
+def bar_chart(mapping, *, width=50, title=None):
+    """One row per key: the label, a bar of '#' proportional to the value, the value."""
+    items = [(str(k), v) for k, v in zip(mapping, _floats(list(mapping.values())))]
+    lines = [title] if title else []
+    if not items:
+        return "\n".join(lines + ["(no data)"])
+    top = max((abs(v) for _, v in items if math.isfinite(v)), default=0) or 1.0
+    kw = max(len(k) for k, _ in items)
+    for k, v in items:
+        bar = ("#" if v >= 0 else "-") * round(abs(v) / top * width) if math.isfinite(v) else "?"
+        lines.append(f"{k:>{kw}} | {bar} {_short(v)}")
+    return "\n".join(lines)
+
+
+def matrix(rows, *, row_labels=None, col_labels=None, title=None, percent=False):
+    """A table of numbers, right-aligned; ``percent=True`` shows each cell as % of its row.
+
+    For a confusion matrix: rows are true labels, columns predicted labels.
+    """
+    data = _rows(rows)
+    lines = [title] if title else []
+    if not data or not data[0]:
+        return "\n".join(lines + ["(no data)"])
+    ncol = max(len(r) for r in data)
+    row_labels = [str(x) for x in (row_labels if row_labels is not None else range(len(data)))]
+    col_labels = [str(x) for x in (col_labels if col_labels is not None else range(ncol))]
+
+    def cell(v, total):
+        if percent:
+            return f"{100 * v / total:.0f}%" if total else "-"
+        return str(int(v)) if math.isfinite(v) and v == int(v) else _short(v)
+    cells = [[cell(v, sum(x for x in r if math.isfinite(x))) for v in r] for r in data]
+    w = max([len(c) for r in cells for c in r] + [len(c) for c in col_labels])
+    lw = max(len(x) for x in row_labels)
+    lines.append(" " * lw + " | " + " ".join(f"{c:>{w}}" for c in col_labels))
+    lines.append("-" * lw + "-+-" + "-".join("-" * w for _ in col_labels))
+    for label, r in zip(row_labels, cells):
+        lines.append(f"{label:>{lw}} | " + " ".join(f"{c:>{w}}" for c in r))
+    return "\n".join(lines)
+
+
+def image(pixels, *, invert=False):
+    """A grey image, one text row per pixel row, two characters per pixel (` .:-=+*#%@`).
+
+    Values in [0, 1] are drawn as they are; anything else is scaled from its
+    minimum to its maximum first (weights, say).
+    """
+    data = _rows(pixels)
+    flat = [v for r in data for v in r if math.isfinite(v)]
+    if not flat:
+        return "(no data)"
+    lo, hi = min(flat), max(flat)
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    span = (hi - lo) or 1.0
+    ramp = RAMP[::-1] if invert else RAMP
+    out = []
+    for r in data:
+        chars = []
+        for v in r:
+            if not math.isfinite(v):
+                chars.append("??")
+                continue
+            level = min(len(ramp) - 1, int((v - lo) / span * len(ramp)))
+            chars.append(ramp[level] * 2)
+        out.append("".join(chars).rstrip() if not invert else "".join(chars))
+    return "\n".join(out)
+
+
+def scatter(xs, ys, *, labels=None, width=72, height=24, title=None):
+    """Points in a frame; with ``labels``, each label's own marker (a one-character label
+    such as a class digit is its own marker) and a legend."""
+    x, y = _floats(xs, "xs"), _floats(ys, "ys")
+    if len(x) != len(y):
+        raise ValueError(f"scatter: {len(x)} xs but {len(y)} ys")
+    labs = [str(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)] \
+        if labels is not None else ["" for _ in x]
+    if len(labs) != len(x):
+        raise ValueError(f"scatter: {len(labs)} labels for {len(x)} points")
+    kinds = sorted(set(labs), key=lambda s: (len(s), s))
+    if all(len(k) == 1 for k in kinds):
+        marker = {k: k for k in kinds} if labels is not None else {"": "*"}
+    else:
+        marker = dict(zip(kinds, _cycle(GLYPHS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ", len(kinds))))
+    pts = [(a, b, m) for a, b, m in zip(x, y, labs) if math.isfinite(a) and math.isfinite(b)]
+    lines = [title.center(width).rstrip()] if title else []
+    if not pts:
+        return "\n".join(lines + ["(no finite points)"])
+    x_lo, x_hi = min(p[0] for p in pts), max(p[0] for p in pts)
+    y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    if y_hi == y_lo:
+        y_lo, y_hi = y_lo - 1, y_hi + 1
+    ticks = _y_ticks(y_lo, y_hi, height, False)
+    lw = max(len(s) for _, s in ticks)
+    cols = max(2, width - lw - 3)
+    grid = [[" "] * cols for _ in range(height)]
+
+    def row(v):
+        return height - 1 - round((v - y_lo) / (y_hi - y_lo) * (height - 1))
+    for a, b, m in pts:
+        grid[row(b)][round((a - x_lo) / (x_hi - x_lo) * (cols - 1))] = marker[m]
+    tick_rows = {}
+    for t, s in ticks:
+        tick_rows.setdefault(row(t), s)
+    lines.append(" " * lw + " +" + "-" * cols + "+")
+    for r in range(height):
+        label = tick_rows.get(r, "")
+        lines.append(f"{label:>{lw}} " + ("+" if label else "|") + "".join(grid[r]) + "|")
+    lines.append(" " * lw + " +" + "-" * cols + "+")
+    lines.append(" " * (lw + 2) + f"{_short(x_lo)}".ljust(cols - len(_short(x_hi)))
+                 + _short(x_hi))
+    if labels is not None and any(k != v for k, v in marker.items()):
+        lines.append("  ".join(f"{marker[k]} {k}" for k in kinds))
+    skipped = len(x) - len(pts)
+    if skipped:
+        lines.append(f"({skipped} non-finite points not drawn)")
+    return "\n".join(lines)
+
+
+def sparkline(values, *, unicode=False):
+    """One character per value, low to high (`_.:-=+*#%@`, or block characters); NaN is a space."""
+    vals = _floats(values)
+    finite = [v for v in vals if math.isfinite(v)]
+    ramp = "▁▂▃▄▅▆▇█" if unicode else SPARK
+    if not finite:
+        return " " * len(vals)
+    lo, hi = min(finite), max(finite)
+    span = hi - lo
+    out = []
+    for v in vals:
+        if math.isnan(v):
+            out.append(" ")
+        elif span == 0:
+            out.append(ramp[len(ramp) // 2])
+        else:
+            t = 1.0 if v == math.inf else 0.0 if v == -math.inf else (v - lo) / span
+            out.append(ramp[min(len(ramp) - 1, int(t * len(ramp)))])
+    return "".join(out)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def _read_history(path):
+    import csv
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or not rows[0]:
+        raise ValueError(f"{path}: empty file; expected a history.csv with a header line")
+    header, body = rows[0], rows[1:]
+    history = {k: [] for k in header}
+    for line, row in enumerate(body, 2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(row)} values for {len(header)} columns")
+        for k, v in zip(header, row):
+            try:
+                history[k].append(float(v))
+            except ValueError:
+                raise ValueError(f"{path}, line {line}: {k}={v!r} is not a number") from None
+    return history
+
+
+def _run_name(path, taken):
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)[:-1]
+    name = parts[-1] if parts else path
+    depth = 2
+    while name in taken and depth <= len(parts):
+        name = "/".join(parts[-depth:])
+        depth += 1
+    return name
+
+
+def main(argv=None):
+    """python plots_ascii.py RUN/history.csv [...] [--keys a,b] [--width N] [--height N]"""
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = {"--keys": None, "--width": "72", "--height": "18"}
+    paths = []
+    try:
+        while args:
+            a = args.pop(0)
+            if a in ("-h", "--help"):
+                print(main.__doc__)
+                return 0
+            if a in opts:
+                if not args:
+                    raise ValueError(f"{a} needs a value")
+                opts[a] = args.pop(0)
+            elif a.startswith("--") and "=" in a and a.split("=")[0] in opts:
+                opts[a.split("=")[0]] = a.split("=", 1)[1]
+            elif a.startswith("-"):
+                raise ValueError(f"unknown option {a}; expected --keys, --width, --height")
+            else:
+                paths.append(a)
+        if not paths:
+            raise ValueError("no history.csv given; usage: python plots_ascii.py "
+                             "RUN/history.csv [RUN2/history.csv ...] [--keys loss,val_loss]")
+        width, height = int(opts["--width"]), int(opts["--height"])
+        runs = {}
+        for p in paths:
+            if not os.path.isfile(p):
+                raise ValueError(f"{p}: no such file")
+            runs[_run_name(p, runs)] = _read_history(p)
+        known = [k for h in runs.values() for k in h if k not in ("epoch", "time")]
+        keys = (opts["--keys"].split(",") if opts["--keys"]
+                else list(dict.fromkeys(known)))
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise ValueError(f"no column {missing[0]!r} in any run; the runs have "
+                             f"{', '.join(dict.fromkeys(known))}")
+    except (ValueError, OSError) as e:
+        print(f"plots_ascii: {e}", file=sys.stderr)
+        return 2
+    charts = []
+    for k in keys:
+        series = {name: h[k] for name, h in runs.items() if k in h}
+        charts.append(line_plot(series, width=width, height=height, title=k,
+                                ymin=0 if any(k.removeprefix("val_").startswith(m)
+                                              for m in _MAXIMISED[:2]) else None))
+    print("\n\n".join(charts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
