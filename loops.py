@@ -351,22 +351,31 @@ class _Meter:
 
     def _pending_sums(self):
         """(losses, loss sum, rows, metric sums, metric counts) of the pending steps."""
-        losses = torch.stack(self._losses)
+        losses = self._pending_losses()
         loss_sum, start = 0, 0
         for size, run in _runs(self._ns):  # usually one run of equal batches, two at the end
             weight = 1 if self.loss_is_sum else size  # a batch mean stands for `size` rows
-            loss_sum = loss_sum + losses[start:start + run].to(self.dtype).sum() * weight
+            part = losses if run == len(losses) else losses[start:start + run]
+            loss_sum = loss_sum + part.sum(dtype=self.dtype) * weight
             start += run
         sums, counts = {k: None for k in self.stats}, {k: 0 for k in self.stats}
         if self.stats:
-            shapes = {tuple(o.shape[1:]) for o in self._outs}
-            groups = ([(torch.cat(self._outs), torch.cat(self._ys))] if len(shapes) == 1
-                      else list(zip(self._outs, self._ys)))
+            if len(self._outs) == 1:
+                groups = [(self._outs[0], self._ys[0])]
+            elif len({tuple(o.shape[1:]) for o in self._outs}) == 1:
+                groups = [(torch.cat(self._outs), torch.cat(self._ys))]
+            else:  # outputs of varying shapes (sequences): batch by batch
+                groups = list(zip(self._outs, self._ys))
             for p, y in groups:
                 for k, st in self.stats.items():
-                    sums[k] = _combine(st, sums[k], st.stat(p, y).reshape(-1).to(self.dtype))
+                    s = st.stat(p, y).reshape(-1)
+                    s = s if s.dtype == self.dtype else s.to(self.dtype)
+                    sums[k] = _combine(st, sums[k], s)
                     counts[k] += st.count(p, y)
         return losses, loss_sum, sum(self._ns), sums, counts
+
+    def _pending_losses(self):
+        return torch.stack(self._losses)
 
     def _fold(self):
         if not self._losses:
@@ -379,46 +388,56 @@ class _Meter:
         self._unchecked.append(losses)
         self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
 
-    def read(self):
-        """Values so far as Python floats; FloatingPointError at the first non-finite loss."""
+    def totals(self):
+        """The sums so far as one flat tensor on the device, and ``finish`` to turn that
+        tensor, once read back as floats, into the logs. Nothing is read here, so a
+        caller can read several meters in one transfer."""
         loss_sum, n, sums, counts = self.loss_sum, self.n, dict(self.sums), dict(self.counts)
-        check = list(self._unchecked)
         if self._losses:  # counted, but not committed: fold points stay where they are
-            losses, p_loss, p_n, p_sums, p_counts = self._pending_sums()
+            _, p_loss, p_n, p_sums, p_counts = self._pending_sums()
             loss_sum, n = loss_sum + p_loss, n + p_n
             for k, st in self.stats.items():
                 sums[k] = _combine(st, sums[k], p_sums[k])
                 counts[k] += p_counts[k]
-            check.append(losses)
         parts = [loss_sum.reshape(1)] + [s for s in sums.values() if s is not None]
-        if check:
-            losses = torch.cat(check)
-            bad = ~torch.isfinite(losses)
-            j = bad.to(torch.uint8).argmax()  # the first bad step, or 0 if none
-            parts += [bad.any().reshape(1), j.reshape(1), losses[j].reshape(1)]
-        vals = torch.cat([p.to(self.dtype) for p in parts]).tolist()  # the one host read
-        if check:
-            any_bad, j, value = vals[-3:]
-            if any_bad:
-                raise FloatingPointError(f"loss is {value} at step {self.checked + int(j) + 1}")
+
+        def finish(vals):
+            # A finite loss sum means every loss was finite: the search for the first
+            # bad step (a second read) happens only when it was not.
+            if not math.isfinite(vals[0]):
+                self._raise_first_bad(vals[0])
             self.checked += sum(len(u) for u in self._unchecked)
             self._unchecked = []
-        logs, i = {"loss": vals[0] / n if n else math.nan}, 1
-        for k, st in self.stats.items():
-            if sums[k] is None:
-                logs[k] = math.nan
-                continue
-            size = sums[k].numel()
-            logs[k] = float(st.finish(vals[i:i + size], counts[k]))
-            i += size
-        return logs
+            logs, i = {"loss": vals[0] / n if n else math.nan}, 1
+            for k, st in self.stats.items():
+                if sums[k] is None:
+                    logs[k] = math.nan
+                    continue
+                size = sums[k].numel()
+                logs[k] = float(st.finish(vals[i:i + size], counts[k]))
+                i += size
+            return logs
+        return torch.cat(parts) if len(parts) > 1 else parts[0], finish
+
+    def read(self):
+        """Values so far as Python floats; FloatingPointError at the first non-finite loss."""
+        flat, finish = self.totals()
+        return finish(flat.tolist())  # the one host read
+
+    def _raise_first_bad(self, total):
+        losses = torch.cat(self._unchecked + ([self._pending_losses()] if self._losses else []))
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad) == 0:  # every loss finite, their weighted sum overflowed
+            raise FloatingPointError(f"the sum of the losses overflowed to {total}")
+        j = int(bad[0])
+        raise FloatingPointError(f"loss is {losses[j].item()} at step {self.checked + j + 1}")
 
     def state(self):
         """Sums and pending steps, for a mid-epoch snapshot (right after a ``read``)."""
         cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
         return {"loss_sum": self.loss_sum.cpu(), "n": self.n, "counts": dict(self.counts),
                 "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
-                "losses": torch.stack(self._losses).cpu() if self._losses else None,
+                "losses": self._pending_losses().cpu() if self._losses else None,
                 "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
 
     def load(self, state, step):
@@ -426,7 +445,8 @@ class _Meter:
         self.loss_sum, self.n = state["loss_sum"].to(dev), state["n"]
         self.counts = dict(state["counts"])
         self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
-        self._losses = list(state["losses"].to(dev)) if state["losses"] is not None else []
+        losses = state["losses"]
+        self._losses = [] if losses is None else list(losses.to(dev))
         self._ns = list(state["ns"])
         self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
         self._numel = sum(t.numel() for t in self._outs)
@@ -456,7 +476,7 @@ _TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
 _CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
 
 
-def _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm):
+def _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm, keep_out):
     # The textbook step. A function of its own so that the graph, the output and
     # the loss die on return: nothing with a grad_fn survives into the next step.
     optimizer.zero_grad(set_to_none=True)
@@ -471,7 +491,7 @@ def _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm):
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return loss.detach(), out.detach()
+    return loss.detach(), (out.detach() if keep_out else None)
 
 
 def _is_sum(loss_fn):
@@ -484,10 +504,10 @@ def _train_loop(model, source, loss_fn, optimizer, meter, *, scheduler, clip_gra
     """Train over ``source``'s batches; ``ticker`` looks at the running values now and then."""
     model.train()
     step = start = meter.checked + len(meter._losses)
-    next_tick = start + 1
+    next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
     for xb, yb in source:
-        loss, out = _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm)
-        meter.add(loss, out, yb, len(yb))
+        loss, out = _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm, keep_out)
+        meter.add(loss, out, yb, yb.shape[0] if torch.is_tensor(yb) else len(yb))
         step += 1
         if step == next_tick and ticker is not None:
             next_tick = ticker(step, meter)
@@ -503,9 +523,10 @@ class _Ticker:
     then reads the clock; each look is one host read (a CUDA sync).
     """
 
-    def __init__(self, seconds, steps, on_tick):
+    def __init__(self, seconds, steps, on_tick, *, at_once=True):
         self.seconds, self.steps, self.on_tick = seconds, steps, on_tick
-        self.t0, self.last, self.start = time.perf_counter(), None, None
+        self.t0, self.start = time.perf_counter(), None
+        self.last = None if at_once else self.t0  # a live line shows the first step at once
 
     def __call__(self, step, meter):
         """Look now if it is time; return the step at which to ask again."""
@@ -570,20 +591,31 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
 
 
 def _evaluate(model, source, loss_fn, stats):
+    flat, finish = _evaluate_totals(model, source, loss_fn, stats)
+    return finish(flat.tolist())
+
+
+def _evaluate_totals(model, source, loss_fn, stats):
+    """Run the evaluation; return its sums on the device and the function that finishes them."""
     meter = _Meter(stats, source.device, loss_is_sum=_is_sum(loss_fn))
     zero = torch.zeros((), device=source.device)
     steps = 0
     with _eval_mode(model):
         for xb, yb in source.epoch():
             out = model(xb)
-            meter.add(loss_fn(out, yb) if loss_fn is not None else zero, out, yb, len(yb))
+            n = yb.shape[0] if torch.is_tensor(yb) else len(yb)
+            meter.add(loss_fn(out, yb) if loss_fn is not None else zero, out, yb, n)
             steps += 1
     if steps == 0:
         raise ValueError("the evaluation data yielded no batches; expected at least one")
-    logs = meter.read()
-    if loss_fn is None:
-        del logs["loss"]
-    return logs
+    flat, finish = meter.totals()
+
+    def finish_logs(vals):
+        logs = finish(vals)
+        if loss_fn is None:
+            del logs["loss"]
+        return logs
+    return flat, finish_logs
 
 
 def predict(model, X_or_data, *, batch_size=256, device=None):
@@ -930,11 +962,14 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
         clip_grad_norm=None, device=None, seed=None, verbose=1, on_epoch_end=None,
-        save_every=None):
+        save_every=None, val_batch_size=None):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
 
     ``save_every=s`` also refreshes ``last.pt`` at a batch boundary every s seconds
-    during an epoch, so a kill loses at most s seconds of work.
+    during an epoch, so a kill loses at most s seconds of work. Tensor validation
+    data is evaluated in batches of ``val_batch_size`` (default: the larger of
+    ``batch_size`` and 256, as ``evaluate``; no graph is kept, so it costs less
+    memory per row than training).
     """
     # 1. Every argument is checked before any work and before any file is written.
     device = _check_model(model, device)
@@ -943,7 +978,9 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     stats = _metric_table(metrics)
     train_data = _Data(train, what="train", batch_size=batch_size, device=device,
                        reused=epochs > 1)
-    val_data = None if val is None else _Data(val, what="val", batch_size=batch_size,
+    if val_batch_size is None:
+        val_batch_size = max(batch_size, 256) if isinstance(batch_size, int) else batch_size
+    val_data = None if val is None else _Data(val, what="val", batch_size=val_batch_size,
                                               device=device, reused=epochs > 1)
     keys = ["epoch", "loss", *stats]
     if val_data is not None:
@@ -1046,13 +1083,19 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
 
             silent_cpu = device.type == "cpu" and not printer.live and save_every is None
             seconds = _CPU_CHECK_SECONDS if silent_cpu else _TICK_SECONDS
-            ticker = (_Ticker(seconds, train_data.steps, on_tick)
+            ticker = (_Ticker(seconds, train_data.steps, on_tick, at_once=printer.live)
                       if printer.live or save_every is not None or device.type == "cpu" else None)
             try:
                 _train_loop(model, source, loss_fn, optimizer, meter,
                                    scheduler=scheduler if scheduler_interval == "step" else None,
                                    clip_grad_norm=clip_grad_norm, ticker=ticker)
-                logs = {"epoch": epoch, **meter.read()}
+                flat, finish = meter.totals()
+                if val_data is not None:
+                    val_flat, val_finish = _evaluate_totals(model, val_data, loss_fn, stats)
+                    flat = torch.cat([flat, val_flat])
+                vals = flat.tolist()  # the epoch's one host read: train and val together
+                logs = {"epoch": epoch, **finish(vals[:len(flat) - (len(val_flat) if
+                                                                    val_data else 0)])}
             except FloatingPointError as e:
                 printer.close()
                 raise FloatingPointError(
@@ -1060,8 +1103,8 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                     "good state. Lower the learning rate, clip gradients (clip_grad_norm=1.0) "
                     "or look for NaN/inf in the data") from None
             if val_data is not None:
-                logs.update({"val_" + k: v for k, v in
-                             _evaluate(model, val_data, loss_fn, stats).items()})
+                val_logs = val_finish(vals[len(flat) - len(val_flat):])
+                logs.update({"val_" + k: v for k, v in val_logs.items()})
             logs["lr"], logs["time"] = lr, elapsed_before + time.perf_counter() - t0
             value = logs[monitor]
             if scheduler is not None and scheduler_interval == "epoch":

@@ -147,8 +147,8 @@ class SnapshotTest(Quiet):
         ref = mlp(dropout=0.3)
         h_ref = self.run_fit(ref, self.tmpdir())
         d = self.tmpdir()
-        # 40 training and 10 validation batches an epoch: the 25th step of epoch 3
-        model = interrupting(mlp(dropout=0.3), at_call=50 * 2 + 25)
+        # 40 training batches and 1 validation batch an epoch: the 25th step of epoch 3
+        model = interrupting(mlp(dropout=0.3), at_call=41 * 2 + 25)
         with mock.patch.object(loops, "_TICK_SECONDS", 0.0):  # a snapshot at every tick
             h = self.run_fit(model, d, save_every=0)
         self.assertEqual(len(h["loss"]), 2)

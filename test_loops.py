@@ -460,7 +460,7 @@ class CheckpointTest(Quiet):
         # reloading best.pt into a fresh model reproduces the best val loss exactly
         fresh = mlp(seed=99)
         loops.load_checkpoint(os.path.join(d, "best.pt"), fresh)
-        again = loops.evaluate(fresh, self.val, torch.nn.BCELoss(), batch_size=16)
+        again = loops.evaluate(fresh, self.val, torch.nn.BCELoss())  # the batch size fit used
         self.assertEqual(again["loss"], min(vl))
 
     def test_min_delta_counts_only_real_improvements(self):

@@ -1,0 +1,416 @@
+"""Speed benchmark: loops.fit against the hand-written tutorial loop, in one process.
+
+    python bench/bench.py [--quick] [--device cuda] [--rounds N] [--out results.json]
+
+For each workload it times, interleaved (A B C A B C ...) after a warm-up and
+on one thread, the training call of:
+  hand        the tutorial loop: per step slice a randperm batch, forward, loss,
+              zero_grad, backward, step, keep loss.item(); per epoch an eval-mode
+              no-grad pass over the test set computing its loss and metric
+  dataloader  the same loop fed by DataLoader(TensorDataset(X, y), shuffle=True)
+  fit         loops.fit with the metric on, verbose=1 into a non-terminal
+  fit_silent  loops.fit with the metric on, verbose=0
+and prints the median over rounds of each one's time divided by the hand loop's
+time in the same round. Peers (pytorch-ignite, pytorch-lightning) join as extra
+columns when they are importable; they are never requirements. It then checks
+that time per epoch grows linearly with the data, that memory stays flat over
+100 epochs, times plots_ascii and the imports, and (on CUDA) counts host-device
+synchronisations per epoch.
+"""
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import loops  # noqa: E402
+
+
+# --- workloads --------------------------------------------------------------------
+
+def mlp(sizes, last=None):
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    layers.pop()
+    if last is not None:
+        layers.append(last)
+    return torch.nn.Sequential(*layers)
+
+
+def hits(out, y):
+    """Correct predictions (binary probabilities or class scores), as a tensor."""
+    if out.shape[-1] == 1:
+        return ((out > 0.5) == (y > 0.5)).sum()
+    return (out.argmax(1) == y).sum()
+
+
+def abs_err(out, y):
+    return (out - y).abs().sum()
+
+
+def workloads(quick):
+    """name -> dict(data maker, model maker, loss, metric, batch size, epochs)."""
+    g = torch.Generator().manual_seed(0)
+
+    def tabular(n, d, kind):
+        X = torch.randn(n, d, generator=g)
+        w = torch.randn(d, 1, generator=g)
+        if kind == "binary":
+            y = ((X @ w + 0.5 * torch.randn(n, 1, generator=g)) > 0.4).float()
+        else:
+            y = X @ w + 0.3 * torch.randn(n, 1, generator=g)
+        return X, y
+
+    def images(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        centers = torch.rand(10, 784, generator=g)
+        return (centers[y] + 0.5 * torch.rand(n, 784, generator=g)).clamp(0, 1), y
+
+    return {
+        "pima-like 768x8, MLP 8-12-8-1, batch 10": dict(
+            data=lambda: (tabular(768, 8, "binary"), tabular(192, 8, "binary")),
+            model=lambda: mlp([8, 12, 8, 1], torch.nn.Sigmoid()), loss=torch.nn.BCELoss(),
+            metric=("acc", "binary_accuracy", hits), batch=10, epochs=10 if quick else 50),
+        "housing-like 20640x8, MLP 8-24-12-6-1, batch 32": dict(
+            data=lambda: (tabular(20640, 8, "reg"), tabular(4128, 8, "reg")),
+            model=lambda: mlp([8, 24, 12, 6, 1]), loss=torch.nn.MSELoss(),
+            metric=("mae", "mae", abs_err), batch=32, epochs=1 if quick else 5),
+        "mnist-like 12000x784, MLP 784-250-100-10, batch 64": dict(
+            data=lambda: (images(12000), images(2000)),
+            model=lambda: mlp([784, 250, 100, 10]), loss=torch.nn.CrossEntropyLoss(),
+            metric=("acc", "accuracy", hits), batch=64, epochs=1 if quick else 2),
+    }
+
+
+# --- contenders: each trains a fresh model and returns the seconds of its training call ---
+
+def hand_loop(w, model, opt, train, test, device):
+    X, y = train
+    Xt, yt = test
+    loss_fn, (_, _, metric), b = w["loss"], w["metric"], w["batch"]
+    t0 = time.perf_counter()
+    for _ in range(w["epochs"]):
+        model.train()
+        perm = torch.randperm(len(X), device=device)
+        losses = []
+        for i in range(0, len(X), b):
+            idx = perm[i:i + b]
+            xb, yb = X[idx], y[idx]
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            out = model(Xt)
+            test_loss, test_metric = loss_fn(out, yt).item(), metric(out, yt).item() / len(Xt)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def dataloader_loop(w, model, opt, train, test, device):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train),
+                                         batch_size=w["batch"], shuffle=True)
+    Xt, yt = test
+    loss_fn, (_, _, metric) = w["loss"], w["metric"]
+    t0 = time.perf_counter()
+    for _ in range(w["epochs"]):
+        model.train()
+        losses = []
+        for xb, yb in loader:
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            out = model(Xt)
+            test_loss, test_metric = loss_fn(out, yt).item(), metric(out, yt).item() / len(Xt)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def fit_call(verbose):
+    def run(w, model, opt, train, test, device):
+        name, builtin, _ = w["metric"]
+        sink = io.StringIO()  # a non-terminal: summary lines only, as in a log
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sink):
+            loops.fit(model, train, w["loss"], opt, epochs=w["epochs"], val=test,
+                      batch_size=w["batch"], metrics={name: builtin}, verbose=verbose,
+                      device=device)
+        sync(device)
+        return time.perf_counter() - t0
+    return run
+
+
+def ignite_loop(w, model, opt, train, test, device):
+    from ignite.engine import create_supervised_evaluator, create_supervised_trainer, Events
+    from ignite.metrics import Accuracy, Loss, MeanAbsoluteError
+    train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train),
+                                               batch_size=w["batch"], shuffle=True)
+    test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test),
+                                              batch_size=len(test[0]))
+    binary = w["metric"][1] == "binary_accuracy"
+    metric = (MeanAbsoluteError() if w["metric"][0] == "mae" else
+              Accuracy(output_transform=(lambda o: ((o[0] > 0.5).float(), o[1])) if binary
+                       else (lambda o: o)))
+    trainer = create_supervised_trainer(model, opt, w["loss"], device=device)
+    evaluator = create_supervised_evaluator(model, {"m": metric, "loss": Loss(w["loss"])},
+                                            device=device)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run(test_loader))
+    t0 = time.perf_counter()
+    trainer.run(train_loader, max_epochs=w["epochs"])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def peers():
+    found = {}
+    try:
+        import ignite  # noqa: F401
+        found["ignite"] = ignite_loop
+    except ImportError:
+        pass
+    return found
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the measurement -----------------------------------------------------------------
+
+def compare(w, contenders, rounds, device):
+    (train, test) = w["data"]()
+    train = tuple(t.to(device) for t in train)
+    test = tuple(t.to(device) for t in test)
+    times = {name: [] for name in contenders}
+
+    def once(fn, workload=w):
+        gc.collect()  # every call starts from the same heap, not the last one's garbage
+        torch.manual_seed(0)
+        model = workload["model"]().to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return fn(workload, model, opt, train, test, device)
+
+    for fn in contenders.values():  # warm-up: allocator, kernels, lazy imports
+        once(fn, dict(w, epochs=1))
+    for r in range(rounds):
+        names = list(contenders)
+        names = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        for name in names:
+            times[name].append(once(contenders[name]))
+    ratios, spread = {}, {}
+    for name in contenders:
+        r = sorted(t / h for t, h in zip(times[name], times["hand"]))
+        ratios[name] = statistics.median(r)
+        spread[name] = (r[len(r) // 4], r[(3 * len(r)) // 4])  # the middle half of the rounds
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    return ratios, spread, seconds
+
+
+def overhead(device, quick):
+    """The loop's own cost, in microseconds: fit minus the hand loop on a model so small
+    that the difference is all bookkeeping (per step: one long epoch; per epoch: many
+    one-step epochs with a validation pass each). Medians over interleaved repeats."""
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(8000, 8, generator=g).to(device), torch.randn(8000, 1, generator=g)
+    y = y.to(device)
+    w = dict(loss=torch.nn.MSELoss(), metric=("mae", "mae", abs_err), model=lambda: mlp([8, 1]))
+    cases = {"per step": (dict(w, batch=10, epochs=1), (X, y), (X[:200], y[:200]), 800),
+             "per epoch": (dict(w, batch=10, epochs=1000), (X[:10], y[:10]), (X[:200], y[:200]),
+                           1000)}
+    out = {}
+    for name, (wl, train, test, count) in cases.items():
+        diffs = []
+        for r in range(5 if quick else 15):
+            times = {}
+            for who, fn in (("hand", hand_loop), ("fit", fit_call(0))):
+                gc.collect()
+                torch.manual_seed(0)
+                model = wl["model"]().to(device)
+                times[who] = fn(wl, model, torch.optim.SGD(model.parameters(), 0.01), train,
+                                test, device)
+            diffs.append((times["fit"] - times["hand"]) / count * 1e6)
+        out[name] = statistics.median(diffs)
+    return out
+
+
+def scaling(device, quick):
+    """fit's seconds per epoch on the housing workload at 1x, 4x and 16x the rows."""
+    w = workloads(quick)["housing-like 20640x8, MLP 8-24-12-6-1, batch 32"]
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    model = w["model"]().to(device)  # warm-up, so that 1x does not pay for first calls
+    loops.fit(model, (torch.randn(64, 8), torch.randn(64, 1)), w["loss"],
+              torch.optim.Adam(model.parameters()), epochs=1, verbose=0, device=device)
+    for k in (1, 4) if quick else (1, 4, 16):
+        X = torch.randn(20640 * k, 8, generator=g).to(device)
+        y = torch.randn(20640 * k, 1, generator=g).to(device)
+        model = w["model"]().to(device)
+        t0 = time.perf_counter()
+        loops.fit(model, (X, y), w["loss"], torch.optim.Adam(model.parameters()), epochs=1,
+                  batch_size=32, metrics={"mae": "mae"}, verbose=0, device=device)
+        sync(device)
+        out[k] = time.perf_counter() - t0
+    return out
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(device, quick):
+    """RSS (and CUDA memory) after epoch 2 and after the last of 100 pima epochs."""
+    w = workloads(quick)["pima-like 768x8, MLP 8-12-8-1, batch 10"]
+    (train, test) = w["data"]()
+    model = w["model"]().to(device)
+    seen = {}
+
+    def record(epoch, logs):
+        seen[epoch] = (rss_mb(), torch.cuda.memory_allocated() / 2**20
+                       if device.type == "cuda" else 0.0)
+    epochs = 30 if quick else 100
+    loops.fit(model, train, w["loss"], torch.optim.Adam(model.parameters()), epochs=epochs,
+              val=test, batch_size=10, metrics={"acc": "binary_accuracy"}, verbose=0,
+              device=device, on_epoch_end=record)
+    return {"epochs": epochs, "rss_epoch_2_mb": seen[2][0], "rss_last_mb": seen[epochs][0],
+            "cuda_epoch_2_mb": seen[2][1], "cuda_last_mb": seen[epochs][1]}
+
+
+def plot_speed():
+    import plots_ascii
+    values = [((i * 7919) % 1000) / 1000 for i in range(10000)]
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        plots_ascii.line_plot({"loss": values}, width=72, height=18)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def import_ms(module, after="", runs=5):
+    code = (f"import time{', ' + after if after else ''}\n"
+            f"t = time.perf_counter(); import {module}; print(time.perf_counter() - t)")
+    times = [float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout) for _ in range(runs)]
+    return statistics.median(times) * 1000
+
+
+def cuda_syncs(device):
+    """Host-device synchronisations per epoch of fit (verbose=0), counted by torch."""
+    import warnings
+    w = workloads(True)["housing-like 20640x8, MLP 8-24-12-6-1, batch 32"]
+    (train, test) = w["data"]()
+    train = tuple(t.to(device) for t in train)
+    counts = {}
+    for verbose in (0, 2):
+        model = w["model"]().to(device)
+        opt = torch.optim.Adam(model.parameters())
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught, \
+                    contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("always")
+                loops.fit(model, train, w["loss"], opt, epochs=2, batch_size=32,
+                          metrics={"mae": "mae"}, verbose=verbose, device=device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts[f"verbose={verbose}"] = len(caught) / 2
+    counts["steps_per_epoch"] = -(-len(train[0]) // 32)
+    return counts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer epochs and rounds (< 1 minute)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(1)
+    rounds = args.rounds or (3 if args.quick else 21)
+    contenders = {"hand": hand_loop, "dataloader": dataloader_loop,
+                  "fit": fit_call(1), "fit_silent": fit_call(0), **peers()}
+
+    env = (f"torch {torch.__version__}, Python {platform.python_version()}, "
+           f"{platform.machine()}, {os.cpu_count()} cores, 1 thread, device {device}"
+           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"loops benchmark, {time.strftime('%Y-%m-%d')}: {env}")
+    print(f"median of {rounds} interleaved rounds; time ratio to the hand-written loop "
+          "(lower is better)\n")
+    results = {"date": time.strftime("%Y-%m-%d"), "environment": env, "rounds": rounds,
+               "quick": args.quick, "workloads": {}}
+    names = list(contenders)
+    header = f"{'workload':<56}" + "".join(f"{n:>12}" for n in names) + f"{'hand s':>9}"
+    print(header)
+    print("-" * len(header))
+    for wname, w in workloads(args.quick).items():
+        ratios, spread, seconds = compare(w, contenders, rounds, device)
+        results["workloads"][wname] = {"epochs": w["epochs"], "ratios": ratios,
+                                       "middle_half": spread, "seconds": seconds}
+        label = f"{wname}, {w['epochs']} ep"
+        print(f"{label:<56}"
+              + "".join(f"{ratios[n]:>12.3f}" for n in names) + f"{seconds['hand']:>9.2f}")
+        print(f"{'  middle half of the rounds':<56}"
+              + "".join(f"{f'{spread[n][0]:.2f}-{spread[n][1]:.2f}':>12}" for n in names))
+
+    costs = overhead(device, args.quick)
+    print(f"\nthe loop's own cost beside the hand loop (metric and validation on): "
+          f"{costs['per step']:.1f} us per step, {costs['per epoch']:.0f} us per epoch")
+    results["overhead_us"] = costs
+    scale = scaling(device, args.quick)
+    base = scale[1]
+    print("scaling (fit, housing workload, 1 epoch): "
+          + ", ".join(f"{k}x rows {t:.2f}s ({t / base / k:.2f} per row of 1x)"
+                      for k, t in scale.items()))
+    mem = memory(device, args.quick)
+    print(f"memory over {mem['epochs']} pima epochs: RSS {mem['rss_epoch_2_mb']:.1f} MB after "
+          f"epoch 2, {mem['rss_last_mb']:.1f} MB after epoch {mem['epochs']} "
+          f"({mem['rss_last_mb'] - mem['rss_epoch_2_mb']:+.1f} MB)"
+          + (f"; CUDA {mem['cuda_epoch_2_mb']:.1f} -> {mem['cuda_last_mb']:.1f} MB"
+             if device.type == "cuda" else ""))
+    plot_ms = plot_speed()
+    n = 2 if args.quick else 5
+    imports = {"plots_ascii": import_ms("plots_ascii", runs=n),
+               "loops (torch already imported)": import_ms("loops", after="torch", runs=n),
+               "torch": import_ms("torch", runs=n)}
+    print(f"plots_ascii.line_plot, 10,000 points at 72x18: {plot_ms:.1f} ms")
+    print("import: " + ", ".join(f"{k} {v:.1f} ms" for k, v in imports.items()))
+    results.update(scaling={str(k): v for k, v in scale.items()}, memory=mem,
+                   line_plot_10k_ms=plot_ms, import_ms=imports)
+    if device.type == "cuda":
+        syncs = cuda_syncs(device)
+        print(f"CUDA synchronisations per epoch ({syncs['steps_per_epoch']} steps): "
+              f"verbose=0 {syncs['verbose=0']:.1f}, verbose=2 {syncs['verbose=2']:.1f}")
+        results["cuda_syncs_per_epoch"] = syncs
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten to {os.path.relpath(args.out, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The benchmark runs and prints its table (timings are never asserted: machines are noisy)."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BenchSmokeTest(unittest.TestCase):
+    def test_quick_bench_prints_its_table_and_writes_json(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "results.json")
+            p = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench.py"),
+                                "--quick", "--rounds", "1", "--out", out],
+                               capture_output=True, text=True, timeout=300)
+            self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+            with open(out) as f:
+                results = json.load(f)
+        lines = p.stdout.splitlines()
+        header = next(ln for ln in lines if ln.startswith("workload"))
+        self.assertEqual(header.split()[1:5], ["hand", "dataloader", "fit", "fit_silent"])
+        for name in ("pima-like", "housing-like", "mnist-like"):
+            row = next(ln for ln in lines if ln.startswith(name))
+            ratios = [float(v) for v in row.split()[-5:-1]]
+            self.assertEqual(ratios[0], 1.0)  # the hand loop is the unit
+            self.assertTrue(all(r > 0 for r in ratios))
+        self.assertEqual(len(results["workloads"]), 3)
+        for key in ("overhead_us", "scaling", "memory", "line_plot_10k_ms", "import_ms"):
+            self.assertIn(key, results)
+        self.assertRegex(p.stdout, r"us per step, \d+ us per epoch")
+        self.assertRegex(p.stdout, r"line_plot, 10,000 points at 72x18: [\d.]+ ms")
+
+
+if __name__ == "__main__":
+    unittest.main()
