@@ -24,7 +24,7 @@ import os
 import sys
 
 __all__ = ["line_plot", "plot_history", "histogram", "bar_chart", "matrix", "image", "scatter",
-           "sparkline"]
+           "sparkline", "side_by_side"]
 
 GLYPHS = "*o+x#"
 UNICODE_GLYPHS = "●○◆◇■"
@@ -512,6 +512,20 @@ def scatter(xs, ys, *, labels=None, width=72, height=24, title=None):
     if skipped:
         lines.append(f"({skipped} non-finite points not drawn)")
     return "\n".join(lines)
+
+
+def side_by_side(blocks, *, gap=2):
+    """Text blocks (strings of lines) next to each other, top-aligned, each padded to its width."""
+    split = [b.splitlines() for b in blocks]
+    if not split:
+        return ""
+    widths = [max((len(ln) for ln in lines), default=0) for lines in split]
+    height = max(len(lines) for lines in split)
+    rows = []
+    for r in range(height):
+        cells = [(lines[r] if r < len(lines) else "").ljust(w) for lines, w in zip(split, widths)]
+        rows.append((" " * gap).join(cells).rstrip())
+    return "\n".join(rows)
 
 
 def sparkline(values, *, unicode=False):

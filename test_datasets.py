@@ -244,7 +244,12 @@ class RecipesTest(unittest.TestCase):
                    r"test: RMSE \d\.\d{4} \(\$[\d,]+\), MAE \d\.\d{4}")
 
     def test_digits_synthetic_and_mnist_files(self):
-        self.check("digits.py", r"data: procedural digits", r"best epoch \d+ .*test accuracy")
+        self.check("digits.py", r"data: procedural digits", r"best epoch \d+ .*test accuracy",
+                   r"confusion matrix \(rows: true", r"accuracy per class",
+                   r"the mistakes it was surest of:\n\ntrue \d \(0\.\d\d\) +true",
+                   r"outputs: PCA, axes explain", r"hidden layer \(100 units\): PCA",
+                   r"first-layer weights", r"largest probability, epoch 1 \(mean",
+                   r"noise the model takes for a 3 \(p = ")
         d = tmpdir(self)
         rng = np.random.default_rng(0)
         write_idx(os.path.join(d, "train-images-idx3-ubyte.gz"),

@@ -8,16 +8,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the examples run from anywhere, beside loops.py
 
 
-def parse_args(description, *, epochs, data_help=None):
-    """--epochs, --quick, --device, --resume, --runs, and --data where a real file applies."""
+def parse_args(description, *, epochs, data_help=None, extra=()):
+    """--epochs, --quick, --device, --resume, --runs, --name, and --data where a real file
+    applies; ``extra`` adds (flag, argparse options) pairs of the recipe's own."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--epochs", type=int, default=None, help=f"epochs to train (default {epochs})")
     p.add_argument("--quick", action="store_true", help="a few seconds: small data, few epochs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--resume", action="store_true", help="continue the run in --runs/<name>")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="where runs are written")
+    p.add_argument("--name", default=None, help="the run's directory under --runs "
+                   "(default: the recipe's name); compare runs with plots_ascii.py")
     if data_help:
         p.add_argument("--data", default=None, help=data_help)
+    for flag, options in extra:
+        p.add_argument(flag, **options)
     args = p.parse_args()
     args.default_epochs = epochs
     if args.device is None:
@@ -28,7 +33,7 @@ def parse_args(description, *, epochs, data_help=None):
 
 def run_dir(args, name):
     """runs/<name>: emptied for a fresh run (an example owns its directory), kept for --resume."""
-    path = os.path.join(args.runs, name)
+    path = os.path.join(args.runs, args.name or name)
     if not args.resume and os.path.isdir(path):
         shutil.rmtree(path)
     return path

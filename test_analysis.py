@@ -1,0 +1,146 @@
+"""Tests of analysis.py on small inputs with exact expectations."""
+import math
+import unittest
+
+import torch
+
+import analysis
+import datasets
+import loops
+import plots_ascii
+from test_plots import parse
+
+
+class PredictionsTest(unittest.TestCase):
+    def test_probabilities_labels_and_confidence(self):
+        model = torch.nn.Linear(2, 3)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+            model.bias.zero_()
+        X = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]])
+        p = analysis.predictions(model, X)
+        self.assertTrue(torch.allclose(p["probs"].sum(1), torch.ones(3)))
+        self.assertEqual(p["labels"].tolist(), [0, 1, 0])  # a tie goes to the first class
+        e2 = math.exp(2)
+        self.assertAlmostEqual(p["confidence"][0].item(), e2 / (e2 + 2), places=6)
+        self.assertAlmostEqual(p["confidence"][2].item(), 1 / 3, places=6)
+
+
+class ConfusionTest(unittest.TestCase):
+    def test_known_matrix_and_per_class_accuracy(self):
+        y = torch.tensor([0, 0, 0, 1, 1, 2])
+        pred = torch.tensor([0, 0, 1, 1, 2, 2])
+        view = analysis.confusion_view(pred, y, 3)
+        self.assertIn("  | 0 1 2\n--+------\n0 | 2 1 0\n1 | 0 1 1\n2 | 0 0 1", view)
+        self.assertIn("accuracy per class, % (overall 66.7%)", view)
+        self.assertRegex(view, r"0 \| #+ 66\.667\n1 \| #+ 50\.000\n2 \| #+ 100\.0")
+
+
+class MistakesTest(unittest.TestCase):
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.05, 0.95]])
+    y = torch.tensor([0, 0, 1, 1, 0])
+
+    def test_top_mistakes_most_confident_first(self):
+        found = analysis.top_mistakes(self.probs, self.y, n=2)
+        self.assertEqual([m["index"] for m in found], [4, 1])
+        self.assertEqual(found[0], {"index": 4, "true": 0, "p_true": self.probs[4, 0].item(),
+                                    "pred": 1, "p_pred": self.probs[4, 1].item()})
+        self.assertEqual(len(analysis.top_mistakes(self.probs, self.y, n=10)), 3)
+        self.assertEqual(analysis.top_mistakes(self.probs, self.probs.argmax(1)), [])
+
+    def test_mistakes_drawn_side_by_side_with_captions(self):
+        X = torch.rand(5, 1, 28, 28)
+        view = analysis.mistakes_view(X, self.probs, self.y, n=3, per_row=2)
+        rows = view.split("\n\n")
+        self.assertEqual(len(rows), 2)  # 3 images, 2 per row
+        self.assertTrue(rows[0].startswith("true 0 (0.05)"))
+        self.assertIn("said 1 (0.95)", rows[0].splitlines()[1])
+        self.assertEqual(len(rows[0].splitlines()), 2 + 14)  # two caption lines, 28 / 2 rows
+        first = plots_ascii.image(analysis._small(X[4], 2).tolist()).splitlines()[0]
+        self.assertTrue(rows[0].splitlines()[2].startswith(first.rstrip()))
+        self.assertEqual(analysis.mistakes_view(X, self.probs, self.probs.argmax(1)),
+                         "no mistakes")
+
+
+class RepresentationsTest(unittest.TestCase):
+    def test_activations_by_hook_equal_the_layer_output(self):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        X = torch.randn(10, 4)
+        got = analysis.activations(model, model[1], X, batch_size=3)
+        with torch.no_grad():  # batches of 3 against one batch: equal up to float rounding
+            self.assertTrue(torch.allclose(got, model[1](model[0](X)), atol=1e-6))
+        self.assertEqual(len(model[1]._forward_hooks), 0)  # the hook is gone
+
+    def test_pca_of_points_on_a_line(self):
+        t = torch.linspace(-1, 1, 21)
+        direction = torch.tensor([3.0, 4.0, 0.0]) / 5
+        points = t[:, None] * direction + torch.tensor([1.0, 2.0, 3.0])
+        coords, explained = analysis.pca_2d(points)
+        self.assertAlmostEqual(explained[0], 1.0, places=6)
+        self.assertAlmostEqual(explained[1], 0.0, places=6)
+        self.assertTrue(torch.allclose(coords[:, 0], t, atol=1e-5))  # sign fixed: +t
+        self.assertTrue(torch.allclose(coords[:, 1], torch.zeros(21), atol=1e-5))
+        again, _ = analysis.pca_2d(points.flip(0))
+        self.assertTrue(torch.allclose(again[:, 0], t.flip(0), atol=1e-5))
+
+    def test_pca_view_marks_each_point_with_its_class(self):
+        points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [1.0, 2.0]])
+        view = analysis.pca_view(points, torch.tensor([1, 2, 3, 4]), title="t", width=30,
+                                 height=6)
+        self.assertIn("t: PCA, axes explain 80% and 20% of the variance", view)
+        area = "".join(parse(view)[0])
+        self.assertEqual(sorted(c for c in area if c != " "), ["1", "2", "3", "4"])
+
+    def test_weights_as_images(self):
+        layer = torch.nn.Linear(784, 5)
+        with torch.no_grad():
+            layer.weight.copy_(torch.arange(5.0)[:, None].expand(5, 784) + torch.linspace(0, 1, 784))
+        view = analysis.weights_view(layer, n=4, per_row=2)
+        self.assertEqual(view.count("unit "), 4)
+        self.assertEqual(len(view.splitlines()), 2 * (1 + 14) + 1)  # two rows of two images
+
+
+class TrainingViewsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        train, val, _ = datasets.digits(n=1500, seed=3)
+        torch.manual_seed(0)
+        cls.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64),
+                                        torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        cls.tracker = analysis.ConfidenceTracker(cls.model, val)
+        loops.fit(cls.model, train, torch.nn.CrossEntropyLoss(),
+                  torch.optim.Adam(cls.model.parameters(), 3e-3), epochs=4, batch_size=32,
+                  verbose=0, seed=0, on_epoch_end=cls.tracker)
+
+    def test_confidence_moves_up_from_the_first_epoch_to_the_last(self):
+        first, last = self.tracker.first, self.tracker.last
+        self.assertEqual((first["epoch"], last["epoch"]), (1, 4))
+        self.assertGreater(last["confidence"].mean(), first["confidence"].mean())
+        self.assertGreater(last["p_true"].mean(), first["p_true"].mean())
+        view = self.tracker.view()
+        self.assertEqual(view.count("\n\n"), 3)  # four histograms
+        self.assertIn("largest probability, epoch 1 (mean", view)
+        self.assertIn("probability of the true label, epoch 4 (mean", view)
+
+    def test_imagine_finds_an_input_the_model_is_sure_of(self):
+        self.model.train()
+        grads = [q.grad.clone() for q in self.model.parameters()]  # left by fit's last step
+        image, p = analysis.imagine(self.model, 3, steps=100)
+        self.assertEqual(tuple(image.shape), (28, 28))
+        self.assertTrue(0 <= image.min().item() and image.max().item() <= 1)
+        self.assertGreater(p, 0.9)
+        self.assertTrue(self.model.training)  # mode given back
+        for q, g in zip(self.model.parameters(), grads):  # the weights' gradients untouched
+            self.assertTrue(torch.equal(q.grad, g))
+
+
+class SideBySideTest(unittest.TestCase):
+    def test_blocks_are_padded_and_top_aligned(self):
+        self.assertEqual(plots_ascii.side_by_side(["ab\nc", "x\ny\nz"], gap=1),
+                         "ab x\nc  y\n   z")
+        self.assertEqual(plots_ascii.side_by_side([]), "")
+
+
+if __name__ == "__main__":
+    unittest.main()
