@@ -29,6 +29,7 @@ run never waits on the GPU inside an epoch except to refresh the progress line.
 each atomically (temp file + rename); ``resume=True`` continues from ``last.pt``
 so that a run killed at any instant ends bit-for-bit as if never interrupted.
 """
+import atexit
 import contextlib
 import csv
 import io
@@ -44,7 +45,7 @@ import torch
 
 __all__ = [
     "batches", "train_epoch", "evaluate", "predict", "fit",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "setup_distributed",
     "accuracy", "binary_accuracy", "mse", "rmse", "mae", "mape", "max_error",
     "precision", "recall", "f1", "confusion_matrix",
 ]
@@ -60,14 +61,24 @@ def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None)
     yield from _slices(X, y, batch_size, order, drop_last=drop_last)
 
 
-def _slices(X, y, batch_size, order, *, start=0, drop_last=False):
+def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, world=1):
     # Unshuffled batches are views (no copy); shuffled ones one gather per tensor.
-    n = len(X) - len(X) % batch_size if drop_last else len(X)
-    for i in range(start * batch_size, n, batch_size):
+    # With several ranks, each global batch of world * batch_size rows is cut in
+    # world equal parts and this rank takes its own; the last, short global batch
+    # of m rows gives each rank m // world of them and skips the m % world left
+    # over (fewer than world rows), so that equal local batches keep DDP's average
+    # of gradients equal to the mean over the global batch.
+    step = world * batch_size
+    n = len(X) - len(X) % step if drop_last else len(X)
+    for i in range(start * step, n, step):
+        local = batch_size if i + step <= n else (n - i) // world
+        if local == 0:
+            return
+        lo = i + rank * local
         if order is None:
-            yield X[i:i + batch_size], y[i:i + batch_size]
+            yield X[lo:lo + local], y[lo:lo + local]
         else:
-            idx = order[i:i + batch_size]
+            idx = order[lo:lo + local]
             yield X.index_select(0, idx), y.index_select(0, idx)
 
 
@@ -90,15 +101,22 @@ def _check_batch_size(batch_size):
 class _Data:
     """Training or validation data: (X, y) tensors batched here, or a re-iterable of batches."""
 
-    def __init__(self, data, *, what, batch_size, device, reused):
+    def __init__(self, data, *, what, batch_size, device, reused, rank=0, world=1, shard=False):
         _check_batch_size(batch_size)
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
         self.X = self.y = self.loader = None
+        self.sharded = world > 1  # each rank sees its own part: sums must be all-reduced
         if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
             _check_tensors(*data, what)
+            X, y = data
+            if shard and world > 1:  # evaluation: each rank takes a contiguous part of the rows
+                lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
+                X, y, self.world, self.rank = X[lo:hi], y[lo:hi], 1, 0
             # Moved once here, not per batch; a no-op when already on the device.
-            self.X, self.y = data[0].to(device), data[1].to(device)
-            self.steps = -(-len(self.X) // batch_size)
+            self.X, self.y = X.to(device), y.to(device)
+            step = self.world * batch_size
+            last = len(self.X) % step
+            self.steps = len(self.X) // step + (1 if last // self.world else 0)
             return
         if torch.is_tensor(data) or isinstance(data, tuple):
             raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
@@ -115,6 +133,13 @@ class _Data:
             self.steps = None  # an IterableDataset: its length shows after one pass
         if self.steps == 0:
             raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
+        if world > 1:
+            sampler = getattr(data, "sampler", None)
+            self.sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+            if what == "train" and not self.sharded:
+                raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
+                                 "DistributedSampler, or every rank trains on every batch; pass "
+                                 "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
         self.loader = data
 
     def epoch(self, generator=None, shuffle=False, start=0, number=0):
@@ -128,7 +153,8 @@ class _Data:
             if shuffle:
                 order = torch.randperm(len(self.X), generator=generator)
                 order = order.to(self.device, non_blocking=True)
-            return _slices(self.X, self.y, self.batch_size, order, start=start)
+            return _slices(self.X, self.y, self.batch_size, order, start=start,
+                           rank=self.rank, world=self.world)
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles by epoch number
             sampler.set_epoch(number)
@@ -165,6 +191,7 @@ class _Stat(NamedTuple):
     count: Callable   # (y_pred, y) -> int from shapes alone, so no host read
     finish: Callable  # (list of floats, count) -> float
     reduce: str = "sum"
+    size: int = 1     # how many numbers ``stat`` returns
 
 
 def _err(p, y):
@@ -230,9 +257,11 @@ _STATS = {
     "mape": _Stat(lambda p, y: (_err(p, y).abs() / y.reshape(p.shape).abs().clamp_min(_MAPE_EPS))
                   .sum(dtype=torch.float64) * 100, _numel, _ratio),
     "max_error": _Stat(lambda p, y: _err(p, y).abs().max(), _none, lambda s, n: s[0], "max"),
-    "precision": _Stat(_binary_counts, _none, lambda c, n: _safe_div(c[3], c[3] + c[2])),
-    "recall": _Stat(_binary_counts, _none, lambda c, n: _safe_div(c[3], c[3] + c[1])),
-    "f1": _Stat(_binary_counts, _none, lambda c, n: _safe_div(2 * c[3], 2 * c[3] + c[2] + c[1])),
+    "precision": _Stat(_binary_counts, _none, lambda c, n: _safe_div(c[3], c[3] + c[2]),
+                       size=4),
+    "recall": _Stat(_binary_counts, _none, lambda c, n: _safe_div(c[3], c[3] + c[1]), size=4),
+    "f1": _Stat(_binary_counts, _none, lambda c, n: _safe_div(2 * c[3], 2 * c[3] + c[2] + c[1]),
+                size=4),
 }
 _PERCENT = {"accuracy", "binary_accuracy"}  # shown as 77.3% in the progress line
 
@@ -330,6 +359,7 @@ class _Meter:
 
     def __init__(self, stats, device, *, loss_is_sum=False):
         self.stats, self.device, self.loss_is_sum = stats, device, loss_is_sum
+        self.rank, self.world = _world()
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
         self.n = 0
@@ -388,10 +418,11 @@ class _Meter:
         self._unchecked.append(losses)
         self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
 
-    def totals(self):
+    def totals(self, *, across_ranks=False):
         """The sums so far as one flat tensor on the device, and ``finish`` to turn that
         tensor, once read back as floats, into the logs. Nothing is read here, so a
-        caller can read several meters in one transfer."""
+        caller can read several meters in one transfer. ``across_ranks``: the layout
+        also carries the counts, for an all-reduce over the process group first."""
         loss_sum, n, sums, counts = self.loss_sum, self.n, dict(self.sums), dict(self.counts)
         if self._losses:  # counted, but not committed: fold points stay where they are
             _, p_loss, p_n, p_sums, p_counts = self._pending_sums()
@@ -399,33 +430,69 @@ class _Meter:
             for k, st in self.stats.items():
                 sums[k] = _combine(st, sums[k], p_sums[k])
                 counts[k] += p_counts[k]
-        parts = [loss_sum.reshape(1)] + [s for s in sums.values() if s is not None]
+        parts = [loss_sum.reshape(1)] + [
+            sums[k] if sums[k] is not None else torch.zeros(st.size, dtype=self.dtype,
+                                                            device=self.device)
+            for k, st in self.stats.items()]
+        if across_ranks:
+            parts.append(torch.tensor([n, *counts.values()], dtype=self.dtype, device=self.device))
 
         def finish(vals):
-            # A finite loss sum means every loss was finite: the search for the first
-            # bad step (a second read) happens only when it was not.
+            total_n, total_counts = n, list(counts.values())
+            if across_ranks:
+                total_n, total_counts = vals[-1 - len(counts)], vals[len(vals) - len(counts):]
             if not math.isfinite(vals[0]):
-                self._raise_first_bad(vals[0])
+                # A finite loss sum means every loss was finite: the search for the first
+                # bad step happens only when it was not. Under torch.distributed only the
+                # reduced sum decides, so that every rank stops at the same point.
+                if across_ranks:
+                    self._raise_first_bad_across_ranks()
+                if self.world == 1:
+                    self._raise_first_bad(vals[0])
             self.checked += sum(len(u) for u in self._unchecked)
             self._unchecked = []
-            logs, i = {"loss": vals[0] / n if n else math.nan}, 1
-            for k, st in self.stats.items():
-                if sums[k] is None:
-                    logs[k] = math.nan
-                    continue
-                size = sums[k].numel()
-                logs[k] = float(st.finish(vals[i:i + size], counts[k]))
-                i += size
+            logs, i = {"loss": vals[0] / total_n if total_n else math.nan}, 1
+            for (k, st), count in zip(self.stats.items(), total_counts):
+                logs[k] = float(st.finish(vals[i:i + st.size], count))
+                i += st.size
             return logs
         return torch.cat(parts) if len(parts) > 1 else parts[0], finish
+
+    def max_positions(self):
+        """Where ``totals`` holds maxima (max_error), which an all-reduce takes with MAX."""
+        out, i = [], 1
+        for st in self.stats.values():
+            if st.reduce == "max":
+                out += range(i, i + st.size)
+            i += st.size
+        return out
 
     def read(self):
         """Values so far as Python floats; FloatingPointError at the first non-finite loss."""
         flat, finish = self.totals()
         return finish(flat.tolist())  # the one host read
 
+    def _local_losses(self):
+        chunks = self._unchecked + ([self._pending_losses()] if self._losses else [])
+        return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
+
+    def _raise_first_bad_across_ranks(self):
+        """The same FloatingPointError on every rank: the first bad step of any rank."""
+        dist = torch.distributed
+        losses = self._local_losses()
+        bad = (~torch.isfinite(losses)).nonzero()
+        j = int(bad[0]) if len(bad) else 2**40
+        key = torch.tensor([(self.checked + j) * self.world + self.rank], dtype=torch.float64,
+                           device=self.device)
+        dist.all_reduce(key, op=dist.ReduceOp.MIN)
+        step, owner = divmod(int(key.item()), self.world)
+        mine = losses[j].double().reshape(1) if owner == self.rank else torch.zeros(
+            1, dtype=torch.float64, device=self.device)
+        dist.all_reduce(mine)
+        raise FloatingPointError(f"loss is {mine.item()} at step {step + 1} on rank {owner}")
+
     def _raise_first_bad(self, total):
-        losses = torch.cat(self._unchecked + ([self._pending_losses()] if self._losses else []))
+        losses = self._local_losses()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad) == 0:  # every loss finite, their weighted sum overflowed
             raise FloatingPointError(f"the sum of the losses overflowed to {total}")
@@ -591,12 +658,13 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
 
 
 def _evaluate(model, source, loss_fn, stats):
-    flat, finish = _evaluate_totals(model, source, loss_fn, stats)
+    flat, finish, _ = _evaluate_totals(model, source, loss_fn, stats)
     return finish(flat.tolist())
 
 
-def _evaluate_totals(model, source, loss_fn, stats):
-    """Run the evaluation; return its sums on the device and the function that finishes them."""
+def _evaluate_totals(model, source, loss_fn, stats, *, across_ranks=False):
+    """Run the evaluation; return its sums on the device, the function that finishes
+    them, and where they hold maxima (for an all-reduce over ranks)."""
     meter = _Meter(stats, source.device, loss_is_sum=_is_sum(loss_fn))
     zero = torch.zeros((), device=source.device)
     steps = 0
@@ -606,16 +674,16 @@ def _evaluate_totals(model, source, loss_fn, stats):
             n = yb.shape[0] if torch.is_tensor(yb) else len(yb)
             meter.add(loss_fn(out, yb) if loss_fn is not None else zero, out, yb, n)
             steps += 1
-    if steps == 0:
+    if steps == 0 and not across_ranks:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
-    flat, finish = meter.totals()
+    flat, finish = meter.totals(across_ranks=across_ranks)
 
     def finish_logs(vals):
         logs = finish(vals)
         if loss_fn is None:
             del logs["loss"]
         return logs
-    return flat, finish_logs
+    return flat, finish_logs, meter.max_positions()
 
 
 def predict(model, X_or_data, *, batch_size=256, device=None):
@@ -889,6 +957,90 @@ class _Printer:
             self.stream.flush()
 
 
+def _epoch_logs(meter, model, val_data, loss_fn, stats):
+    """The epoch's training and validation values, in one host read (after an all-reduce
+    of each over the process group, when there is one)."""
+    world = meter.world
+    flat, finish = meter.totals(across_ranks=world > 1)
+    parts = [(_all_reduce(flat, meter.max_positions()) if world > 1 else flat, finish, "")]
+    if val_data is not None:
+        reduce = world > 1 and val_data.sharded
+        flat, finish, top = _evaluate_totals(model, val_data, loss_fn, stats, across_ranks=reduce)
+        parts.append((_all_reduce(flat, top) if reduce else flat, finish, "val_"))
+    vals = torch.cat([p[0] for p in parts]).tolist()  # the epoch's one host read
+    logs, i = {}, 0
+    for flat, finish, prefix in parts:  # training first: a NaN stops before validation counts
+        logs.update({prefix + k: v for k, v in finish(vals[i:i + len(flat)]).items()})
+        i += len(flat)
+    return logs
+
+
+# --- distributed ------------------------------------------------------------------
+
+def _world():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(model, *, backend=None):
+    """Under torchrun: join its process group and wrap the model in DistributedDataParallel.
+
+    With ``WORLD_SIZE`` > 1 in the environment (torchrun sets it), the default
+    group is initialised once (nccl when CUDA is there, else gloo), the model is
+    moved to this rank's device (``cuda:LOCAL_RANK``, or the CPU) and wrapped.
+    Anywhere else the model comes back as it is, so one script runs both ways.
+    Returns ``(model, device)``; create the optimizer after this call.
+    """
+    dist = torch.distributed
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return model, _model_device(model)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        atexit.register(_leave_group)
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    model = model.to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, device
+
+
+def _leave_group():
+    # The group made by setup_distributed is taken down at exit, once every rank is
+    # there: a rank that leaves while another still uses the connection can abort in
+    # gloo's threads ("terminate called without an active exception").
+    dist = torch.distributed
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _all_reduce(flat, max_positions):
+    """Sum ``flat`` over the ranks, taking the maximum at ``max_positions``."""
+    dist = torch.distributed
+    total = flat.clone()
+    dist.all_reduce(total)
+    if max_positions:
+        top = flat.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        total[max_positions] = top[max_positions]
+    return total
+
+
+def _agree(flag):
+    """True on every rank if it is True on any (a stop asked for by one rank's hook)."""
+    t = torch.tensor([float(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 # --- fit ------------------------------------------------------------------------
 
 def _model_device(model):
@@ -973,15 +1125,26 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     """
     # 1. Every argument is checked before any work and before any file is written.
     device = _check_model(model, device)
+    rank, world = _world()
+    if world > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(f"the process group has {world} ranks but the model is not wrapped in "
+                         "DistributedDataParallel, so the ranks would not share gradients; wrap "
+                         "it (model, device = loops.setup_distributed(model)) before creating "
+                         "the optimizer")
+    if world > 1 and save_every is not None:
+        raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
+                         "snapshot would need every rank at the same step); checkpoints are "
+                         "written at the end of each epoch")
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
     _check_int("epochs", epochs, 0)
     stats = _metric_table(metrics)
     train_data = _Data(train, what="train", batch_size=batch_size, device=device,
-                       reused=epochs > 1)
+                       reused=epochs > 1, rank=rank, world=world)
     if val_batch_size is None:
         val_batch_size = max(batch_size, 256) if isinstance(batch_size, int) else batch_size
     val_data = None if val is None else _Data(val, what="val", batch_size=val_batch_size,
-                                              device=device, reused=epochs > 1)
+                                              device=device, reused=epochs > 1, rank=rank,
+                                              world=world, shard=True)
     keys = ["epoch", "loss", *stats]
     if val_data is not None:
         keys += ["val_loss", *("val_" + k for k in stats)]
@@ -1019,19 +1182,25 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                          "'epoch'")
 
     # 2. The run's state: fresh, or continued from last.pt.
+    # Every rank draws the same permutations (one generator seed) and its own dropout
+    # masks (torch's global RNG seeded with seed + rank).
     gen = torch.Generator()
     if seed is not None:
-        _seed_all(seed)
+        _seed_all(seed + rank)
         gen.manual_seed(seed)
     else:  # follows torch.manual_seed, so seeding torch makes the shuffles repeatable too
-        gen.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        draw = torch.randint(0, 2**62, (1,)).to(device)
+        if world > 1:
+            torch.distributed.broadcast(draw, src=0)
+        gen.manual_seed(int(draw.item()))
     if checkpoint is not None:
         _prepare_dir(checkpoint)
     run, partial = _Run(keys), None
     if resume and os.path.exists(last_path):
-        partial = _resume(last_path, model, optimizer, scheduler, run, gen, keys, epochs)
+        partial = _resume(last_path, model, optimizer, scheduler, run, gen, keys, epochs, rank,
+                          world)
     saved = f"epoch {run.epoch}" + (f" + {partial['step']} steps" if partial else "")
-    printer = _Printer(verbose)
+    printer = _Printer(verbose if rank == 0 else 0)  # one rank speaks
     percent = {k for k, st in stats.items() if any(st is _STATS[p] for p in _PERCENT)}
     percent |= {"val_" + k for k in percent}
     better = (lambda a, b: a < b - min_delta) if mode == "min" else (lambda a, b: a > b + min_delta)
@@ -1039,13 +1208,19 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
 
     def save_last(step=0, meter=None, epoch_start=None, lr=None, elapsed=0.0):
         nonlocal saved
+        rng, ranks = _rng_state(gen), None
+        if world > 1:  # every rank's random state, so that each resumes its own
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, rng)
+        saved = f"epoch {run.epoch}" + (f" + {step} steps" if step else "")
+        if rank != 0:  # one writer
+            return
         save_checkpoint(
-            last_path, model, optimizer, format="loops/1",
+            last_path, model, optimizer, format="loops/1", rng_ranks=ranks,
             scheduler=scheduler.state_dict() if scheduler is not None else None,
-            epoch=run.epoch, step=step, meter=meter, rng=_rng_state(gen), rng_epoch=epoch_start,
+            epoch=run.epoch, step=step, meter=meter, rng=rng, rng_epoch=epoch_start,
             epoch_lr=lr, epoch_time=elapsed, history=run.history, best=run.best,
             best_epoch=run.best_epoch, wait=run.wait, stopped=run.stopped, monitor=monitor)
-        saved = f"epoch {run.epoch}" + (f" + {step} steps" if step else "")
 
     # 3. The epochs.
     epoch = run.epoch + 1
@@ -1089,22 +1264,13 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                 _train_loop(model, source, loss_fn, optimizer, meter,
                                    scheduler=scheduler if scheduler_interval == "step" else None,
                                    clip_grad_norm=clip_grad_norm, ticker=ticker)
-                flat, finish = meter.totals()
-                if val_data is not None:
-                    val_flat, val_finish = _evaluate_totals(model, val_data, loss_fn, stats)
-                    flat = torch.cat([flat, val_flat])
-                vals = flat.tolist()  # the epoch's one host read: train and val together
-                logs = {"epoch": epoch, **finish(vals[:len(flat) - (len(val_flat) if
-                                                                    val_data else 0)])}
+                logs = {"epoch": epoch, **_epoch_logs(meter, model, val_data, loss_fn, stats)}
             except FloatingPointError as e:
                 printer.close()
                 raise FloatingPointError(
                     f"epoch {epoch}: {e}; training stopped, and best.pt/last.pt keep the last "
                     "good state. Lower the learning rate, clip gradients (clip_grad_norm=1.0) "
                     "or look for NaN/inf in the data") from None
-            if val_data is not None:
-                val_logs = val_finish(vals[len(flat) - len(val_flat):])
-                logs.update({"val_" + k: v for k, v in val_logs.items()})
             logs["lr"], logs["time"] = lr, elapsed_before + time.perf_counter() - t0
             value = logs[monitor]
             if scheduler is not None and scheduler_interval == "epoch":
@@ -1122,14 +1288,16 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                 run.wait += 1
             run.stopped = patience is not None and run.wait >= patience
             if checkpoint is not None:  # saved before it is announced, or a hook runs
-                if improved:
+                if improved and rank == 0:
                     save_checkpoint(best_path, model, format="loops/1", epoch=epoch,
                                     monitor=monitor, value=value)
                 save_last()
-                _write_csv(os.path.join(os.fspath(checkpoint), "history.csv"), run.history)
+                if rank == 0:
+                    _write_csv(os.path.join(os.fspath(checkpoint), "history.csv"), run.history)
             printer.line(_format_summary(epoch, epochs, logs, percent=percent,
                                          seconds=logs["time"], best=improved))
-            if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True:
+            stop = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
+            if stop if world == 1 else _agree(stop):  # every rank stops, or none
                 run.stopped = True
                 if checkpoint is not None:
                     save_last()  # so that a resume does not train on past the hook's stop
@@ -1152,7 +1320,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     return run.history
 
 
-def _resume(path, model, optimizer, scheduler, run, gen, keys, epochs):
+def _resume(path, model, optimizer, scheduler, run, gen, keys, epochs, rank=0, world=1):
     """Restore the run from last.pt; the partial epoch's state if it was a mid-epoch snapshot."""
     ck = load_checkpoint(path, model, optimizer)
     if ck.get("format") != "loops/1":
@@ -1174,5 +1342,6 @@ def _resume(path, model, optimizer, scheduler, run, gen, keys, epochs):
     run.history = {k: list(v) for k, v in ck["history"].items()}
     run.epoch, run.best, run.best_epoch = ck["epoch"], ck["best"], ck["best_epoch"]
     run.wait, run.stopped = ck["wait"], ck["stopped"]
-    _set_rng_state(ck["rng"], gen)
+    ranks = ck.get("rng_ranks")
+    _set_rng_state(ranks[rank] if ranks and len(ranks) == world else ck["rng"], gen)
     return ck if ck["step"] else None

@@ -32,8 +32,18 @@ def parse_args(description, *, epochs, data_help=None, extra=()):
 
 
 def run_dir(args, name):
-    """runs/<name>: emptied for a fresh run (an example owns its directory), kept for --resume."""
+    """runs/<name>: emptied for a fresh run (an example owns its directory), kept for --resume.
+    Under torchrun only rank 0 empties it, and every rank waits until it has."""
+    import torch
     path = os.path.join(args.runs, args.name or name)
-    if not args.resume and os.path.isdir(path):
+    if not args.resume and os.path.isdir(path) and rank() == 0:
         shutil.rmtree(path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return path
+
+
+def rank():
+    """This process's rank under torchrun, 0 otherwise: only rank 0 prints results."""
+    import torch
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

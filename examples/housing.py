@@ -1,10 +1,11 @@
 """Regression of California house values: MSE loss, RMSE and MAE in the same unit ($100k).
 
     python examples/housing.py [--quick] [--epochs N] [--data housing.csv]
+    torchrun --standalone --nproc_per_node=2 examples/housing.py   # the same fit on 2 processes
 """
 import torch
 
-from _common import parse_args, run_dir
+from _common import parse_args, rank, run_dir
 import datasets
 import loops
 import plots_ascii
@@ -17,20 +18,23 @@ data = datasets.housing(args.data)
 X, y = train_all
 cut = int(0.9 * len(X))
 train, val = (X[:cut], y[:cut]), (X[cut:], y[cut:])
-print(f"data: {data.source}; {len(train[0])} train / {len(val[0])} val / {len(test[0])} test rows")
+if rank() == 0:
+    print(f"data: {data.source}; {len(train[0])} train / {len(val[0])} val / {len(test[0])} "
+          "test rows")
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.ReLU(), torch.nn.Linear(24, 12),
                             torch.nn.ReLU(), torch.nn.Linear(12, 6), torch.nn.ReLU(),
                             torch.nn.Linear(6, 1))
-model.to(args.device)
+model, device = loops.setup_distributed(model.to(args.device))  # DDP under torchrun, else as is
 loss_fn = torch.nn.MSELoss()
 metrics = {"rmse": "rmse", "mae": "mae"}  # both in the target's unit, unlike the MSE
 run = run_dir(args, "housing")
 history = loops.fit(model, train, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3),
                     epochs=epochs, val=val, batch_size=32, metrics=metrics,
-                    checkpoint=run, resume=args.resume, seed=0, device=args.device)
-
+                    checkpoint=run, resume=args.resume, seed=0, device=device)
+if rank() != 0:  # every rank holds the same history; one prints it
+    raise SystemExit
 print(plots_ascii.plot_history(history))
 
 loops.load_checkpoint(f"{run}/best.pt", model)

@@ -1,0 +1,270 @@
+"""fit under torchrun: 2 CPU processes, gloo, localhost only (real launches, real kills)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+import loops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# One script for every launch; what it does is chosen by its arguments.
+CHILD = r"""
+import json, os, sys, time, torch
+import loops
+mode, out, ck, epochs, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 6, generator=g)
+    y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
+    Xv = torch.randn(37, 6, generator=g)
+    return (X, y), (Xv, (Xv[:, :1] > 0).float())
+
+class Net(torch.nn.Module):
+    def __init__(self, dropout, slow):
+        super().__init__()
+        self.slow = slow
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
+                                       torch.nn.Dropout(dropout), torch.nn.Linear(8, 1),
+                                       torch.nn.Sigmoid())
+    def forward(self, x):
+        if self.slow:
+            time.sleep(self.slow)
+        return self.net(x)
+
+train, val = data()
+torch.manual_seed(0)
+rank = int(os.environ.get("RANK", "0"))
+metrics = {"acc": "binary_accuracy", "f1": "f1", "max": "max_error"}
+if mode == "faults":
+    torch.distributed.init_process_group("gloo")
+    report = {}
+    try:  # a plain model under a group of 2
+        loops.fit(Net(0, 0), train, torch.nn.BCELoss(), torch.optim.SGD(Net(0, 0).parameters(), 0.1),
+                  epochs=1, verbose=0)
+    except ValueError as e:
+        report["unwrapped"] = str(e)
+    model, _ = loops.setup_distributed(Net(0, 0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=8)
+    try:  # a DataLoader that would give every rank every batch
+        loops.fit(model, loader, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                  epochs=1, verbose=0)
+    except ValueError as e:
+        report["sampler"] = str(e)
+    X, y = train
+    if rank == 1:  # a NaN in rank 1's half of the second global batch (rows 24-31)
+        X = X.clone()
+        X[16 + 8 + 3] = float("nan")
+    model, _ = loops.setup_distributed(Net(0, 0))
+    try:
+        loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                  epochs=3, batch_size=batch, shuffle=False, verbose=0)
+    except FloatingPointError as e:
+        report["nan"] = str(e)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(report, f)
+    torch.distributed.destroy_process_group()
+    sys.exit(0)
+
+dropout, slow = (0.2, 0.03) if mode == "resume" else (0.0, 0)
+model, device = loops.setup_distributed(Net(dropout, slow))
+opt = torch.optim.Adam(model.parameters(), 0.01)
+print("started", flush=True)
+h = loops.fit(model, train, torch.nn.BCELoss(), opt, epochs=epochs, val=val, batch_size=batch,
+              seed=1, metrics=metrics, checkpoint=ck if ck != "-" else None,
+              resume=mode == "resume", verbose=2)
+torch.save({"history": h, "model": loops._unwrap(model).state_dict()}, f"{out}/rank{rank}.pt")
+"""
+
+
+def torchrun(*args, ranks=2, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={ranks}", CHILD_PATH, *map(str, args)]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1",
+                              "OMP_NUM_THREADS": "1"})
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=180)
+    return p.returncode, out, err
+
+
+def descendants(pid):
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_job(p):
+    """SIGKILL a torchrun job at once: its workers first, then the agent."""
+    for pid in descendants(p.pid)[::-1] + [p.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.communicate(timeout=60)
+
+
+def without_time(h):
+    return {k: v for k, v in h.items() if k != "time"}
+
+
+CHILD_PATH = None
+
+
+def setUpModule():
+    global CHILD_PATH
+    d = tempfile.mkdtemp()
+    CHILD_PATH = os.path.join(d, "child.py")
+    with open(CHILD_PATH, "w") as f:
+        f.write(CHILD)
+
+
+class DistributedTest(unittest.TestCase):
+    def tmp(self):
+        d = tempfile.TemporaryDirectory()
+        self.addCleanup(d.cleanup)
+        return d.name
+
+    def test_two_ranks_at_b_follow_one_process_at_2b_and_agree_on_the_whole_set(self):
+        out, ck = self.tmp(), os.path.join(self.tmp(), "run")
+        rc, stdout, err = torchrun("fit", out, ck, 3, 8)
+        self.assertEqual(rc, 0, err[-3000:])
+        r0 = torch.load(os.path.join(out, "rank0.pt"), weights_only=True)
+        r1 = torch.load(os.path.join(out, "rank1.pt"), weights_only=True)
+        # every rank holds the same history (reduced once per epoch) and the same weights
+        self.assertEqual(without_time(r0["history"]), without_time(r1["history"]))
+        for k in r0["model"]:
+            self.assertTrue(torch.equal(r0["model"][k], r1["model"][k]))
+        # one process at batch 16 (100 rows: 6 global batches of 16, then 4 = 2 per rank)
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(100, 6, generator=g)
+        y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
+        Xv = torch.randn(37, 6, generator=g)
+        yv = (Xv[:, :1] > 0).float()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
+                                    torch.nn.Linear(8, 1), torch.nn.Sigmoid())
+        h = loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                      epochs=3, val=(Xv, yv), batch_size=16, seed=1, verbose=0,
+                      metrics={"acc": "binary_accuracy", "f1": "f1", "max": "max_error"})
+        single = {k.replace("net.", ""): v for k, v in r0["model"].items()}
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.allclose(v, single[k], atol=1e-6), k)
+        for k in without_time(h):
+            for a, b in zip(h[k], r0["history"][k]):
+                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
+        # the validation values are those of the whole set, not of one rank's share
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
+                                  torch.nn.Linear(8, 1), torch.nn.Sigmoid())
+        net.load_state_dict(single)
+        whole = loops.evaluate(net, (Xv, yv), torch.nn.BCELoss(),
+                               metrics={"acc": "binary_accuracy", "f1": "f1", "max": "max_error"})
+        for k, v in whole.items():
+            self.assertAlmostEqual(r0["history"]["val_" + k][-1], v, delta=1e-6)
+        # one writer, one speaker
+        self.assertEqual(sorted(os.listdir(ck)), ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(len([ln for ln in stdout.splitlines() if ln.startswith("epoch ")]), 3)
+        keys = torch.load(os.path.join(ck, "last.pt"), weights_only=True)["model"].keys()
+        self.assertEqual(set(keys), set(r0["model"]))  # saved unwrapped: no "module." prefix
+        self.assertFalse(any(k.startswith("module.") for k in keys))
+
+    def test_a_killed_run_resumes_on_every_rank(self):
+        ref_out, ref_ck = self.tmp(), os.path.join(self.tmp(), "run")
+        rc, _, err = torchrun("resume", ref_out, ref_ck, 5, 8)
+        self.assertEqual(rc, 0, err[-3000:])
+        out, ck = self.tmp(), os.path.join(self.tmp(), "run")
+        p = torchrun("resume", out, ck, 5, 8, wait=False)
+        last = os.path.join(ck, "last.pt")
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill the whole job once epoch 2 is on disk
+            if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= 2:
+                break
+            time.sleep(0.05)
+        kill_job(p)
+        self.assertLess(loops.load_checkpoint(last)["epoch"], 5)  # killed before the end
+        rc, _, err = torchrun("resume", out, ck, 5, 8)
+        self.assertEqual(rc, 0, err[-3000:])
+        for r in (0, 1):
+            ref = torch.load(os.path.join(ref_out, f"rank{r}.pt"), weights_only=True)
+            got = torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True)
+            self.assertEqual(without_time(got["history"]), without_time(ref["history"]))
+            for k in ref["model"]:
+                self.assertTrue(torch.equal(ref["model"][k], got["model"][k]), k)
+
+    def test_nan_on_one_rank_stops_every_rank_and_a_plain_model_is_refused(self):
+        out = self.tmp()
+        rc, _, err = torchrun("faults", out, "-", 3, 8)
+        self.assertEqual(rc, 0, err[-3000:])
+        reports = []
+        for r in (0, 1):
+            with open(os.path.join(out, f"rank{r}.json")) as f:
+                reports.append(json.load(f))
+        self.assertEqual(reports[0], reports[1])  # the same errors on both ranks
+        self.assertIn("not wrapped in DistributedDataParallel", reports[0]["unwrapped"])
+        self.assertIn("needs a DistributedSampler", reports[0]["sampler"])
+        self.assertRegex(reports[0]["nan"], r"^epoch 1: loss is nan at step 2 on rank 1")
+
+
+class RecipeTest(unittest.TestCase):
+    def test_the_housing_recipe_under_torchrun(self):
+        with tempfile.TemporaryDirectory() as runs:
+            p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc_per_node=2", os.path.join(HERE, "examples", "housing.py"),
+                                "--quick", "--runs", runs], capture_output=True, text=True,
+                               timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+            self.assertEqual(sorted(os.listdir(os.path.join(runs, "housing"))),
+                             ["best.pt", "history.csv", "last.pt"])
+        lines = p.stdout.splitlines()
+        self.assertEqual(len([ln for ln in lines if ln.startswith("epoch ")]), 2)  # rank 0 only
+        self.assertEqual(len([ln for ln in lines if ln.startswith("test: RMSE")]), 1)
+
+
+class SamplerEpochTest(unittest.TestCase):
+    def test_set_epoch_is_called_every_epoch(self):
+        class Sampler(torch.utils.data.Sampler):
+            def __init__(self, n):
+                self.n, self.epochs = n, []
+
+            def set_epoch(self, epoch):
+                self.epochs.append(epoch)
+
+            def __iter__(self):
+                return iter(range(self.n))
+
+            def __len__(self):
+                return self.n
+        X, y = torch.randn(20, 3), torch.randn(20, 1)
+        sampler = Sampler(20)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=5,
+                                             sampler=sampler)
+        model = torch.nn.Linear(3, 1)
+        loops.fit(model, loader, torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                  epochs=3, verbose=0)
+        self.assertEqual(sampler.epochs, [1, 2, 3])
+
+
+if __name__ == "__main__":
+    unittest.main()
