@@ -147,6 +147,25 @@ class HandLoopTest(Quiet):
         self.assertTrue(same_weights(a, b))
         self.assertEqual(ha["loss"], hb["loss"])
 
+    def test_train_epoch_alone_with_progress_and_scheduler(self):
+        X, y = binary_data()
+        ref = mlp()
+        want = hand_loop(ref, slices(X, y, 10), torch.nn.BCELoss(),
+                         torch.optim.SGD(ref.parameters(), 0.1), 1)[0]
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        calls = []
+        logs = loops.train_epoch(model, (X, y), torch.nn.BCELoss(), opt, batch_size=10,
+                                 shuffle=False, scheduler=sched,
+                                 progress=lambda step, steps, running: calls.append(
+                                     (step, steps, sorted(running))))
+        self.assertTrue(same_weights(model, ref))
+        self.assertClose(logs["loss"], want)
+        self.assertEqual(calls[0], (1, 11, ["loss"]))  # the first step is shown at once
+        self.assertTrue(all(1 <= s <= 11 for s, _, _ in calls))
+        self.assertEqual(opt.param_groups[0]["lr"], 0.05)  # stepped once, after the epoch
+
     def test_sum_reduced_loss_is_a_per_sample_mean(self):
         X, y = regression_data()
         model = mlp(sigmoid=False)
