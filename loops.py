@@ -1262,8 +1262,8 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                       if printer.live or save_every is not None or device.type == "cpu" else None)
             try:
                 _train_loop(model, source, loss_fn, optimizer, meter,
-                                   scheduler=scheduler if scheduler_interval == "step" else None,
-                                   clip_grad_norm=clip_grad_norm, ticker=ticker)
+                            scheduler=scheduler if scheduler_interval == "step" else None,
+                            clip_grad_norm=clip_grad_norm, ticker=ticker)
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, val_data, loss_fn, stats)}
             except FloatingPointError as e:
                 printer.close()
