@@ -20,13 +20,19 @@ class BenchSmokeTest(unittest.TestCase):
             with open(out) as f:
                 results = json.load(f)
         lines = p.stdout.splitlines()
-        header = next(ln for ln in lines if ln.startswith("workload"))
-        self.assertEqual(header.split()[1:5], ["hand", "dataloader", "fit", "fit_silent"])
+        header = next(ln for ln in lines if ln.startswith("workload")).split()[1:]
+        # Installed frameworks (bench/peers.py) add columns between fit_silent and "hand s".
+        self.assertEqual(header[:4], ["hand", "dataloader", "fit", "fit_silent"])
+        self.assertEqual(header[-2:], ["hand", "s"])
+        columns = len(header) - 2
         for name in ("pima-like", "housing-like", "mnist-like"):
             row = next(ln for ln in lines if ln.startswith(name))
-            ratios = [float(v) for v in row.split()[-5:-1]]
+            ratios = [float(v) for v in row.split()[-1 - columns:-1]]
             self.assertEqual(ratios[0], 1.0)  # the hand loop is the unit
             self.assertTrue(all(r > 0 for r in ratios))
+            self.assertEqual(set(results["workloads"][next(
+                k for k in results["workloads"] if k.startswith(name))]["ratios"]),
+                set(header[:columns]))
         self.assertEqual(len(results["workloads"]), 3)
         for key in ("overhead_us", "scaling", "memory", "line_plot_10k_ms", "import_ms"):
             self.assertIn(key, results)

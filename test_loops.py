@@ -235,6 +235,24 @@ class ExactMetricsTest(Quiet):
         self.run_metrics(mlp(n_out=4, sigmoid=False), (X[:64], y[:64]), (X[64:], y[64:]),
                          torch.nn.CrossEntropyLoss(), ["accuracy"])
 
+    def test_batches_of_varying_sequence_length(self):
+        # Outputs that cannot be concatenated are summed batch by batch: the same value.
+        g = torch.Generator().manual_seed(5)
+        batches = [(torch.randn(4, t, 3, generator=g).to(DEVICE),
+                    torch.randn(4, t, generator=g).to(DEVICE)) for t in (5, 2, 7, 5, 3)]
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 1).to(DEVICE)
+        model = torch.nn.Sequential(lin, torch.nn.Flatten(-2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        h = self.fit(model, batches, torch.nn.MSELoss(), opt, epochs=1, val=batches,
+                     metrics={"mae": "mae", "max_error": "max_error"})
+        with torch.no_grad():
+            p = torch.cat([model(xb).reshape(-1) for xb, _ in batches])
+        y = torch.cat([yb.reshape(-1) for _, yb in batches])
+        for prefix in ("", "val_"):
+            self.assertClose(h[prefix + "mae"][0], oracle("mae", p, y), rel=1e-6)
+            self.assertClose(h[prefix + "max_error"][0], oracle("max_error", p, y), rel=1e-6)
+
     def test_public_metric_functions_match_the_oracle(self):
         X, y = regression_data(50)
         p = y + torch.randn_like(y)

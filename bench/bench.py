@@ -11,11 +11,12 @@ on one thread, the training call of:
   fit         loops.fit with the metric on, verbose=1 into a non-terminal
   fit_silent  loops.fit with the metric on, verbose=0
 and prints the median over rounds of each one's time divided by the hand loop's
-time in the same round. Peers (pytorch-ignite, pytorch-lightning) join as extra
-columns when they are importable; they are never requirements. It then checks
-that time per epoch grows linearly with the data, that memory stays flat over
-100 epochs, times plots_ascii and the imports, and (on CUDA) counts host-device
-synchronisations per epoch.
+time in the same round. Peers (pytorch-ignite, Lightning, skorch, poutyne,
+Keras 3 on torch; bench/peers.py) join as extra columns when they are
+importable; they are never requirements. It then checks that time per epoch
+grows linearly with the data, that memory stays flat over 100 epochs, times
+plots_ascii and the imports, and (on CUDA) counts host-device synchronisations
+per epoch.
 """
 import argparse
 import contextlib
@@ -35,6 +36,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import loops  # noqa: E402
+import peers  # noqa: E402  (bench/peers.py)
 
 
 # --- workloads --------------------------------------------------------------------
@@ -163,37 +165,6 @@ def fit_call(verbose):
     return run
 
 
-def ignite_loop(w, model, opt, train, test, device):
-    from ignite.engine import create_supervised_evaluator, create_supervised_trainer, Events
-    from ignite.metrics import Accuracy, Loss, MeanAbsoluteError
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train),
-                                               batch_size=w["batch"], shuffle=True)
-    test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test),
-                                              batch_size=len(test[0]))
-    binary = w["metric"][1] == "binary_accuracy"
-    metric = (MeanAbsoluteError() if w["metric"][0] == "mae" else
-              Accuracy(output_transform=(lambda o: ((o[0] > 0.5).float(), o[1])) if binary
-                       else (lambda o: o)))
-    trainer = create_supervised_trainer(model, opt, w["loss"], device=device)
-    evaluator = create_supervised_evaluator(model, {"m": metric, "loss": Loss(w["loss"])},
-                                            device=device)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run(test_loader))
-    t0 = time.perf_counter()
-    trainer.run(train_loader, max_epochs=w["epochs"])
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def peers():
-    found = {}
-    try:
-        import ignite  # noqa: F401
-        found["ignite"] = ignite_loop
-    except ImportError:
-        pass
-    return found
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -238,13 +209,15 @@ def overhead(device, quick):
     X, y = torch.randn(8000, 8, generator=g).to(device), torch.randn(8000, 1, generator=g)
     y = y.to(device)
     w = dict(loss=torch.nn.MSELoss(), metric=("mae", "mae", abs_err), model=lambda: mlp([8, 1]))
-    cases = {"per step": (dict(w, batch=10, epochs=1), (X, y), (X[:200], y[:200]), 800),
+    # (workload, train, test, what to divide by, repeats): a step costs ~0.1 ms, so
+    # its case can afford more repeats, which its small difference needs.
+    cases = {"per step": (dict(w, batch=10, epochs=1), (X, y), (X[:200], y[:200]), 800, 41),
              "per epoch": (dict(w, batch=10, epochs=1000), (X[:10], y[:10]), (X[:200], y[:200]),
-                           1000)}
+                           1000, 15)}
     out = {}
-    for name, (wl, train, test, count) in cases.items():
+    for name, (wl, train, test, count, repeats) in cases.items():
         diffs = []
-        for r in range(5 if quick else 15):
+        for r in range(5 if quick else repeats):
             times = {}
             for who, fn in (("hand", hand_loop), ("fit", fit_call(0))):
                 gc.collect()
@@ -357,7 +330,7 @@ def main():
     torch.set_num_threads(1)
     rounds = args.rounds or (3 if args.quick else 21)
     contenders = {"hand": hand_loop, "dataloader": dataloader_loop,
-                  "fit": fit_call(1), "fit_silent": fit_call(0), **peers()}
+                  "fit": fit_call(1), "fit_silent": fit_call(0), **peers.available()}
 
     env = (f"torch {torch.__version__}, Python {platform.python_version()}, "
            f"{platform.machine()}, {os.cpu_count()} cores, 1 thread, device {device}"
