@@ -1,6 +1,7 @@
 """Speed benchmark: loops.fit against the hand-written tutorial loop, in one process.
 
     python bench/bench.py [--quick] [--device cuda] [--rounds N] [--out results.json]
+    python bench/bench.py --instructions     (needs valgrind: counts instead of timing)
 
 For each workload it times, interleaved (A B C A B C ...) after a warm-up and
 on one thread, the training call of:
@@ -165,6 +166,10 @@ def fit_call(verbose):
     return run
 
 
+CORE = {"hand": hand_loop, "dataloader": dataloader_loop, "fit": fit_call(1),
+        "fit_silent": fit_call(0)}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -319,18 +324,76 @@ def cuda_syncs(device):
     return counts
 
 
+def run_one(workload, who, epochs):
+    """One contender for ``epochs`` epochs of one workload, untimed: what --instructions counts."""
+    w = dict(workloads(False)[workload], epochs=epochs)
+    (train, test) = w["data"]()
+    torch.manual_seed(0)
+    model = w["model"]()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    CORE[who](w, model, opt, train, test, torch.device("cpu"))
+
+
+def instructions(names):
+    """CPU instructions of one training epoch (validation included), counted by valgrind's
+    cachegrind: the count of a 3-epoch run minus that of a 1-epoch run, halved, so start-up
+    and data making cancel. Unlike time, the count does not move with the neighbours.
+    The two small-model workloads only: there bookkeeping weighs most, while mnist's
+    large matrix products run a hundred times slower under valgrind."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+    small = [wname for wname in workloads(False) if not wname.startswith("mnist")]
+    # No idle BLAS or OpenMP worker threads (their spinning would be counted too) and
+    # one string hash seed (dict and set probing would move the count by millions).
+    quiet_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                      OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+    def count(job):
+        wname, who, epochs = job
+        p = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                            "--cachegrind-out-file=/dev/null", sys.executable,
+                            os.path.abspath(__file__), "--one", wname, who, str(epochs)],
+                           capture_output=True, text=True, check=True, env=quiet_env)
+        return int(re.search(r"I\s+refs:\s+([\d,]+)", p.stderr).group(1).replace(",", ""))
+    jobs = [(wname, who, e) for wname in small for who in names for e in (1, 3)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        counts = dict(zip(jobs, pool.map(count, jobs)))
+    out = {}
+    for wname in small:
+        per_epoch = {who: (counts[wname, who, 3] - counts[wname, who, 1]) / 2 for who in names}
+        out[wname] = {"per_epoch": per_epoch,
+                      "ratios": {who: per_epoch[who] / per_epoch["hand"] for who in names}}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer epochs and rounds (< 1 minute)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    p.add_argument("--out", default=None, help="where the JSON goes (default: bench/"
+                   "results.json, or bench/instructions.json with --instructions)")
+    p.add_argument("--instructions", action="store_true",
+                   help="count CPU instructions per epoch under valgrind instead of timing")
+    p.add_argument("--one", nargs=3, metavar=("WORKLOAD", "WHO", "EPOCHS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(1)
+    if args.one:
+        return run_one(args.one[0], args.one[1], int(args.one[2]))
+    args.out = args.out or os.path.join(
+        ROOT, "bench", "instructions.json" if args.instructions else "results.json")
+    if args.instructions:
+        counted = instructions(["hand", "fit", "fit_silent"])
+        print("CPU instructions per epoch (valgrind cachegrind), ratio to the hand-written loop")
+        for wname, r in counted.items():
+            print(f"{wname:<52}" + "".join(f"{who} {v:.3f}  " for who, v in r["ratios"].items())
+                  + f"(hand {r['per_epoch']['hand'] / 1e6:.0f}M)")
+        with open(args.out, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "instructions": counted}, f, indent=2)
+        return
     rounds = args.rounds or (3 if args.quick else 21)
-    contenders = {"hand": hand_loop, "dataloader": dataloader_loop,
-                  "fit": fit_call(1), "fit_silent": fit_call(0), **peers.available()}
+    contenders = {**CORE, **peers.available()}
 
     env = (f"torch {torch.__version__}, Python {platform.python_version()}, "
            f"{platform.machine()}, {os.cpu_count()} cores, 1 thread, device {device}"
