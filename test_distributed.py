@@ -70,7 +70,7 @@ if mode == "faults":
         report["nan"] = str(e)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(report, f)
-    torch.distributed.destroy_process_group()
+    loops._leave_group()  # barrier, then destroy: leaving alone can abort the other rank
     sys.exit(0)
 
 dropout, slow = (0.2, 0.03) if mode == "resume" else (0.0, 0)
