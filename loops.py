@@ -28,6 +28,24 @@ run never waits on the GPU inside an epoch except to refresh the progress line.
 ``fit(..., checkpoint=DIR)`` writes ``best.pt``, ``last.pt`` and ``history.csv``,
 each atomically (temp file + rename); ``resume=True`` continues from ``last.pt``
 so that a run killed at any instant ends bit-for-bit as if never interrupted.
+
+To change the loop, copy ``fit`` and edit it: its body is one screen. After
+batching and metrics (what the checks build), the sections of this file follow
+the order in which ``fit`` calls them:
+
+    checks       _check_fit: every argument, before any work and any file
+    setup        _shuffle_generator (and every seed); _Stepper, the optimizer's side
+                 of a step (clipping, the scheduler); _Record, the run so far
+                 (history, best, patience, why it stopped); _Store, the checkpoint
+                 directory (best.pt, last.pt, history.csv, resume); _Printer
+    one epoch    _begin_epoch   its batches, or where a mid-epoch snapshot stopped
+                 _train_loop    a _Stepper.step per batch, summed by a _Meter and
+                                looked at now and then (_Ticker, _Look)
+    evaluation   _epoch_logs    training and validation values in one host read
+    then         record.add, store.save_epoch, printer.summary, _hook_stops
+
+A per-batch log line goes in ``_Look`` (or ``_train_loop``); a change to the
+step itself (accumulation, mixed precision) in ``_Stepper.step``.
 """
 import atexit
 import contextlib
@@ -110,70 +128,94 @@ def _check_batch_size(batch_size):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
-class _Data:
-    """Training or validation data: (X, y) tensors batched here, or a re-iterable of batches."""
+# Two kinds of data source, with the same face: ``steps`` (batches an epoch, or
+# None when unknown), ``device``, ``sharded`` (each rank sees its own rows, so the
+# epoch's sums are all-reduced) and ``epoch(...)``, the batches of one epoch.
 
-    def __init__(self, data, *, what, batch_size, device, reused, rank=0, world=1, shard=False):
-        _check_batch_size(batch_size)
+class _TensorSource:
+    """(X, y) tensors, moved to the device once and cut into batches here each epoch.
+
+    Under torch.distributed each global batch of ``world * batch_size`` rows is
+    cut in ``world`` parts and rank ``rank`` takes its own (see ``_slices``).
+    """
+
+    def __init__(self, X, y, *, batch_size, device, rank=0, world=1, sharded=False):
+        self.X, self.y = X.to(device), y.to(device)  # a no-op when already there
         self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
-        self.X = self.y = self.loader = None
-        self.sharded = world > 1  # each rank sees its own part: sums must be all-reduced
-        if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-            _check_tensors(*data, what)
-            X, y = data
-            if shard and world > 1:  # evaluation: each rank takes a contiguous part of the rows
-                lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
-                X, y, self.world, self.rank = X[lo:hi], y[lo:hi], 1, 0
-            # Moved once here, not per batch; a no-op when already on the device.
-            self.X, self.y = X.to(device), y.to(device)
-            step = self.world * batch_size
-            last = len(self.X) % step
-            self.steps = len(self.X) // step + (1 if last // self.world else 0)
-            return
-        if torch.is_tensor(data) or isinstance(data, tuple):
-            raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
-                            f"(xb, yb) batches, got {_describe(data)}")
-        if not hasattr(data, "__iter__"):
-            raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
-                            f"(a list, a DataLoader), got {type(data).__name__}")
-        if reused and iter(data) is data:
-            raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
-                            "be empty after the first epoch; pass a list or a DataLoader instead")
-        try:
-            self.steps = len(data)
-        except TypeError:
-            self.steps = None  # an IterableDataset: its length shows after one pass
-        if self.steps == 0:
-            raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
-        if world > 1:
-            sampler = getattr(data, "sampler", None)
-            self.sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
-            if what == "train" and not self.sharded:
-                raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
-                                 "DistributedSampler, or every rank trains on every batch; pass "
-                                 "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
-        self.loader = data
+        self.sharded = sharded
+        step = world * batch_size
+        self.steps = len(self.X) // step + (1 if len(self.X) % step // world else 0)
 
     def epoch(self, generator=None, shuffle=False, start=0, number=0):
-        """Batches of one epoch on the device, beginning after ``start`` batches.
+        """Batches of one epoch, beginning after ``start`` of them; the order is drawn now,
+        before the first batch is asked for."""
+        order = None
+        if shuffle:
+            order = torch.randperm(len(self.X), generator=generator)
+            order = order.to(self.device, non_blocking=True)
+        return _slices(self.X, self.y, self.batch_size, order, start=start, rank=self.rank,
+                       world=self.world)
 
-        The order is drawn (and skipped batches passed over) now, before the
-        first batch is asked for: a resumed run restores its RNG state after this.
-        """
-        if self.loader is None:
-            order = None
-            if shuffle:
-                order = torch.randperm(len(self.X), generator=generator)
-                order = order.to(self.device, non_blocking=True)
-            return _slices(self.X, self.y, self.batch_size, order, start=start,
-                           rank=self.rank, world=self.world)
+
+class _LoaderSource:
+    """A re-iterable of (xb, yb) batches (a DataLoader, a list), used as it is."""
+
+    def __init__(self, loader, *, device, sharded=False):
+        self.loader, self.device, self.sharded = loader, device, sharded
+        try:
+            self.steps = len(loader)
+        except TypeError:
+            self.steps = None  # an IterableDataset: its length shows after one pass
+
+    def epoch(self, generator=None, shuffle=False, start=0, number=0):
+        """Batches of epoch ``number`` on the device, beginning after ``start`` of them (the
+        loader draws its order when iterated, here; the batches done are passed over)."""
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles by epoch number
             sampler.set_epoch(number)
         it = iter(self.loader)
-        for _ in range(start):  # resuming mid-epoch: the loader redraws its order, we skip ahead
+        for _ in range(start):
             next(it)
         return ((_to(xb, self.device), _to(yb, self.device)) for xb, yb in it)
+
+
+def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False):
+    """``data`` as a batch source, checked: tensors or a loader.
+
+    Under a process group of ``world`` ranks, training tensors are cut per global
+    batch; with ``split_rows`` (validation) each rank takes a contiguous part of
+    the rows instead. Either way the sums are then all-reduced (``sharded``).
+    """
+    _check_batch_size(batch_size)
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        _check_tensors(*data, what)
+        X, y = data
+        if split_rows and world > 1:
+            lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
+            return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
+                                 sharded=True)
+        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
+                             world=world, sharded=world > 1)
+    if torch.is_tensor(data) or isinstance(data, tuple):
+        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
+                        f"(xb, yb) batches, got {_describe(data)}")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
+                        f"(a list, a DataLoader), got {type(data).__name__}")
+    if reused and iter(data) is data:
+        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
+                        "be empty after the first epoch; pass a list or a DataLoader instead")
+    source = _LoaderSource(data, device=device)
+    if source.steps == 0:
+        raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
+    if world > 1:
+        sampler = getattr(data, "sampler", None)
+        source.sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+        if what == "train" and not source.sharded:
+            raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
+                             "DistributedSampler, or every rank trains on every batch; pass "
+                             "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
+    return source
 
 
 def _to(x, device):
@@ -355,375 +397,391 @@ def _metric_table(metrics):
     return table
 
 
-class _Meter:
-    """Epoch sums of the loss and the metrics, on the device; read back in one transfer.
 
-    ``add`` runs every step and only appends detached tensors to lists: no host
-    read, no arithmetic. Every ``_FOLD_STEPS`` steps (or when the outputs held
-    pass ``_PENDING`` values) what is pending is folded into the sums with a few
-    vectorised ops on the device. Fold points depend only on the step count, so
-    the sums, down to the last bit, do not depend on when anyone looked.
-    ``read`` (the one place that waits for the device) adds the pending part
-    without committing it, and finds the first non-finite loss.
+# --- checks ---------------------------------------------------------------------
+# Everything fit is given is checked here, before the first step and before any
+# file is written, with errors that say what came and what was expected.
+
+class _Plan(NamedTuple):
+    """What the checks of fit's arguments found: what fit works with."""
+    device: torch.device
+    rank: int
+    world: int
+    stats: dict          # metric name -> _Stat
+    train: object        # a _TensorSource or _LoaderSource
+    val: object          # the same, or None
+    keys: list           # the history's keys, in order
+    monitor: str
+    percent: set         # keys shown as percentages
+
+
+def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
+               metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
+               clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every):
+    """Check every argument of fit before any work; return the _Plan fit follows."""
+    device = _check_model(model, device)
+    rank, world = _world()
+    _check_distributed(model, world, save_every)
+    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    _check_int("epochs", epochs, 0)
+    stats = _metric_table(metrics)
+    train_data = _source(train, what="train", batch_size=batch_size, device=device,
+                         reused=epochs > 1, rank=rank, world=world)
+    if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
+        val_batch_size = max(batch_size, 256)
+    val_data = None if val is None else _source(
+        val, what="val", batch_size=val_batch_size, device=device, reused=epochs > 1,
+        rank=rank, world=world, split_rows=True)
+    keys = ["epoch", "loss", *stats]
+    if val_data is not None:
+        keys += ["val_loss", *("val_" + k for k in stats)]
+    keys += ["lr", "time"]
+    monitor = _check_monitor(monitor, keys, val_data is not None)
+    _check_options(mode=mode, patience=patience, min_delta=min_delta, verbose=verbose,
+                   on_epoch_end=on_epoch_end, save_every=save_every)
+    _Store.check(checkpoint, resume=resume, save_every=save_every)
+    if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            and scheduler_interval == "step"):
+        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
+                         "'epoch'")
+    percent = {k for k, st in stats.items() if any(st is _STATS[p] for p in _PERCENT)}
+    percent |= {"val_" + k for k in percent}
+    return _Plan(device, rank, world, stats, train_data, val_data, keys, monitor, percent)
+
+
+def _model_device(model):
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _check_model(model, device):
+    """The device to train on; ValueError if the model's parameters live elsewhere."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    here = _model_device(model)
+    if device is None:
+        return here
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or 'cuda'") \
+            from None
+    same = here.type == device.type and (device.index is None or here.index is None
+                                         or here.index == device.index)
+    if not same:
+        raise ValueError(f"the model's parameters are on {here} but device={str(device)!r}; "
+                         f"move the model first (model.to({str(device)!r})) and create the "
+                         "optimizer after")
+    return here if device.index is None else device
+
+
+def _check_distributed(model, world, save_every):
+    if world > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(f"the process group has {world} ranks but the model is not wrapped in "
+                         "DistributedDataParallel, so the ranks would not share gradients; wrap "
+                         "it (model, device = loops.setup_distributed(model)) before creating "
+                         "the optimizer")
+    if world > 1 and save_every is not None:
+        raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
+                         "snapshot would need every rank at the same step); checkpoints are "
+                         "written at the end of each epoch")
+
+
+def _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm):
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got "
+                         f"{scheduler_interval!r}")
+    if scheduler is not None and not hasattr(scheduler, "step"):
+        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
+                                           and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got "
+                         f"{clip_grad_norm!r}")
+
+
+def _check_monitor(monitor, keys, has_val):
+    """The monitored key: val_loss with validation, else loss, or the one asked for."""
+    monitor = monitor or ("val_loss" if has_val else "loss")
+    if monitor not in keys or monitor in ("epoch", "lr", "time"):
+        raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
+                         f"{', '.join(k for k in keys if k not in ('epoch', 'lr', 'time'))}"
+                         + ("" if has_val or not monitor.startswith("val_")
+                            else " (val_ values need val=)"))
+    return monitor
+
+
+def _check_options(*, mode, patience, min_delta, verbose, on_epoch_end, save_every):
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if patience is not None:
+        _check_int("patience", patience, 1)
+    if not isinstance(min_delta, (int, float)) or min_delta < 0:
+        raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
+    if save_every is not None and not (isinstance(save_every, (int, float)) and save_every >= 0):
+        raise ValueError(f"save_every must be a number of seconds >= 0, got {save_every!r}")
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+# --- setup: seeds and the optimizer's side of a step -------------------------------
+
+def _shuffle_generator(seed, device, rank=0, world=1):
+    """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too.
+
+    Every rank draws the same permutations (one generator seed) and its own dropout
+    masks (torch's global RNG seeded with seed + rank). Without a seed the generator
+    follows torch.manual_seed, so seeding torch makes the shuffles repeatable too.
     """
-    _FOLD_STEPS = 128
-    _PENDING = 1 << 22
+    gen = torch.Generator()
+    if seed is not None:
+        _seed_all(seed + rank)
+        return gen.manual_seed(seed)
+    draw = torch.randint(0, 2**62, (1,)).to(device)
+    if world > 1:
+        torch.distributed.broadcast(draw, src=0)
+    return gen.manual_seed(int(draw.item()))
 
-    def __init__(self, stats, device, *, loss_is_sum=False):
-        self.stats, self.device, self.loss_is_sum = stats, device, loss_is_sum
-        self.rank, self.world = _world()
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
-        self.n = 0
-        self.sums = {k: None for k in stats}
-        self.counts = {k: 0 for k in stats}
-        self.checked = 0  # steps whose loss is known to be finite
-        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
-        self._unchecked = []  # folded losses not yet looked at
 
-    def add(self, loss, out, y, n):
-        self._losses.append(loss)
-        self._ns.append(n)
-        if self.stats:
-            self._outs.append(out)
-            self._ys.append(y)
-            self._numel += out.numel()
-        if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
-            self._fold()
+def _seed_all(seed):
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % 2**32)
 
-    def _pending_sums(self):
-        """(losses, loss sum, rows, metric sums, metric counts) of the pending steps."""
-        losses = self._pending_losses()
-        loss_sum, start = 0, 0
-        for size, run in _runs(self._ns):  # usually one run of equal batches, two at the end
-            weight = 1 if self.loss_is_sum else size  # a batch mean stands for `size` rows
-            part = losses if run == len(losses) else losses[start:start + run]
-            loss_sum = loss_sum + part.sum(dtype=self.dtype) * weight
-            start += run
-        sums, counts = {k: None for k in self.stats}, {k: 0 for k in self.stats}
-        if self.stats:
-            groups = [(self._outs[0], self._ys[0])] if len(self._outs) == 1 else None
-            if groups is None:
-                try:
-                    groups = [(torch.cat(self._outs), torch.cat(self._ys))]
-                except RuntimeError:  # outputs of varying shapes (sequences): batch by batch
-                    groups = list(zip(self._outs, self._ys))
-            for p, y in groups:
-                for k, st in self.stats.items():
-                    s = st.stat(p, y).reshape(-1)
-                    s = s if s.dtype == self.dtype else s.to(self.dtype)
-                    sums[k] = _combine(st, sums[k], s)
-                    counts[k] += st.count(p, y)
-        return losses, loss_sum, sum(self._ns), sums, counts
 
-    def _pending_losses(self):
-        return torch.stack(self._losses)
+class _Stepper:
+    """The optimizer's side of training: the step itself, clipping, and the scheduler,
+    stepped after every optimizer step (interval "step") or after validation ("epoch")."""
 
-    def _fold(self):
-        if not self._losses:
+    def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None):
+        self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
+        self.clip_grad_norm = clip_grad_norm
+        self.per_step = scheduler if interval == "step" else None
+
+    def step(self, model, xb, yb, loss_fn, keep_out):
+        """One training step: the textbook five lines, with the options as guarded one-liners.
+
+        A function of its own so that the graph, the output and the loss die on
+        return: nothing with a grad_fn survives into the next step.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                             "a scalar (use reduction='mean', the default of torch.nn losses)")
+        loss.backward()
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        if self.per_step is not None:
+            self.per_step.step()
+        return loss.detach(), (out.detach() if keep_out else None)
+
+    def lr(self):
+        """The rate the next step trains with (the first parameter group's)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def end_epoch(self, value):
+        """The once-an-epoch scheduler step; ReduceLROnPlateau receives ``value``."""
+        if self.scheduler is None or self.interval != "epoch":
             return
-        losses, loss_sum, n, sums, counts = self._pending_sums()
-        self.loss_sum, self.n = self.loss_sum + loss_sum, self.n + n
-        for k, st in self.stats.items():
-            self.sums[k] = _combine(st, self.sums[k], sums[k])
-            self.counts[k] += counts[k]
-        self._unchecked.append(losses)
-        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        else:
+            self.scheduler.step()
 
-    def totals(self, *, across_ranks=False):
-        """The sums so far as one flat tensor on the device, and ``finish`` to turn that
-        tensor, once read back as floats, into the logs. Nothing is read here, so a
-        caller can read several meters in one transfer. ``across_ranks``: the layout
-        also carries the counts, for an all-reduce over the process group first."""
-        loss_sum, n, sums, counts = self.loss_sum, self.n, dict(self.sums), dict(self.counts)
-        if self._losses:  # counted, but not committed: fold points stay where they are
-            _, p_loss, p_n, p_sums, p_counts = self._pending_sums()
-            loss_sum, n = loss_sum + p_loss, n + p_n
-            for k, st in self.stats.items():
-                sums[k] = _combine(st, sums[k], p_sums[k])
-                counts[k] += p_counts[k]
-        parts = [loss_sum.reshape(1)] + [
-            sums[k] if sums[k] is not None else torch.zeros(st.size, dtype=self.dtype,
-                                                            device=self.device)
-            for k, st in self.stats.items()]
-        if across_ranks:
-            parts.append(torch.tensor([n, *counts.values()], dtype=self.dtype, device=self.device))
 
-        def finish(vals):
-            total_n, total_counts = n, list(counts.values())
-            if across_ranks:
-                total_n, total_counts = vals[-1 - len(counts)], vals[len(vals) - len(counts):]
-            if not math.isfinite(vals[0]):
-                # A finite loss sum means every loss was finite: the search for the first
-                # bad step happens only when it was not. Under torch.distributed only the
-                # reduced sum decides, so that every rank stops at the same point.
-                if across_ranks:
-                    self._raise_first_bad_across_ranks()
-                if self.world == 1:
-                    self._raise_first_bad(vals[0])
-            self.checked += sum(len(u) for u in self._unchecked)
-            self._unchecked = []
-            logs, i = {"loss": vals[0] / total_n if total_n else math.nan}, 1
-            for (k, st), count in zip(self.stats.items(), total_counts):
-                logs[k] = float(st.finish(vals[i:i + st.size], count))
-                i += st.size
-            return logs
-        return torch.cat(parts) if len(parts) > 1 else parts[0], finish
+# --- the run's record ------------------------------------------------------------
 
-    def max_positions(self):
-        """Where ``totals`` holds maxima (max_error), which an all-reduce takes with MAX."""
-        out, i = [], 1
-        for st in self.stats.values():
-            if st.reduce == "max":
-                out += range(i, i + st.size)
-            i += st.size
-        return out
+class _Record:
+    """The run so far: the history, the best value and its epoch, the patience count,
+    why training stopped, and (for restore_best) the best weights.
 
-    def read(self):
-        """Values so far as Python floats; FloatingPointError at the first non-finite loss."""
-        flat, finish = self.totals()
-        return finish(flat.tolist())  # the one host read
+    ``state`` gives what last.pt saves of it and ``load`` takes it back, under the
+    same keys.
+    """
+    _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped")
 
-    def _local_losses(self):
-        chunks = self._unchecked + ([self._pending_losses()] if self._losses else [])
-        return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
-
-    def _raise_first_bad_across_ranks(self):
-        """The same FloatingPointError on every rank: the first bad step of any rank."""
-        dist = torch.distributed
-        losses = self._local_losses()
-        bad = (~torch.isfinite(losses)).nonzero()
-        j = int(bad[0]) if len(bad) else 2**40
-        key = torch.tensor([(self.checked + j) * self.world + self.rank], dtype=torch.float64,
-                           device=self.device)
-        dist.all_reduce(key, op=dist.ReduceOp.MIN)
-        step, owner = divmod(int(key.item()), self.world)
-        mine = losses[j].double().reshape(1) if owner == self.rank else torch.zeros(
-            1, dtype=torch.float64, device=self.device)
-        dist.all_reduce(mine)
-        raise FloatingPointError(f"loss is {mine.item()} at step {step + 1} on rank {owner}")
-
-    def _raise_first_bad(self, total):
-        losses = self._local_losses()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad) == 0:  # every loss finite, their weighted sum overflowed
-            raise FloatingPointError(f"the sum of the losses overflowed to {total}")
-        j = int(bad[0])
-        raise FloatingPointError(f"loss is {losses[j].item()} at step {self.checked + j + 1}")
+    def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False):
+        self.history = {k: [] for k in keys}
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.patience, self.keep_best = patience, keep_best
+        self.epoch, self.best, self.best_epoch, self.wait = 0, None, None, 0
+        self.stopped = None  # why training stopped: "patience", "on_epoch_end", or None
+        self.best_weights = None
 
     def state(self):
-        """Sums and pending steps, for a mid-epoch snapshot (right after a ``read``)."""
-        cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
-        return {"loss_sum": self.loss_sum.cpu(), "n": self.n, "counts": dict(self.counts),
-                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
-                "losses": self._pending_losses().cpu() if self._losses else None,
-                "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
+        return {k: getattr(self, k) for k in self._SAVED}
 
-    def load(self, state, step):
-        dev = self.device
-        self.loss_sum, self.n = state["loss_sum"].to(dev), state["n"]
-        self.counts = dict(state["counts"])
-        self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
-        losses = state["losses"]
-        self._losses = [] if losses is None else list(losses.to(dev))
-        self._ns = list(state["ns"])
-        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
-        self._numel = sum(t.numel() for t in self._outs)
-        self.checked = step - len(self._losses)
+    def load(self, state):
+        for k in self._SAVED:
+            setattr(self, k, state[k])
+        self.history = {k: list(v) for k, v in state["history"].items()}
 
+    def improves(self, value):
+        """Whether ``value`` beats the best so far by more than min_delta (NaN never does)."""
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
 
-def _combine(st, acc, s):
-    if acc is None or s is None:
-        return s if acc is None else acc
-    return acc + s if st.reduce == "sum" else torch.maximum(acc, s)
-
-
-def _runs(values):
-    """[(value, length)] of consecutive equal values: [10, 10, 10, 4] -> [(10, 3), (4, 1)]."""
-    out = []
-    for v in values:
-        if out and out[-1][0] == v:
-            out[-1][1] += 1
+    def add(self, logs, model):
+        """Append one epoch's values; return whether the monitored value improved."""
+        for k in self.history:
+            self.history[k].append(float(logs[k]))
+        self.epoch = int(logs["epoch"])
+        value = logs[self.monitor]
+        improved = self.improves(value)
+        if improved:
+            self.best, self.best_epoch, self.wait = value, self.epoch, 0
+            if self.keep_best:
+                self.best_weights = {k: v.detach().clone()
+                                     for k, v in _unwrap(model).state_dict().items()}
         else:
-            out.append([v, 1])
-    return out
+            self.wait += 1
+        if self.patience is not None and self.wait >= self.patience:
+            self.stopped = "patience"
+        return improved
 
+    def epochs_to_run(self, epochs):
+        """The epoch numbers still to train, out of ``epochs`` in all."""
+        return range(self.epoch + 1, (self.epoch if self.stopped else epochs) + 1)
 
-# --- train / evaluate / predict -----------------------------------------------
-
-_TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
-_CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
-
-
-def _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm, keep_out):
-    # The textbook step. A function of its own so that the graph, the output and
-    # the loss die on return: nothing with a grad_fn survives into the next step.
-    optimizer.zero_grad(set_to_none=True)
-    out = model(xb)
-    loss = loss_fn(out, yb)
-    if loss.dim() != 0:
-        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected a "
-                         "scalar (use reduction='mean', the default of torch.nn losses)")
-    loss.backward()
-    if clip_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return loss.detach(), (out.detach() if keep_out else None)
-
-
-def _is_sum(loss_fn):
-    # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
-    return getattr(loss_fn, "reduction", "mean") == "sum"
-
-
-def _train_loop(model, source, loss_fn, optimizer, meter, *, scheduler, clip_grad_norm,
-                ticker):
-    """Train over ``source``'s batches; ``ticker`` looks at the running values now and then."""
-    model.train()
-    step = start = meter.checked + len(meter._losses)
-    next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
-    for xb, yb in source:
-        loss, out = _step(model, xb, yb, loss_fn, optimizer, scheduler, clip_grad_norm, keep_out)
-        meter.add(loss, out, yb, yb.shape[0] if torch.is_tensor(yb) else len(yb))
-        step += 1
-        if step == next_tick and ticker is not None:
-            next_tick = ticker(step, meter)
-    if step == start == 0:
-        raise ValueError("the training data yielded no batches; expected at least one")
-    return step
-
-
-class _Ticker:
-    """Looks at the running values at most every ``seconds`` without reading the clock each step.
-
-    It predicts from the rate so far how many steps make ``seconds`` and only
-    then reads the clock; each look is one host read (a CUDA sync).
-    """
-
-    def __init__(self, seconds, steps, on_tick, *, at_once=True):
-        self.seconds, self.steps, self.on_tick = seconds, steps, on_tick
-        self.t0, self.start = time.perf_counter(), None
-        self.last = None if at_once else self.t0  # a live line shows the first step at once
-
-    def __call__(self, step, meter):
-        """Look now if it is time; return the step at which to ask again."""
-        now = time.perf_counter()
-        if self.start is None:
-            self.start = step - 1
-        if self.last is None or now - self.last >= self.seconds:
-            self.last = now
-            self.on_tick(step, self.steps, meter.read(), now - self.t0, step - self.start)
-        rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps per second so far
-        return step + max(1, int(rate * (self.seconds - (now - self.last))))
-
-
-def _progress_ticker(progress, seconds, steps):
-    if progress is None:
+    def why_stopped(self):
+        """The line that says why training stopped early, or None."""
+        if self.stopped == "patience":
+            return (f"early stop: {self.monitor} did not improve for {self.patience} epochs "
+                    f"(best {_num(self.best)} at epoch {self.best_epoch})")
         return None
-    return _Ticker(seconds, steps, lambda step, total, logs, dt, done: progress(step, total, logs))
 
-
-def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
-                generator=None, device=None, scheduler=None, scheduler_interval="epoch",
-                clip_grad_norm=None, progress=None):
-    """Train one epoch (train mode) and return its exact loss and metrics as floats.
-
-    ``progress(step, steps, logs)``, if given, is called at most ten times a
-    second with the running values (``steps`` is None for unsized data).
-    """
-    device = _check_model(model, device)
-    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
-    stats = _metric_table(metrics)
-    source = _Data(data, what="data", batch_size=batch_size, device=device, reused=False)
-    meter = _Meter(stats, device, loss_is_sum=_is_sum(loss_fn))
-    step_scheduler = scheduler if scheduler_interval == "step" else None
-    _train_loop(model, source.epoch(generator, shuffle), loss_fn, optimizer, meter,
-                scheduler=step_scheduler, clip_grad_norm=clip_grad_norm,
-                ticker=_progress_ticker(progress, _TICK_SECONDS, source.steps))
-    logs = meter.read()
-    if scheduler is not None and scheduler_interval == "epoch":
-        scheduler.step()
-    return logs
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None):
-    """Loss and metrics over a whole set, in eval mode without grad; model mode restored."""
-    device = _check_model(model, device)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    stats = _metric_table(metrics)
-    source = _Data(data, what="data", batch_size=batch_size, device=device, reused=False)
-    return _evaluate(model, source, loss_fn, stats)
-
-
-def _evaluate(model, source, loss_fn, stats):
-    flat, finish, _ = _evaluate_totals(model, source, loss_fn, stats)
-    return finish(flat.tolist())
-
-
-def _evaluate_totals(model, source, loss_fn, stats, *, across_ranks=False):
-    """Run the evaluation; return its sums on the device, the function that finishes
-    them, and where they hold maxima (for an all-reduce over ranks)."""
-    meter = _Meter(stats, source.device, loss_is_sum=_is_sum(loss_fn))
-    zero = torch.zeros((), device=source.device)
-    steps = 0
-    with _eval_mode(model):
-        for xb, yb in source.epoch():
-            out = model(xb)
-            n = yb.shape[0] if torch.is_tensor(yb) else len(yb)
-            meter.add(loss_fn(out, yb) if loss_fn is not None else zero, out, yb, n)
-            steps += 1
-    if steps == 0 and not across_ranks:  # a rank's share of a small set may be empty
-        raise ValueError("the evaluation data yielded no batches; expected at least one")
-    flat, finish = meter.totals(across_ranks=across_ranks)
-
-    def finish_logs(vals):
-        logs = finish(vals)
-        if loss_fn is None:
-            del logs["loss"]
-        return logs
-    return flat, finish_logs, meter.max_positions()
-
-
-def predict(model, X_or_data, *, batch_size=256, device=None):
-    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad)."""
-    device = _check_model(model, device)
-    _check_batch_size(batch_size)
-    data = X_or_data
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        data = data[0]
-    if torch.is_tensor(data):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
-                             f"{tuple(data.shape)}")
-        X = data.to(device)
-        inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
-    elif hasattr(data, "__iter__"):
-        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
-    else:
-        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
-                        f"batches, got {type(data).__name__}")
-    with _eval_mode(model):
-        outs = [model(xb) for xb in inputs]  # kept on the device: one transfer at the end
-    if not outs:
-        raise ValueError("predict: the data yielded no batches; expected at least one")
-    return torch.cat(outs).cpu()
+    def restore_best(self, model, best_path):
+        """Put the best epoch's weights back into the model (kept in memory, or best.pt)."""
+        if self.best_epoch is None:
+            return
+        if self.best_weights is not None:
+            _unwrap(model).load_state_dict(self.best_weights)
+        elif best_path is not None and os.path.exists(best_path):
+            load_checkpoint(best_path, model)
 
 
 # --- checkpoints ----------------------------------------------------------------
+
+class _Store:
+    """A run's checkpoint directory: best.pt, last.pt and history.csv.
+
+    Rank 0 is the only writer (every rank takes part in gathering the random
+    states). What last.pt holds is written by ``save_last`` and read back by
+    ``resume``, next to each other below; the parts with a state of their own
+    (_Record, _EpochStart, _Meter) save and load it under the same keys. Without a
+    directory, nothing is written and there is nothing to resume.
+    """
+    FORMAT = "loops/1"
+
+    @staticmethod
+    def check(directory, *, resume, save_every):
+        """Refuse what would lose or mix up a run, before anything is written."""
+        if (resume or save_every is not None) and directory is None:
+            raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
+                             "last.pt is")
+        last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
+        if last is not None and not resume and os.path.exists(last):
+            raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
+                             "to continue it, or choose another directory (nothing is overwritten)")
+
+    def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1):
+        self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
+        self.rank, self.world, self.writer = rank, world, rank == 0
+        self.dir = None if directory is None else _prepare_dir(directory)
+        self.last_path = self.best_path = self.csv_path = None
+        if self.dir is not None:
+            self.last_path, self.best_path, self.csv_path = (
+                os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
+        self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
+
+    def save_epoch(self, record, improved):
+        """After an epoch: best.pt if it improved, then last.pt and history.csv."""
+        if self.dir is None:
+            return
+        if improved and self.writer:
+            save_checkpoint(self.best_path, self.model, format=self.FORMAT, epoch=record.epoch,
+                            monitor=record.monitor, value=record.best)
+        self.save_last(record)
+        if self.writer:
+            _write_csv(self.csv_path, record.history)
+
+    def save_last(self, record, start=None, step=0, meter=None):
+        """last.pt at the end of an epoch or, given the epoch's start, its meter and the
+        step, at a batch boundary inside it (a mid-epoch snapshot)."""
+        if self.dir is None:
+            return
+        rng = _rng_state(self.gen)
+        ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
+        if self.writer:
+            save_checkpoint(
+                self.last_path, self.model, self.optimizer, format=self.FORMAT,
+                monitor=record.monitor, **record.state(),
+                scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                rng=rng, rng_ranks=ranks, step=step,
+                meter=None if meter is None else meter.state_dict(),
+                **({} if start is None else start.state()))
+        self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
+
+    def resume(self, record, epochs):
+        """Continue from last.pt if it exists: check all of it first, then load the model,
+        the optimizer, the scheduler, the record and every random state as they were.
+        Returns last.pt's dict when it is a mid-epoch snapshot (for _begin_epoch), else None."""
+        if self.dir is None or not os.path.exists(self.last_path):
+            return None
+        ck = _read_checkpoint(self.last_path)
+        self._check_resumable(ck, record, epochs)
+        _load_into(ck, self.last_path, self.model, self.optimizer)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ck["scheduler"])
+        record.load(ck)
+        ranks = ck.get("rng_ranks")
+        _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
+                       self.gen)
+        self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
+        return ck if ck["step"] else None
+
+    def _check_resumable(self, ck, record, epochs):
+        path = self.last_path
+        if ck.get("format") != self.FORMAT:
+            raise ValueError(f"{path} was not written by fit (no 'format': '{self.FORMAT}'); "
+                             "cannot resume")
+        if list(ck["history"]) != list(record.history):
+            raise ValueError(f"{path} recorded {list(ck['history'])}, this run records "
+                             f"{list(record.history)}; resume with the same metrics and val")
+        done = ck["epoch"] + (1 if ck["step"] else 0)
+        if epochs < done:
+            raise ValueError(f"{path} already trained {ck['epoch']} epochs"
+                             + (f" and part of epoch {done}" if ck["step"] else "")
+                             + f"; epochs={epochs} is the total, counting those: pass epochs >= "
+                               f"{done}")
+        if (ck["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
+                             "scheduler; resume with the same setup")
+
 
 def _unwrap(model):
     """The plain module under torch.compile and (Distributed)DataParallel wrappers."""
@@ -787,6 +845,12 @@ def save_checkpoint(path, model, optimizer=None, **state):
 def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
     """Read a checkpoint with ``weights_only=True`` and load it into model/optimizer if given."""
     path = os.fspath(path)
+    ckpt = _read_checkpoint(path, map_location=map_location)
+    _load_into(ckpt, path, model, optimizer)
+    return ckpt
+
+
+def _read_checkpoint(path, *, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -797,31 +861,24 @@ def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
                          f"or it is damaged. torch said: {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
+    return ckpt
+
+
+def _load_into(ckpt, path, model, optimizer):
+    """Load a checkpoint's weights and optimizer state, after checking that both fit:
+    torch's load_state_dict copies the matching tensors before it raises on the
+    rest, which would leave a half-loaded model."""
     if model is not None:
         _check_fits(_unwrap(model), ckpt["model"], path)
     if optimizer is not None:
-        saved = ckpt.get("optimizer_type")
-        if "optimizer" not in ckpt:
-            raise ValueError(f"{path} holds no optimizer state")
-        if saved is not None and saved != type(optimizer).__name__:
-            raise ValueError(f"{path} was saved with optimizer {saved}, but "
-                             f"{type(optimizer).__name__} was given; use the same optimizer type")
-        groups = ckpt["optimizer"]["param_groups"]
-        sizes = [len(g["params"]) for g in groups]
-        if sizes != [len(g["params"]) for g in optimizer.param_groups]:
-            raise ValueError(f"{path}: the saved optimizer has parameter groups of sizes {sizes}, "
-                             "this one has "
-                             f"{[len(g['params']) for g in optimizer.param_groups]}")
+        _check_optimizer_fits(optimizer, ckpt, path)
     if model is not None:
         _unwrap(model).load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt
 
 
 def _check_fits(model, state, path):
-    # Checked before loading: torch's load_state_dict copies the matching tensors
-    # before it raises on the rest, which would leave a half-loaded model.
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -833,6 +890,19 @@ def _check_fits(model, state, path):
                  f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
         raise ValueError(f"{path} was saved from a different model architecture: "
                          + "; ".join(p for p in parts if p))
+
+
+def _check_optimizer_fits(optimizer, ckpt, path):
+    saved = ckpt.get("optimizer_type")
+    if "optimizer" not in ckpt:
+        raise ValueError(f"{path} holds no optimizer state")
+    if saved is not None and saved != type(optimizer).__name__:
+        raise ValueError(f"{path} was saved with optimizer {saved}, but "
+                         f"{type(optimizer).__name__} was given; use the same optimizer type")
+    sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"{path}: the saved optimizer has parameter groups of sizes {sizes}, "
+                         f"this one has {[len(g['params']) for g in optimizer.param_groups]}")
 
 
 def _rng_state(generator):
@@ -895,6 +965,8 @@ def _write_csv(path, history):
 
 
 # --- progress -------------------------------------------------------------------
+# Formatting is pure functions returning strings (tested with golden strings);
+# _Printer only writes them.
 
 def _num(v):
     if not math.isfinite(v):
@@ -940,18 +1012,37 @@ def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent
 
 
 class _Printer:
-    """verbose=1 on a terminal: a live line per epoch; otherwise summary lines only (no \\r)."""
+    """What fit prints. verbose=1 on a terminal: a live line per epoch that ends as the
+    epoch's summary; verbose=1 elsewhere (a pipe, a file) and verbose=2: summary lines
+    only, with no carriage return; verbose=0: nothing."""
 
-    def __init__(self, verbose, stream=None):
-        self.verbose, self.stream = verbose, stream or sys.stdout
+    def __init__(self, verbose, epochs, percent=(), stream=None):
+        self.verbose, self.epochs, self.percent = verbose, epochs, percent
+        self.stream = stream or sys.stdout
         isatty = getattr(self.stream, "isatty", None)
         self.live = verbose == 1 and bool(isatty and isatty())
-        self.width = 0
+        self.width = 0  # of the live line on the screen, to be blanked by the next
 
-    def update(self, text):
+    def progress(self, epoch, step, steps, logs, elapsed, done):
+        """Refresh the live line (a terminal only)."""
         if self.live:
+            text = _format_progress(epoch, self.epochs, step, steps, logs, elapsed, done,
+                                    percent=self.percent)
             self.stream.write("\r" + text.ljust(self.width))
             self.width = len(text)
+            self.stream.flush()
+
+    def summary(self, epoch, logs, *, best):
+        if self.verbose:
+            self.line(_format_summary(epoch, self.epochs, logs, percent=self.percent,
+                                      seconds=logs["time"], best=best))
+
+    def line(self, text):
+        """A whole line, replacing the live line if there is one."""
+        if self.verbose and text:
+            pad = " " * max(0, self.width - len(text)) if self.live else ""
+            self.stream.write(("\r" if self.live and self.width else "") + text + pad + "\n")
+            self.width = 0
             self.stream.flush()
 
     def close(self):
@@ -961,30 +1052,432 @@ class _Printer:
             self.stream.flush()
             self.width = 0
 
-    def line(self, text):
-        if self.verbose:
-            pad = " " * max(0, self.width - len(text)) if self.live else ""
-            self.stream.write(("\r" if self.live and self.width else "") + text + pad + "\n")
-            self.width = 0
-            self.stream.flush()
+
+# --- one epoch ------------------------------------------------------------------
+
+_TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
+_CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
 
 
-def _epoch_logs(meter, model, val_data, loss_fn, stats):
-    """The epoch's training and validation values, in one host read (after an all-reduce
-    of each over the process group, when there is one)."""
-    world = meter.world
-    flat, finish = meter.totals(across_ranks=world > 1)
-    parts = [(_all_reduce(flat, meter.max_positions()) if world > 1 else flat, finish, "")]
-    if val_data is not None:
-        reduce = world > 1 and val_data.sharded
-        flat, finish, top = _evaluate_totals(model, val_data, loss_fn, stats, across_ranks=reduce)
-        parts.append((_all_reduce(flat, top) if reduce else flat, finish, "val_"))
-    vals = torch.cat([p[0] for p in parts]).tolist()  # the epoch's one host read
-    logs, i = {}, 0
-    for flat, finish, prefix in parts:  # training first: a NaN stops before validation counts
-        logs.update({prefix + k: v for k, v in finish(vals[i:i + len(flat)]).items()})
-        i += len(flat)
+class _EpochStart:
+    """How an epoch began: its number, the rate it trains with, the RNG state before its
+    order was drawn (kept only when a mid-epoch snapshot may need it) and its clock.
+
+    ``state`` gives what a mid-epoch snapshot saves of it; ``resumed`` takes it back.
+    """
+
+    def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
+        self.epoch, self.lr, self.rng = epoch, lr, rng
+        self.elapsed_before, self.t0 = elapsed_before, time.perf_counter()
+
+    def state(self):
+        return {"rng_epoch": self.rng, "epoch_lr": self.lr, "epoch_time": self.elapsed()}
+
+    @classmethod
+    def resumed(cls, epoch, state):
+        return cls(epoch, state["epoch_lr"], state["rng_epoch"], state["epoch_time"])
+
+    def elapsed(self):
+        """Seconds spent on this epoch, including those before a resume."""
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+
+def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snapshot=None):
+    """Start epoch ``epoch``: how it began (an _EpochStart) and its batches; continuing a
+    mid-epoch ``snapshot`` (last.pt's dict) where it stopped, when one is given.
+
+    Bit-exact resume rests on the order of these lines:
+      1. restore the RNG state the epoch began with, so that
+      2. drawing the epoch's order, and passing over the batches done, gives the same
+         order as the first time (a DataLoader redraws its own from the same state);
+      3. then restore the RNG state of the snapshot's batch boundary, so that dropout
+         and anything else random goes on from there, not from the epoch's start.
+    Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
+    batches come again. The meter's sums come back beside them (no randomness in them).
+    """
+    if snapshot is None:
+        start = _EpochStart(epoch, stepper.lr(), _rng_state(gen) if keep_rng else None)
+        return start, source.epoch(gen, shuffle, 0, epoch)
+    start = _EpochStart.resumed(epoch, snapshot)
+    _set_rng_state(start.rng, gen)                                # 1
+    batches = source.epoch(gen, shuffle, snapshot["step"], epoch)  # 2
+    meter.load_state_dict(snapshot["meter"], snapshot["step"])
+    _set_rng_state(snapshot["rng"], gen)                          # 3
+    return start, batches
+
+
+def _train_loop(model, batches, loss_fn, stepper, meter, ticker=None):
+    """Train on ``batches``, a step each, summed by ``meter``; ``ticker`` looks now and then."""
+    model.train()
+    step = start = meter.steps
+    next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
+    for xb, yb in batches:
+        loss, out = stepper.step(model, xb, yb, loss_fn, keep_out)
+        meter.add(loss, out, yb, yb.shape[0] if torch.is_tensor(yb) else len(yb))
+        step += 1
+        if step == next_tick and ticker is not None:
+            next_tick = ticker(step, meter)
+    if step == start == 0:
+        raise ValueError("the training data yielded no batches; expected at least one")
+
+
+class _Totals(NamedTuple):
+    """A meter's sums on the device, not yet read back."""
+    flat: torch.Tensor  # [loss sum, *each metric's sums]
+    n: int              # rows
+    counts: list        # each metric's count
+    maxima: list        # positions in ``flat`` that hold maxima (max_error)
+
+
+class _Meter:
+    """Sums of the loss and the metrics over one pass (an epoch's training or its
+    validation), kept on the device.
+
+    ``add`` runs every step and only appends detached tensors to lists: no host
+    read, no arithmetic. Every ``_FOLD_STEPS`` steps (or when the outputs held
+    pass ``_PENDING`` values) what is pending is folded into the sums with a few
+    vectorised ops on the device. Fold points depend only on the step count, so
+    the sums, down to the last bit, do not depend on when anyone looked: ``totals``
+    adds the pending part without folding it. ``check`` is told the loss sum once
+    it is read, and finds the first non-finite loss when that sum is not finite.
+    """
+    _FOLD_STEPS = 128
+    _PENDING = 1 << 22
+
+    def __init__(self, stats, device, loss_fn=None, *, sharded=False):
+        self.stats, self.device, self.sharded = stats, device, sharded
+        # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
+        self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
+        self.n, self.steps = 0, 0
+        self.sums = {k: None for k in stats}
+        self.counts = {k: 0 for k in stats}
+        self.checked = 0    # steps whose loss is known to be finite
+        self.unchecked = []  # folded losses not yet known to be finite, in step order
+        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+
+    def add(self, loss, out, y, n):
+        self._losses.append(loss)
+        self._ns.append(n)
+        self.steps += 1
+        if self.stats:
+            self._outs.append(out)
+            self._ys.append(y)
+            self._numel += out.numel()
+        if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
+            self._fold()
+
+    def _fold(self):
+        if not self._losses:
+            return
+        losses = torch.stack(self._losses)
+        self.loss_sum = self.loss_sum + _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
+        self.n += sum(self._ns)
+        sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
+        for k, st in self.stats.items():
+            self.sums[k] = _combine(st, self.sums[k], sums[k])
+            self.counts[k] += counts[k]
+        self.unchecked.append(losses)
+        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+
+    def totals(self):
+        """The sums so far, the pending steps' included, as a _Totals (nothing is read)."""
+        loss_sum, n, sums, counts = self.loss_sum, self.n, dict(self.sums), dict(self.counts)
+        if self._losses:  # counted, but not folded: fold points stay where they are
+            losses = torch.stack(self._losses)
+            loss_sum = loss_sum + _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
+            n += sum(self._ns)
+            p_sums, p_counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
+            for k, st in self.stats.items():
+                sums[k] = _combine(st, sums[k], p_sums[k])
+                counts[k] += p_counts[k]
+        parts, maxima, i = [loss_sum.reshape(1)], [], 1
+        for k, st in self.stats.items():
+            parts.append(sums[k] if sums[k] is not None else
+                         torch.zeros(st.size, dtype=self.dtype, device=self.device))
+            if st.reduce == "max":
+                maxima += range(i, i + st.size)
+            i += st.size
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return _Totals(flat, n, list(counts.values()), maxima)
+
+    def losses(self):
+        """Every loss not yet known to be finite, in step order (from step checked + 1)."""
+        chunks = self.unchecked + ([torch.stack(self._losses)] if self._losses else [])
+        return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
+
+    def check(self, loss_sum, *, across_ranks=False, world=1):
+        """Given the loss sum read back: FloatingPointError at the first non-finite loss.
+
+        A finite sum means every loss was finite: the search for the first bad step
+        happens only when it was not. Under torch.distributed only the reduced sum
+        decides (``across_ranks``), so that every rank stops at the same point.
+        """
+        if math.isfinite(loss_sum):
+            self.checked += sum(len(u) for u in self.unchecked)
+            self.unchecked = []
+        elif across_ranks:
+            _raise_first_bad_across_ranks(self.losses(), self.checked, self.device)
+        elif world == 1:
+            _raise_first_bad(self.losses(), self.checked, loss_sum)
+
+    def state_dict(self):
+        """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
+        cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
+        return {"loss_sum": self.loss_sum.cpu(), "n": self.n, "counts": dict(self.counts),
+                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
+                "losses": torch.stack(self._losses).cpu() if self._losses else None,
+                "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
+
+    def load_state_dict(self, state, step):
+        dev = self.device
+        self.loss_sum, self.n = state["loss_sum"].to(dev), state["n"]
+        self.counts = dict(state["counts"])
+        self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
+        losses = state["losses"]
+        self._losses = [] if losses is None else list(losses.to(dev))
+        self._ns = list(state["ns"])
+        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
+        self._numel = sum(t.numel() for t in self._outs)
+        self.steps, self.checked = step, step - len(self._losses)
+
+
+def _loss_sum(losses, ns, loss_is_sum, dtype):
+    """The rows' loss sum from batch losses: each batch mean counts for its rows."""
+    total, start = 0, 0
+    for size, run in _runs(ns):  # usually one run of equal batches, two at the end
+        weight = 1 if loss_is_sum else size
+        part = losses if run == len(losses) else losses[start:start + run]
+        total = total + part.sum(dtype=dtype) * weight
+        start += run
+    return total
+
+
+def _metric_sums(stats, outs, ys, dtype):
+    """({name: sums}, {name: count}) of the metrics over the outputs of several steps."""
+    sums, counts = {k: None for k in stats}, {k: 0 for k in stats}
+    if not stats:
+        return sums, counts
+    groups = [(outs[0], ys[0])] if len(outs) == 1 else None
+    if groups is None:
+        try:
+            groups = [(torch.cat(outs), torch.cat(ys))]
+        except RuntimeError:  # outputs of varying shapes (sequences): batch by batch
+            groups = list(zip(outs, ys))
+    for p, y in groups:
+        for k, st in stats.items():
+            s = st.stat(p, y).reshape(-1)
+            s = s if s.dtype == dtype else s.to(dtype)
+            sums[k] = _combine(st, sums[k], s)
+            counts[k] += st.count(p, y)
+    return sums, counts
+
+
+def _combine(st, acc, s):
+    if acc is None or s is None:
+        return s if acc is None else acc
+    return acc + s if st.reduce == "sum" else torch.maximum(acc, s)
+
+
+def _runs(values):
+    """[(value, length)] of consecutive equal values: [10, 10, 10, 4] -> [(10, 3), (4, 1)]."""
+    out = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+def _raise_first_bad(losses, checked, total):
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad) == 0:  # every loss finite, their weighted sum overflowed
+        raise FloatingPointError(f"the sum of the losses overflowed to {total}")
+    j = int(bad[0])
+    raise FloatingPointError(f"loss is {losses[j].item()} at step {checked + j + 1}")
+
+
+def _raise_first_bad_across_ranks(losses, checked, device):
+    """The same FloatingPointError on every rank: the first bad step of any rank."""
+    dist = torch.distributed
+    rank, world = _world()
+    bad = (~torch.isfinite(losses)).nonzero()
+    j = int(bad[0]) if len(bad) else 2**40
+    key = torch.tensor([(checked + j) * world + rank], dtype=torch.float64, device=device)
+    dist.all_reduce(key, op=dist.ReduceOp.MIN)
+    step, owner = divmod(int(key.item()), world)
+    mine = losses[j].double().reshape(1) if owner == rank else torch.zeros(
+        1, dtype=torch.float64, device=device)
+    dist.all_reduce(mine)
+    raise FloatingPointError(f"loss is {mine.item()} at step {step + 1} on rank {owner}")
+
+
+class _Ticker:
+    """Calls ``look`` at most every ``seconds`` without reading the clock each step.
+
+    It predicts from the rate so far how many steps make ``seconds`` and only
+    then reads the clock; each look is one host read (a CUDA sync).
+    """
+
+    def __init__(self, seconds, steps, look, *, at_once=True):
+        self.seconds, self.steps, self.look = seconds, steps, look
+        self.t0, self.start = time.perf_counter(), None
+        self.last = None if at_once else self.t0  # a live line shows the first step at once
+
+    def __call__(self, step, meter):
+        """Look now if it is time; return the step at which to ask again."""
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = step - 1
+        if self.last is None or now - self.last >= self.seconds:
+            self.last = now
+            self.look(step, self.steps, meter, now - self.t0, step - self.start)
+        rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps per second so far
+        return step + max(1, int(rate * (self.seconds - (now - self.last))))
+
+
+def _look_seconds(live, save_every, device):
+    """How often fit looks at the running values inside an epoch, or None for never.
+
+    A live line or mid-epoch snapshots: ten times a second (save_every is weighed
+    at each look). A silent CPU run: once a second, to stop early on a NaN (a read
+    costs nothing there). A silent CUDA run: never, since a read waits for the GPU.
+    """
+    if live or save_every is not None:
+        return _TICK_SECONDS
+    return _CPU_CHECK_SECONDS if device.type == "cpu" else None
+
+
+class _Look:
+    """What fit does when its ticker says so: read the running values (a NaN loss stops
+    here), refresh the live line, and write a mid-epoch snapshot into last.pt once
+    ``save_every`` seconds have passed since the last one."""
+
+    def __init__(self, printer, store, record, start, save_every):
+        self.printer, self.store, self.record, self.start = printer, store, record, start
+        self.save_every, self.last_save = save_every, time.perf_counter()
+
+    def __call__(self, step, steps, meter, elapsed, done):
+        logs = _read([meter])[0]
+        self.printer.progress(self.start.epoch, step, steps, logs, elapsed, done)
+        if self.save_every is not None and time.perf_counter() - self.last_save >= self.save_every:
+            self.store.save_last(self.record, self.start, step, meter)
+            self.last_save = time.perf_counter()
+
+
+class _ProgressLook:
+    """train_epoch's look: the running values handed to its ``progress(step, steps, logs)``."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def __call__(self, step, steps, meter, elapsed, done):
+        self.progress(step, steps, _read([meter])[0])
+
+
+# --- evaluation -----------------------------------------------------------------
+
+def _read(meters, *, across_ranks=False):
+    """The logs of several meters, in one host read.
+
+    A non-finite loss raises FloatingPointError naming its step. ``across_ranks``:
+    the sums of sharded meters are all-reduced over the process group first (every
+    rank must call), so that every rank gets the whole-set values.
+    """
+    totals = [m.totals() for m in meters]
+    reduced = [across_ranks and m.sharded for m in meters]
+    flats = [_all_reduce_totals(t) if r else t.flat for t, r in zip(totals, reduced)]
+    vals = (torch.cat(flats) if len(flats) > 1 else flats[0]).tolist()  # the one host read
+    out, i = [], 0
+    for m, t, r, flat in zip(meters, totals, reduced, flats):  # in order: a NaN in training
+        v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
+        n, counts = (v[len(t.flat)], v[len(t.flat) + 1:]) if r else (t.n, t.counts)
+        m.check(v[0], across_ranks=r, world=_world()[1])
+        out.append(_finish(m.stats, v, n, counts))
+    return out
+
+
+def _finish(stats, vals, n, counts):
+    """The logs from a meter's sums read back as floats."""
+    logs, i = {"loss": vals[0] / n if n else math.nan}, 1
+    for (k, st), count in zip(stats.items(), counts):
+        logs[k] = float(st.finish(vals[i:i + st.size], count))
+        i += st.size
     return logs
+
+
+def _epoch_logs(meter, model, val, loss_fn, stats):
+    """The epoch's training values and, with ``val``, its validation values (``val_``
+    keys), in one host read after one all-reduce of each under torch.distributed."""
+    if val is None:
+        return _read([meter], across_ranks=True)[0]
+    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats)], across_ranks=True)
+    return {**logs, **{"val_" + k: v for k, v in val_logs.items()}}
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_pass(model, source, loss_fn, stats):
+    """One pass over ``source`` in eval mode without grad; its sums in a _Meter, unread."""
+    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded)
+    zero = torch.zeros((), device=source.device)
+    with _eval_mode(model):
+        for xb, yb in source.epoch():
+            out = model(xb)
+            n = yb.shape[0] if torch.is_tensor(yb) else len(yb)
+            meter.add(loss_fn(out, yb) if loss_fn is not None else zero, out, yb, n)
+    if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
+        raise ValueError("the evaluation data yielded no batches; expected at least one")
+    return meter
+
+
+def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None):
+    """Loss and metrics over a whole set, in eval mode without grad; model mode restored."""
+    device = _check_model(model, device)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    stats = _metric_table(metrics)
+    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
+    logs = _read([_evaluate_pass(model, source, loss_fn, stats)])[0]
+    if loss_fn is None:
+        del logs["loss"]
+    return logs
+
+
+def predict(model, X_or_data, *, batch_size=256, device=None):
+    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad)."""
+    device = _check_model(model, device)
+    _check_batch_size(batch_size)
+    data = X_or_data
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        data = data[0]
+    if torch.is_tensor(data):
+        if data.dim() == 0 or len(data) == 0:
+            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
+                             f"{tuple(data.shape)}")
+        X = data.to(device)
+        inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
+    elif hasattr(data, "__iter__"):
+        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
+    else:
+        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
+                        f"batches, got {type(data).__name__}")
+    with _eval_mode(model):
+        outs = [model(xb) for xb in inputs]  # kept on the device: one transfer at the end
+    if not outs:
+        raise ValueError("predict: the data yielded no batches; expected at least one")
+    return torch.cat(outs).cpu()
 
 
 # --- distributed ------------------------------------------------------------------
@@ -1032,16 +1525,29 @@ def _leave_group():
         dist.destroy_process_group()
 
 
-def _all_reduce(flat, max_positions):
-    """Sum ``flat`` over the ranks, taking the maximum at ``max_positions``."""
+def _all_reduce_totals(totals):
+    """A meter's sums and counts summed over the ranks (maxima: the largest): the layout
+    [loss sum, *metric sums, rows, *counts], so that the counts travel with the sums."""
+    flat = totals.flat
+    counts = torch.tensor([totals.n, *totals.counts], dtype=flat.dtype, device=flat.device)
+    flat = torch.cat([flat, counts])
     dist = torch.distributed
     total = flat.clone()
     dist.all_reduce(total)
-    if max_positions:
+    if totals.maxima:
         top = flat.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        total[max_positions] = top[max_positions]
+        total[totals.maxima] = top[totals.maxima]
     return total
+
+
+def _gather(obj, world):
+    """Every rank's ``obj`` as a list (on every rank), or None without a process group."""
+    if world == 1:
+        return None
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _agree(flag):
@@ -1055,71 +1561,50 @@ def _agree(flag):
 
 # --- fit ------------------------------------------------------------------------
 
-def _model_device(model):
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
+                generator=None, device=None, scheduler=None, scheduler_interval="epoch",
+                clip_grad_norm=None, progress=None):
+    """Train one epoch (train mode) and return its exact loss and metrics as floats.
+
+    ``progress(step, steps, logs)``, if given, is called at most ten times a
+    second with the running values (``steps`` is None for unsized data). An epoch
+    scheduler is stepped once at the end (ReduceLROnPlateau with the epoch's loss).
+    """
+    device = _check_model(model, device)
+    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    stats = _metric_table(metrics)
+    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
+    stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
+                       clip_grad_norm=clip_grad_norm)
+    meter = _Meter(stats, device, loss_fn)
+    ticker = None if progress is None else _Ticker(_TICK_SECONDS, source.steps,
+                                                   _ProgressLook(progress))
+    _train_loop(model, source.epoch(generator, shuffle), loss_fn, stepper, meter, ticker)
+    logs = _read([meter])[0]
+    stepper.end_epoch(logs["loss"])
+    return logs
 
 
-def _check_model(model, device):
-    """The device to train on; ValueError if the model's parameters live elsewhere."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    here = _model_device(model)
-    if device is None:
-        return here
+@contextlib.contextmanager
+def _nan_stops_training(epoch, printer):
+    """A FloatingPointError (a non-finite loss) stops training with a message naming the epoch."""
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or 'cuda'") \
-            from None
-    same = here.type == device.type and (device.index is None or here.index is None
-                                         or here.index == device.index)
-    if not same:
-        raise ValueError(f"the model's parameters are on {here} but device={str(device)!r}; "
-                         f"move the model first (model.to({str(device)!r})) and create the "
-                         "optimizer after")
-    return here if device.index is None else device
+        yield
+    except FloatingPointError as e:
+        printer.close()
+        raise FloatingPointError(
+            f"epoch {epoch}: {e}; training stopped, and best.pt/last.pt keep the last good "
+            "state. Lower the learning rate, clip gradients (clip_grad_norm=1.0) or look for "
+            "NaN/inf in the data") from None
 
 
-def _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm):
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got "
-                         f"{scheduler_interval!r}")
-    if scheduler is not None and not hasattr(scheduler, "step"):
-        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
-                                           and clip_grad_norm > 0):
-        raise ValueError(f"clip_grad_norm must be a positive number or None, got "
-                         f"{clip_grad_norm!r}")
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def _seed_all(seed):
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    random.seed(seed)
-    np = sys.modules.get("numpy")
-    if np is not None:
-        np.random.seed(seed % 2**32)
-
-
-class _Run:
-    """What fit carries from epoch to epoch; what last.pt saves, and resume restores."""
-
-    def __init__(self, keys):
-        self.history = {k: [] for k in keys}
-        self.epoch, self.best, self.best_epoch, self.wait, self.stopped = 0, None, None, 0, False
+def _hook_stops(on_epoch_end, epoch, logs, world):
+    """Whether ``on_epoch_end`` asks to stop; under torch.distributed every rank stops if
+    any rank's hook asked, so that none waits for another that left."""
+    stop = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
+    return stop if world == 1 else _agree(stop)
 
 
 def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
@@ -1135,226 +1620,70 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     ``batch_size`` and 256, as ``evaluate``; no graph is kept, so it costs less
     memory per row than training).
     """
-    # 1. Every argument is checked before any work and before any file is written.
-    device = _check_model(model, device)
-    rank, world = _world()
-    if world > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        raise ValueError(f"the process group has {world} ranks but the model is not wrapped in "
-                         "DistributedDataParallel, so the ranks would not share gradients; wrap "
-                         "it (model, device = loops.setup_distributed(model)) before creating "
-                         "the optimizer")
-    if world > 1 and save_every is not None:
-        raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
-                         "snapshot would need every rank at the same step); checkpoints are "
-                         "written at the end of each epoch")
-    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
-    _check_int("epochs", epochs, 0)
-    stats = _metric_table(metrics)
-    train_data = _Data(train, what="train", batch_size=batch_size, device=device,
-                       reused=epochs > 1, rank=rank, world=world)
-    if val_batch_size is None:
-        val_batch_size = max(batch_size, 256) if isinstance(batch_size, int) else batch_size
-    val_data = None if val is None else _Data(val, what="val", batch_size=val_batch_size,
-                                              device=device, reused=epochs > 1, rank=rank,
-                                              world=world, shard=True)
-    keys = ["epoch", "loss", *stats]
-    if val_data is not None:
-        keys += ["val_loss", *("val_" + k for k in stats)]
-    keys += ["lr", "time"]
-    monitor = monitor or ("val_loss" if val_data is not None else "loss")
-    if monitor not in keys or monitor in ("epoch", "lr", "time"):
-        raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
-                         f"{', '.join(k for k in keys if k not in ('epoch', 'lr', 'time'))}"
-                         + ("" if val_data is not None or not monitor.startswith("val_")
-                            else " (val_ values need val=)"))
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    if patience is not None:
-        _check_int("patience", patience, 1)
-    if not isinstance(min_delta, (int, float)) or min_delta < 0:
-        raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    if on_epoch_end is not None and not callable(on_epoch_end):
-        raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
-    if save_every is not None and not (isinstance(save_every, (int, float)) and save_every >= 0):
-        raise ValueError(f"save_every must be a number of seconds >= 0, got {save_every!r}")
-    if (resume or save_every is not None) and checkpoint is None:
-        raise ValueError("resume=True and save_every need checkpoint=DIR to know where last.pt is")
-    last_path = best_path = None
-    if checkpoint is not None:
-        last_path, best_path = (os.path.join(os.fspath(checkpoint), f) for f in ("last.pt",
-                                                                                 "best.pt"))
-        if not resume and os.path.exists(last_path):
-            raise ValueError(f"{checkpoint!r} already holds a run ({last_path}); pass resume=True "
-                             "to continue it, or choose another directory (nothing is overwritten)")
-    is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    if is_plateau and scheduler_interval == "step":
-        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
-                         "'epoch'")
+    # Checks: every argument, before any work and before any file is written.
+    plan = _check_fit(model, train, loss_fn, optimizer, epochs=epochs, val=val,
+                      batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
+                      monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
+                      scheduler=scheduler, scheduler_interval=scheduler_interval,
+                      clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
+                      on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
+                      save_every=save_every)
+    device, rank, world = plan.device, plan.rank, plan.world
 
-    # 2. The run's state: fresh, or continued from last.pt.
-    # Every rank draws the same permutations (one generator seed) and its own dropout
-    # masks (torch's global RNG seeded with seed + rank).
-    gen = torch.Generator()
-    if seed is not None:
-        _seed_all(seed + rank)
-        gen.manual_seed(seed)
-    else:  # follows torch.manual_seed, so seeding torch makes the shuffles repeatable too
-        draw = torch.randint(0, 2**62, (1,)).to(device)
-        if world > 1:
-            torch.distributed.broadcast(draw, src=0)
-        gen.manual_seed(int(draw.item()))
-    if checkpoint is not None:
-        _prepare_dir(checkpoint)
-    run, partial = _Run(keys), None
-    if resume and os.path.exists(last_path):
-        partial = _resume(last_path, model, optimizer, scheduler, run, gen, keys, epochs, rank,
-                          world)
-    saved = f"epoch {run.epoch}" + (f" + {partial['step']} steps" if partial else "")
-    printer = _Printer(verbose if rank == 0 else 0)  # one rank speaks
-    percent = {k for k, st in stats.items() if any(st is _STATS[p] for p in _PERCENT)}
-    percent |= {"val_" + k for k in percent}
-    better = (lambda a, b: a < b - min_delta) if mode == "min" else (lambda a, b: a > b + min_delta)
-    best_weights = None
+    # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
+    # the run's record, the checkpoint directory (and last.pt to continue from), printing.
+    gen = _shuffle_generator(seed, device, rank, world)
+    stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
+                       clip_grad_norm=clip_grad_norm)
+    record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
+                     patience=patience, keep_best=restore_best)
+    store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world)
+    snapshot = store.resume(record, epochs) if resume else None
+    printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
+    look_seconds = _look_seconds(printer.live, save_every, device)
 
-    def save_last(step=0, meter=None, epoch_start=None, lr=None, elapsed=0.0):
-        nonlocal saved
-        rng, ranks = _rng_state(gen), None
-        if world > 1:  # every rank's random state, so that each resumes its own
-            ranks = [None] * world
-            torch.distributed.all_gather_object(ranks, rng)
-        saved = f"epoch {run.epoch}" + (f" + {step} steps" if step else "")
-        if rank != 0:  # one writer
-            return
-        save_checkpoint(
-            last_path, model, optimizer, format="loops/1", rng_ranks=ranks,
-            scheduler=scheduler.state_dict() if scheduler is not None else None,
-            epoch=run.epoch, step=step, meter=meter, rng=rng, rng_epoch=epoch_start,
-            epoch_lr=lr, epoch_time=elapsed, history=run.history, best=run.best,
-            best_epoch=run.best_epoch, wait=run.wait, stopped=run.stopped, monitor=monitor)
-
-    # 3. The epochs.
-    epoch = run.epoch + 1
+    epoch = record.epoch + 1
     try:
-        if run.stopped or run.epoch >= epochs:
-            printer.line(f"nothing to do: {run.epoch} epochs done"
-                         + (" (training had stopped early)" if run.stopped else ""))
-            epochs = run.epoch
-        for epoch in range(run.epoch + 1, epochs + 1):
-            t0 = time.perf_counter()
-            start, elapsed_before = 0, 0.0
-            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
-            epoch_start = _rng_state(gen) if save_every is not None else None
-            if partial is not None:  # continuing a mid-epoch snapshot
-                start, lr, elapsed_before = partial["step"], partial["epoch_lr"], \
-                    partial["epoch_time"]
-                epoch_start = partial["rng_epoch"]
-                _set_rng_state(epoch_start, gen)
-            meter = _Meter(stats, device, loss_is_sum=_is_sum(loss_fn))
-            source = train_data.epoch(gen, shuffle, start, epoch)  # draws the epoch's order
-            if partial is not None:  # randomness goes on from where the snapshot left it
-                meter.load(partial["meter"], start)
-                _set_rng_state(partial["rng"], gen)
-                partial = None
-            last_save = time.perf_counter()
-
-            def on_tick(step_now, steps, logs, elapsed, done):
-                nonlocal last_save
-                printer.update(_format_progress(epoch, epochs, step_now, steps, logs, elapsed,
-                                                done, percent=percent))
-                if save_every is not None and time.perf_counter() - last_save >= save_every:
-                    save_last(step_now, meter.state(), epoch_start, lr,
-                              elapsed_before + time.perf_counter() - t0)
-                    last_save = time.perf_counter()
-
-            silent_cpu = device.type == "cpu" and not printer.live and save_every is None
-            seconds = _CPU_CHECK_SECONDS if silent_cpu else _TICK_SECONDS
-            ticker = (_Ticker(seconds, train_data.steps, on_tick, at_once=printer.live)
-                      if printer.live or save_every is not None or device.type == "cpu" else None)
-            try:
-                _train_loop(model, source, loss_fn, optimizer, meter,
-                            scheduler=scheduler if scheduler_interval == "step" else None,
-                            clip_grad_norm=clip_grad_norm, ticker=ticker)
-                logs = {"epoch": epoch, **_epoch_logs(meter, model, val_data, loss_fn, stats)}
-            except FloatingPointError as e:
-                printer.close()
-                raise FloatingPointError(
-                    f"epoch {epoch}: {e}; training stopped, and best.pt/last.pt keep the last "
-                    "good state. Lower the learning rate, clip gradients (clip_grad_norm=1.0) "
-                    "or look for NaN/inf in the data") from None
-            logs["lr"], logs["time"] = lr, elapsed_before + time.perf_counter() - t0
-            value = logs[monitor]
-            if scheduler is not None and scheduler_interval == "epoch":
-                scheduler.step(value) if is_plateau else scheduler.step()
-            for k in keys:
-                run.history[k].append(float(logs[k]))
-            run.epoch = epoch
-            improved = math.isfinite(value) and (run.best is None or better(value, run.best))
-            if improved:
-                run.best, run.best_epoch, run.wait = value, epoch, 0
-                if restore_best:
-                    best_weights = {k: v.detach().clone()
-                                    for k, v in _unwrap(model).state_dict().items()}
-            else:
-                run.wait += 1
-            run.stopped = patience is not None and run.wait >= patience
-            if checkpoint is not None:  # saved before it is announced, or a hook runs
-                if improved and rank == 0:
-                    save_checkpoint(best_path, model, format="loops/1", epoch=epoch,
-                                    monitor=monitor, value=value)
-                save_last()
-                if rank == 0:
-                    _write_csv(os.path.join(os.fspath(checkpoint), "history.csv"), run.history)
-            if printer.verbose:
-                printer.line(_format_summary(epoch, epochs, logs, percent=percent,
-                                             seconds=logs["time"], best=improved))
-            stop = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
-            if stop if world == 1 else _agree(stop):  # every rank stops, or none
-                run.stopped = True
-                if checkpoint is not None:
-                    save_last()  # so that a resume does not train on past the hook's stop
-            if run.stopped:
-                if patience is not None and run.wait >= patience:
-                    printer.line(f"early stop: {monitor} did not improve for {patience} epochs "
-                                 f"(best {_num(run.best)} at epoch {run.best_epoch})")
+        if not record.epochs_to_run(epochs):
+            printer.line(f"nothing to do: {record.epoch} epochs done"
+                         + (" (training had stopped early)" if record.stopped else ""))
+        for epoch in record.epochs_to_run(epochs):
+            # Train: the epoch's batches (where a mid-epoch snapshot stopped, when
+            # resuming one), then a step on each, looked at now and then.
+            meter = _Meter(plan.stats, device, loss_fn, sharded=plan.train.sharded)
+            start, batches = _begin_epoch(epoch, plan.train, gen, meter, stepper,
+                                          shuffle=shuffle, keep_rng=save_every is not None,
+                                          snapshot=snapshot)
+            snapshot = None  # only the first epoch of a resumed run continues a snapshot
+            ticker = None if look_seconds is None else _Ticker(
+                look_seconds, plan.train.steps, _Look(printer, store, record, start, save_every),
+                at_once=printer.live)
+            with _nan_stops_training(epoch, printer):
+                _train_loop(model, batches, loss_fn, stepper, meter, ticker)
+                # Evaluate: training and validation values, in one host read.
+                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
+                                                      plan.stats)}
+            logs["lr"], logs["time"] = start.lr, start.elapsed()
+            # Record: the scheduler's epoch step, the history, the best value, patience.
+            stepper.end_epoch(logs[plan.monitor])
+            improved = record.add(logs, model)
+            # Save before the epoch is announced or the hook runs; then report it.
+            store.save_epoch(record, improved)
+            printer.summary(epoch, logs, best=improved)
+            # Stop? Patience ran out, or the hook asked (saved, so a resume stops too).
+            if _hook_stops(on_epoch_end, epoch, logs, world):
+                record.stopped = "on_epoch_end"
+                store.save_last(record)
+            if record.stopped:
+                printer.line(record.why_stopped())
                 break
     except KeyboardInterrupt:
         # Nothing is written here: the weights are from the middle of an unsaved
         # stretch, and last.pt already holds the last consistent point.
-        printer.line(f"interrupted during epoch {epoch}: returning the history of {run.epoch} "
-                     "completed epochs" + (f"; last.pt holds {saved}" if last_path else ""))
-        return run.history
-    if restore_best and run.best_epoch is not None:
-        if best_weights is not None:
-            _unwrap(model).load_state_dict(best_weights)
-        elif best_path is not None and os.path.exists(best_path):
-            load_checkpoint(best_path, model)
-    return run.history
-
-
-def _resume(path, model, optimizer, scheduler, run, gen, keys, epochs, rank=0, world=1):
-    """Restore the run from last.pt; the partial epoch's state if it was a mid-epoch snapshot."""
-    ck = load_checkpoint(path, model, optimizer)
-    if ck.get("format") != "loops/1":
-        raise ValueError(f"{path} was not written by fit (no 'format': 'loops/1'); cannot resume")
-    if list(ck["history"]) != keys:
-        raise ValueError(f"{path} recorded {list(ck['history'])}, this run records {keys}; "
-                         "resume with the same metrics and val")
-    done = ck["epoch"] + (1 if ck["step"] else 0)
-    if epochs < ck["epoch"] or (ck["step"] and epochs < done):
-        raise ValueError(f"{path} already trained {ck['epoch']} epochs"
-                         + (f" and part of epoch {done}" if ck["step"] else "")
-                         + f"; epochs={epochs} is the total, counting those: pass epochs >= "
-                           f"{done}")
-    if (ck["scheduler"] is None) != (scheduler is None):
-        raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
-                         "scheduler; resume with the same setup")
-    if scheduler is not None:
-        scheduler.load_state_dict(ck["scheduler"])
-    run.history = {k: list(v) for k, v in ck["history"].items()}
-    run.epoch, run.best, run.best_epoch = ck["epoch"], ck["best"], ck["best_epoch"]
-    run.wait, run.stopped = ck["wait"], ck["stopped"]
-    ranks = ck.get("rng_ranks")
-    _set_rng_state(ranks[rank] if ranks and len(ranks) == world else ck["rng"], gen)
-    return ck if ck["step"] else None
+        printer.line(f"interrupted during epoch {epoch}: returning the history of "
+                     f"{record.epoch} completed epochs"
+                     + (f"; last.pt holds {store.holds}" if store.holds else ""))
+        return record.history
+    if restore_best:
+        record.restore_best(model, store.best_path)
+    return record.history

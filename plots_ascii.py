@@ -19,9 +19,11 @@ From a shell, compare runs by their history.csv files, one series per run:
 
     python plots_ascii.py runs/a/history.csv runs/b/history.csv --keys loss,val_loss
 """
+import argparse
 import math
 import os
 import sys
+from typing import NamedTuple
 
 __all__ = ["line_plot", "plot_history", "histogram", "bar_chart", "matrix", "image", "scatter",
            "sparkline", "side_by_side"]
@@ -189,82 +191,118 @@ def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel
     """
     if not isinstance(series, dict):
         series = {"": series}
-    names = list(series)
     data = {k: _floats(v, f"series {k!r}") for k, v in series.items()}
-    glyphs = UNICODE_GLYPHS if unicode else GLYPHS
     n = max((len(v) for v in data.values()), default=0)
-    notes = []
+    yr = _y_range(data, logy=logy, ymin=ymin, ymax=ymax)
+    ticks = _y_ticks(yr.lo, yr.hi, height, logy)
+    label_w = max((len(s) for _, s in ticks), default=1)
+    cols = max(2, width - label_w - 3)
+    glyphs = dict(zip(data, _cycle(UNICODE_GLYPHS if unicode else GLYPHS, len(data))))
+    mark_cols = _mark_columns(marks, n, cols)
+    grid = _grid(data, yr, glyphs, mark_cols, n, cols, height)
+    lines = ([title.center(width).rstrip()] if title else []) + ([ylabel] if ylabel else [])
+    lines += _frame(grid, ticks, yr, label_w, unicode)
+    lines += _x_axis(n, cols, label_w, xlabel, unicode)
+    lines += _legend(data, glyphs, yr.clipped)
+    if mark_cols:
+        lines.append(f": {BEST} marked {', '.join(str(x) for x in sorted(marks))}")
+    if yr.notes:
+        lines.append("(" + "; ".join(yr.notes) + ")")
+    return "\n".join(lines)
 
-    # The y range: finite values only, after the user's limits; +-inf and values
-    # beyond the limits are drawn on the edge and counted in the legend.
-    def scaled(v):
-        if logy:
-            return math.log10(v) if v > 0 else (-math.inf if v == 0 else math.nan)
-        return v
-    ys = {k: [scaled(v) for v in vs] for k, vs in data.items()}
+
+class _YRange(NamedTuple):
+    lo: float        # the axis' ends, on its scale (log10 with logy)
+    hi: float
+    ys: dict         # each series on the axis' scale
+    clipped: dict    # per series: values drawn on the edge (+-inf, beyond ymin/ymax)
+    notes: list      # "no data", "constant 2.000", ...
+
+
+def _y_range(data, *, logy, ymin, ymax):
+    """The y range: finite values only, after the user's limits; +-inf and values
+    beyond the limits are drawn on the edge and counted in the legend."""
+    ys = {k: [_scaled(v, logy) for v in vs] for k, vs in data.items()}
     finite = [v for vs in ys.values() for v in vs if math.isfinite(v)]
-    lo_lim = scaled(ymin) if ymin is not None and (not logy or ymin > 0) else None
-    hi_lim = scaled(ymax) if ymax is not None and (not logy or ymax > 0) else None
+    lo_lim = _scaled(ymin, logy) if ymin is not None and (not logy or ymin > 0) else None
+    hi_lim = _scaled(ymax, logy) if ymax is not None and (not logy or ymax > 0) else None
     lo = lo_lim if lo_lim is not None else (min(finite) if finite else 0.0)
     hi = hi_lim if hi_lim is not None else (max(finite) if finite else 1.0)
+    n = max((len(v) for v in data.values()), default=0)
+    notes = []
     if not finite:
         notes.append("no data" if n == 0 else "no finite values")
     elif max(finite) == min(finite):
-        notes.append(f"constant {_short(data[names[0]][0] if n == 1 else finite[0])}"
-                     if n > 1 else "one point")
+        notes.append(f"constant {_short(finite[0])}" if n > 1 else "one point")
     if hi <= lo:
         pad = abs(hi) * 0.1 if hi else 1.0
         lo, hi = (lo - pad, hi + pad) if lo_lim is None or hi_lim is None else (lo, lo + 1.0)
+    clipped = {k: sum(1 for v in vs if math.isinf(v) or (math.isfinite(v) and (
+        (lo_lim is not None and v < lo_lim) or (hi_lim is not None and v > hi_lim))))
+        for k, vs in ys.items()}
+    return _YRange(lo, hi, ys, clipped, notes)
 
-    ticks = _y_ticks(lo, hi, height, logy)
-    label_w = max((len(s) for _, s in ticks), default=1)
-    cols = max(2, width - label_w - 3)
-    grid = [[" "] * cols for _ in range(height)]
 
-    def row(v):
-        return height - 1 - round((min(max(v, lo), hi) - lo) / (hi - lo) * (height - 1))
+def _scaled(v, logy):
+    if logy:
+        return math.log10(v) if v > 0 else (-math.inf if v == 0 else math.nan)
+    return v
 
-    mark_cols = set()
+
+def _row(v, yr, height):
+    """The grid row of value ``v`` (on the axis' scale), clipped to the frame."""
+    return height - 1 - round((min(max(v, yr.lo), yr.hi) - yr.lo) / (yr.hi - yr.lo)
+                              * (height - 1))
+
+
+def _mark_columns(marks, n, cols):
+    out = set()
     for x in marks or ():
         if n > 1 and 1 <= x <= n:
-            mark_cols.add(round((x - 1) / (n - 1) * (cols - 1)))
+            out.add(round((x - 1) / (n - 1) * (cols - 1)))
         elif n == 1 and x == 1:
-            mark_cols.add(cols // 2)
+            out.add(cols // 2)
+    return out
+
+
+def _grid(data, yr, glyphs, mark_cols, n, cols, height):
+    """The plotting area as rows of characters: the marked columns, then each series."""
+    grid = [[" "] * cols for _ in range(height)]
     for c in mark_cols:
         for r in range(height):
             grid[r][c] = ":"
-    clipped = {}
-    for k, glyph in zip(names, _cycle(glyphs, len(names))):
-        vs = ys[k]
-        clipped[k] = sum(1 for v in vs if math.isinf(v) or (math.isfinite(v) and (
-            (lo_lim is not None and v < lo_lim) or (hi_lim is not None and v > hi_lim))))
-        edge = [hi if v == math.inf else lo if v == -math.inf else v for v in vs]
+    for k, glyph in glyphs.items():
+        edge = [yr.hi if v == math.inf else yr.lo if v == -math.inf else v for v in yr.ys[k]]
         best = _best(k, data[k])
         best_col = None if best is None else (
             cols // 2 if n == 1 else round(best[0] / (n - 1) * (cols - 1)))
         for c, span in enumerate(_column_spans(edge, cols)):
             if span is None:
                 continue
-            for r in range(row(span[1]), row(span[0]) + 1):
+            for r in range(_row(span[1], yr, height), _row(span[0], yr, height) + 1):
                 grid[r][c] = BEST if c == best_col and c in mark_cols else glyph
+    return grid
 
-    lines = []
-    if title:
-        lines.append(title.center(width).rstrip())
-    if ylabel:
-        lines.append(ylabel)
+
+def _frame(grid, ticks, yr, label_w, unicode):
+    """The grid inside a frame, with the y ticks' labels on the left."""
+    height, cols = len(grid), len(grid[0])
+    h, v, corner = ("─", "│", "+") if unicode else ("-", "|", "+")
     tick_rows = {}
     for t, s in ticks:
-        tick_rows.setdefault(row(t), s)
-    h, v_, corner = ("─", "│", "+") if unicode else ("-", "|", "+")
-    lines.append(" " * label_w + " " + corner + h * cols + corner)
+        tick_rows.setdefault(_row(t, yr, height), s)
+    lines = [" " * label_w + " " + corner + h * cols + corner]
     for r in range(height):
         label = tick_rows.get(r, "")
-        lines.append(f"{label:>{label_w}} " + ("+" if label else v_) + "".join(grid[r]) + v_)
-    # x axis: whole-number ticks that do not collide
-    axis = [h] * cols
-    labels = [" "] * (cols + 1)
-    last_end = -1
+        lines.append(f"{label:>{label_w}} " + ("+" if label else v) + "".join(grid[r]) + v)
+    return lines
+
+
+def _x_axis(n, cols, label_w, xlabel, unicode):
+    """The frame's bottom edge with whole-number ticks that do not collide, their labels
+    and the axis' name."""
+    h, corner = ("─", "+") if unicode else ("-", "+")
+    axis, labels, last_end = [h] * cols, [" "] * (cols + 1), -1
     for x, c in _x_ticks(n, cols):
         text = str(x)
         start = min(c, cols + 1 - len(text))  # the last label ends under the frame's edge
@@ -273,30 +311,29 @@ def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel
         axis[c] = "+"
         labels[start:start + len(text)] = text
         last_end = start + len(text)
-    lines.append(" " * label_w + " " + corner + "".join(axis) + corner)
-    lines.append((" " * (label_w + 2) + "".join(labels)).rstrip())
+    lines = [" " * label_w + " " + corner + "".join(axis) + corner,
+             (" " * (label_w + 2) + "".join(labels)).rstrip()]
     if xlabel:
         lines.append((" " * (label_w + 2) + xlabel.center(cols)).rstrip())
-    # legend, outside the plotting area
-    name_w = max((len(k) for k in names), default=0)
-    for k, glyph in zip(names, _cycle(glyphs, len(names))):
+    return lines
+
+
+def _legend(data, glyphs, clipped):
+    """A line per series below the frame: its glyph, name, last and best value."""
+    name_w = max((len(k) for k in data), default=0)
+    lines = []
+    for k, glyph in glyphs.items():
         vals = data[k]
-        finite_vals = [v for v in vals if math.isfinite(v)]
         parts = [f"{glyph} {k:<{name_w}}" if name_w else glyph]
-        if finite_vals:
-            parts.append(f"last {_short(vals[-1])}")
+        if any(math.isfinite(v) for v in vals):
             best = _best(k, vals)
-            parts.append(f"best {_short(best[1])} @ {best[0] + 1}")
+            parts += [f"last {_short(vals[-1])}", f"best {_short(best[1])} @ {best[0] + 1}"]
         else:
             parts.append("no finite values" if vals else "no data")
         if clipped[k]:
             parts.append(f"{clipped[k]} clipped to the edge")
         lines.append("  ".join(parts))
-    if mark_cols:
-        lines.append(f": {BEST} marked {', '.join(str(x) for x in sorted(marks))}")
-    if notes:
-        lines.append("(" + "; ".join(notes) + ")")
-    return "\n".join(lines)
+    return lines
 
 
 def _cycle(chars, n):
@@ -580,39 +617,37 @@ def _run_name(path, taken):
     return name
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as every other error here
+        raise ValueError(message)
+
+
+def _parser():
+    p = _Parser(prog="python plots_ascii.py",
+                description="Draw the curves of one or more runs, one chart per key and "
+                            "one series per run (named after its directory).")
+    p.add_argument("paths", nargs="*", metavar="RUN/history.csv")
+    p.add_argument("--keys", default=None, help="columns to draw, e.g. loss,val_loss "
+                   "(default: all but epoch and time)")
+    p.add_argument("--width", type=int, default=72)
+    p.add_argument("--height", type=int, default=18)
+    return p
+
+
 def main(argv=None):
     """python plots_ascii.py RUN/history.csv [...] [--keys a,b] [--width N] [--height N]"""
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts = {"--keys": None, "--width": "72", "--height": "18"}
-    paths = []
     try:
-        while args:
-            a = args.pop(0)
-            if a in ("-h", "--help"):
-                print(main.__doc__)
-                return 0
-            if a in opts:
-                if not args:
-                    raise ValueError(f"{a} needs a value")
-                opts[a] = args.pop(0)
-            elif a.startswith("--") and "=" in a and a.split("=")[0] in opts:
-                opts[a.split("=")[0]] = a.split("=", 1)[1]
-            elif a.startswith("-"):
-                raise ValueError(f"unknown option {a}; expected --keys, --width, --height")
-            else:
-                paths.append(a)
-        if not paths:
+        args = _parser().parse_args(argv)
+        if not args.paths:
             raise ValueError("no history.csv given; usage: python plots_ascii.py "
                              "RUN/history.csv [RUN2/history.csv ...] [--keys loss,val_loss]")
-        width, height = int(opts["--width"]), int(opts["--height"])
         runs = {}
-        for p in paths:
+        for p in args.paths:
             if not os.path.isfile(p):
                 raise ValueError(f"{p}: no such file")
             runs[_run_name(p, runs)] = _read_history(p)
         known = [k for h in runs.values() for k in h if k not in ("epoch", "time")]
-        keys = (opts["--keys"].split(",") if opts["--keys"]
-                else list(dict.fromkeys(known)))
+        keys = args.keys.split(",") if args.keys else list(dict.fromkeys(known))
         missing = [k for k in keys if k not in known]
         if missing:
             raise ValueError(f"no column {missing[0]!r} in any run; the runs have "
@@ -623,7 +658,7 @@ def main(argv=None):
     charts = []
     for k in keys:
         series = {name: h[k] for name, h in runs.items() if k in h}
-        charts.append(line_plot(series, width=width, height=height, title=k,
+        charts.append(line_plot(series, width=args.width, height=args.height, title=k,
                                 ymin=0 if any(k.removeprefix("val_").startswith(m)
                                               for m in _MAXIMISED[:2]) else None))
     print("\n\n".join(charts))
