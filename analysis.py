@@ -34,11 +34,14 @@ def confusion_view(pred_labels, y, num_classes, *, class_names=None, title="conf
     names = [str(c) for c in (class_names or range(num_classes))]
     table = plots_ascii.matrix(cm.tolist(), row_labels=names, col_labels=names,
                                title=f"{title} (rows: true, columns: predicted)")
-    totals = cm.sum(1).clamp_min(1)
-    per_class = {n: 100.0 * cm[i, i].item() / totals[i].item() for i, n in enumerate(names)}
-    overall = cm.diagonal().sum().item() / max(1, cm.sum().item())
-    bars = plots_ascii.bar_chart(per_class, width=40,
-                                 title=f"accuracy per class, % (overall {overall:.1%})")
+    right, total = cm.diagonal().tolist(), cm.sum(1).tolist()
+    per_class = {n: 100.0 * r / t if t else 0.0 for n, r, t in zip(names, right, total)}
+    counts = {n: (f"{100.0 * r / t:.0f}% ({r}/{t})" if t else "no samples")
+              for n, r, t in zip(names, right, total)}
+    overall = sum(right) / max(1, sum(total))
+    bars = plots_ascii.bar_chart(per_class, width=40, labels=counts,
+                                 title=f"accuracy per class (overall {overall:.1%} of "
+                                       f"{sum(total)})")
     return table + "\n\n" + bars
 
 
@@ -154,17 +157,30 @@ class ConfidenceTracker:
         self.last = record
 
     def view(self, bins=10, width=40):
+        """The histograms, first epoch above the last, on the same bins over [0, 1] and
+        the same bar scale, so that they compare bar for bar."""
         if self.first is None:
             return "no epoch recorded"
         parts = []
         for key, what in (("confidence", "largest probability"),
                           ("p_true", "probability of the true label")):
-            for rec in (self.first, self.last):
+            recs = (self.first, self.last)
+            top = max(_largest_bin(r[key].tolist(), bins) for r in recs)
+            for rec in recs:
                 values = rec[key]
                 parts.append(plots_ascii.histogram(
-                    values.tolist(), bins=bins, width=width,
+                    values.tolist(), bins=bins, width=width, value_range=(0.0, 1.0), top=top,
                     title=f"{what}, epoch {rec['epoch']} (mean {values.mean():.3f})"))
         return "\n\n".join(parts)
+
+
+def _largest_bin(values, bins):
+    """The largest count of ``bins`` equal bins over [0, 1], binned as plots_ascii.histogram."""
+    counts = [0] * bins
+    for v in values:
+        if 0.0 <= v <= 1.0:
+            counts[min(int(v / (1.0 / bins)), bins - 1)] += 1
+    return max(counts)
 
 
 def _device_of(model):

@@ -48,6 +48,7 @@ A per-batch log line goes in ``_Look`` (or ``_train_loop``); a change to the
 step itself (accumulation, mixed precision) in ``_Stepper.step``.
 """
 import atexit
+import builtins
 import contextlib
 import csv
 import io
@@ -139,12 +140,14 @@ class _TensorSource:
     cut in ``world`` parts and rank ``rank`` takes its own (see ``_slices``).
     """
 
-    def __init__(self, X, y, *, batch_size, device, rank=0, world=1, sharded=False):
+    def __init__(self, X, y, *, batch_size, device, rank=0, world=1, sharded=False,
+                 drop_last=False):
         self.X, self.y = X.to(device), y.to(device)  # a no-op when already there
         self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
-        self.sharded = sharded
+        self.sharded, self.drop_last = sharded, drop_last
         step = world * batch_size
-        self.steps = len(self.X) // step + (1 if len(self.X) % step // world else 0)
+        short = 0 if drop_last else (1 if len(self.X) % step // world else 0)
+        self.steps = len(self.X) // step + short
 
     def epoch(self, generator=None, shuffle=False, start=0, number=0):
         """Batches of one epoch, beginning after ``start`` of them; the order is drawn now,
@@ -153,8 +156,8 @@ class _TensorSource:
         if shuffle:
             order = torch.randperm(len(self.X), generator=generator)
             order = order.to(self.device, non_blocking=True)
-        return _slices(self.X, self.y, self.batch_size, order, start=start, rank=self.rank,
-                       world=self.world)
+        return _slices(self.X, self.y, self.batch_size, order, start=start,
+                       drop_last=self.drop_last, rank=self.rank, world=self.world)
 
 
 class _LoaderSource:
@@ -179,26 +182,40 @@ class _LoaderSource:
         return ((_to(xb, self.device), _to(yb, self.device)) for xb, yb in it)
 
 
-def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False):
+def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False,
+            drop_last=False):
     """``data`` as a batch source, checked: tensors or a loader.
 
     Under a process group of ``world`` ranks, training tensors are cut per global
     batch; with ``split_rows`` (validation) each rank takes a contiguous part of
     the rows instead. Either way the sums are then all-reduced (``sharded``).
+    ``drop_last``: tensors skip the short last batch (a DataLoader has its own).
     """
     _check_batch_size(batch_size)
+    if not isinstance(drop_last, bool):
+        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         _check_tensors(*data, what)
         X, y = data
+        if drop_last and len(X) < world * batch_size:
+            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
+                             f"{batch_size} leaves no batch; expected at least "
+                             f"{world * batch_size} rows")
         if split_rows and world > 1:
             lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
             return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
                                  sharded=True)
         return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
-                             world=world, sharded=world > 1)
+                             world=world, sharded=world > 1, drop_last=drop_last)
     if torch.is_tensor(data) or isinstance(data, tuple):
         raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
                         f"(xb, yb) batches, got {_describe(data)}")
+    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
+                        "(X, y) (a list is read as a list of (xb, yb) batches)")
+    if drop_last:
+        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
+                         "its short last batch with DataLoader(..., drop_last=True)")
     if not hasattr(data, "__iter__"):
         raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
                         f"(a list, a DataLoader), got {type(data).__name__}")
@@ -239,44 +256,96 @@ def _describe(x):
 # For exact epoch values the loop does not average batch values: it keeps each
 # metric's sufficient statistic (a sum, a maximum, or confusion counts) on the
 # device and finishes it once, at the end of the epoch.
+#
+# Targets: (N,) or (N, 1) class indices are labels; (N, C) rows are one-hot or
+# probability targets (their arg-max is the label). Outputs: (N, C) with C >= 2
+# are class scores (their arg-max is the class); (N,) or (N, 1) are one
+# probability per row, positive above 0.5 -- or, for a model trained with
+# BCEWithLogitsLoss, one logit per row, positive above 0 (the same rows:
+# sigmoid(z) > 0.5 exactly when z > 0). Binary targets are positive above 0.5.
 
 class _Stat(NamedTuple):
     stat: Callable    # (y_pred, y) -> tensor: sums (or a maximum) over the rows given
     count: Callable   # (y_pred, y) -> int from shapes alone, so no host read
     finish: Callable  # (list of floats, count) -> float
     reduce: str = "sum"
-    size: int = 1     # how many numbers ``stat`` returns
+    size: int = 1     # how many numbers ``stat`` returns (for class scores: C * C)
+    percent: bool = False  # shown as 77.3% in the progress line
+
+
+def _shapes(p, y):
+    return f"predictions of shape {tuple(p.shape)} and targets of shape {tuple(y.shape)}"
 
 
 def _err(p, y):
     if p.shape != y.shape:
         if p.numel() != y.numel():
-            raise ValueError(f"predictions of shape {tuple(p.shape)} do not match targets of "
-                             f"shape {tuple(y.shape)}")
+            raise ValueError(f"{_shapes(p, y)} do not match")
         y = y.reshape(p.shape)  # (N,) vs (N, 1) would otherwise broadcast to (N, N)
     return p - y
 
 
+def _scores(p):
+    """Whether ``p`` holds class scores (N, C), C >= 2, rather than one value per row."""
+    return p.dim() >= 2 and p.shape[-1] >= 2
+
+
+def _labels(p, y):
+    """The class labels of targets ``y`` for class scores ``p``: indices as they are,
+    (N, 1) indices flattened, one-hot or probability rows by their arg-max."""
+    if y.shape == p.shape:
+        return y.argmax(-1)
+    if y.numel() * p.shape[-1] != p.numel():
+        raise ValueError(f"{_shapes(p, y)} do not match: expected class indices of shape "
+                         f"{tuple(p.shape[:-1])} (or with a trailing 1), or one-hot rows")
+    return y.reshape(p.shape[:-1])
+
+
 def _correct(p, y):
-    if p.dim() < 2 or p.shape[-1] < 2:
+    if not _scores(p):
         raise ValueError(f"accuracy expects class scores of shape (N, C) with C >= 2, got "
                          f"{tuple(p.shape)}; for one probability per row use binary_accuracy")
-    if y.dim() == p.dim():  # one-hot or probability targets
-        y = y.argmax(-1)
-    return p.argmax(-1) == y
+    return p.argmax(-1) == _labels(p, y)
 
 
-def _binary(t):
-    return t > 0.5
-
-
-def _binary_counts(p, y):
-    # [true negatives, false negatives, false positives, true positives] in one bincount.
-    pred, true = _binary(p).reshape(-1), _binary(y).reshape(-1)
+def _counts(p, y, cut):
+    """Confusion counts: for one value per row [tn, fn, fp, tp] (``p`` positive above
+    ``cut``, ``y`` above 0.5); for class scores the C x C counts, rows true."""
+    if _scores(p):
+        k = p.shape[-1]
+        cells = _labels(p, y).reshape(-1).long() * k + p.argmax(-1).reshape(-1)
+        return torch.bincount(cells, minlength=k * k)[:k * k]  # a label >= C counts nowhere
+    pred, true = (p > cut).reshape(-1), (y > 0.5).reshape(-1)
     if pred.numel() != true.numel():
-        raise ValueError(f"predictions of shape {tuple(p.shape)} do not match targets of "
-                         f"shape {tuple(y.shape)}")
+        raise ValueError(f"{_shapes(p, y)} do not match")
     return torch.bincount(pred.long() * 2 + true.long(), minlength=4)
+
+
+def _class_rows(p, y):
+    return p.shape[0] if _scores(p) else 0  # 0: the counts are binary
+
+
+def _per_class(c, class_rows):
+    """[(tp, fp, fn)] of the positive class (binary counts) or of each class that
+    occurs in the targets or the predictions (scikit-learn's macro average)."""
+    if not class_rows:
+        tn, fn, fp, tp = c
+        return [(tp, fp, fn)]
+    k = math.isqrt(len(c))
+    rows = [c[i * k:(i + 1) * k] for i in range(k)]
+    out = []
+    for j in range(k):
+        true_j, pred_j = sum(rows[j]), sum(r[j] for r in rows)
+        if true_j or pred_j:
+            out.append((rows[j][j], pred_j - rows[j][j], true_j - rows[j][j]))
+    return out
+
+
+def _macro(score):
+    def finish(c, class_rows):
+        per = _per_class(c, class_rows)
+        return sum(score(*t) for t in per) / len(per) if per else 0.0
+    return finish
 
 
 def _ratio(s, n):
@@ -300,80 +369,126 @@ def _safe_div(a, b):
 
 
 _MAPE_EPS = 1e-7  # as Keras: |y| is clamped so that a zero target does not divide by zero
-_STATS = {
-    "accuracy": _Stat(lambda p, y: _correct(p, y).sum(), _rows, _ratio),
-    "binary_accuracy": _Stat(lambda p, y: (_binary(p) == _binary(y).reshape(p.shape)).sum(),
-                             _numel, _ratio),
-    "mse": _Stat(lambda p, y: _err(p, y).square().sum(dtype=torch.float64), _numel, _ratio),
-    "rmse": _Stat(lambda p, y: _err(p, y).square().sum(dtype=torch.float64), _numel,
-                  lambda s, n: math.sqrt(s[0] / n)),
-    "mae": _Stat(lambda p, y: _err(p, y).abs().sum(dtype=torch.float64), _numel, _ratio),
-    "mape": _Stat(lambda p, y: (_err(p, y).abs() / y.reshape(p.shape).abs().clamp_min(_MAPE_EPS))
-                  .sum(dtype=torch.float64) * 100, _numel, _ratio),
-    "max_error": _Stat(lambda p, y: _err(p, y).abs().max(), _none, lambda s, n: s[0], "max"),
-    "precision": _Stat(_binary_counts, _none, lambda c, n: _safe_div(c[3], c[3] + c[2]),
-                       size=4),
-    "recall": _Stat(_binary_counts, _none, lambda c, n: _safe_div(c[3], c[3] + c[1]), size=4),
-    "f1": _Stat(_binary_counts, _none, lambda c, n: _safe_div(2 * c[3], 2 * c[3] + c[2] + c[1]),
-                size=4),
-}
-_PERCENT = {"accuracy", "binary_accuracy"}  # shown as 77.3% in the progress line
 
 
-def _whole(name):
-    st = _STATS[name]
+def _stats(cut):
+    """The built-in metrics, with one-value-per-row predictions positive above ``cut``."""
+    def counts(p, y):
+        return _counts(p, y, cut)
+    return {
+        "accuracy": _Stat(lambda p, y: _correct(p, y).sum(), _rows, _ratio, percent=True),
+        "binary_accuracy": _Stat(lambda p, y: ((p > cut) == (y > 0.5).reshape(p.shape)).sum(),
+                                 _numel, _ratio, percent=True),
+        "mse": _Stat(lambda p, y: _err(p, y).square().sum(dtype=torch.float64), _numel, _ratio),
+        "rmse": _Stat(lambda p, y: _err(p, y).square().sum(dtype=torch.float64), _numel,
+                      lambda s, n: math.sqrt(s[0] / n)),
+        "mae": _Stat(lambda p, y: _err(p, y).abs().sum(dtype=torch.float64), _numel, _ratio),
+        "mape": _Stat(lambda p, y: (_err(p, y).abs() / y.reshape(p.shape).abs()
+                                    .clamp_min(_MAPE_EPS)).sum(dtype=torch.float64) * 100,
+                      _numel, _ratio),
+        "max_error": _Stat(lambda p, y: _err(p, y).abs().max(), _none, lambda s, n: s[0],
+                           "max"),
+        "precision": _Stat(counts, _class_rows, _macro(lambda tp, fp, fn: _safe_div(tp, tp + fp)),
+                           size=4),
+        "recall": _Stat(counts, _class_rows, _macro(lambda tp, fp, fn: _safe_div(tp, tp + fn)),
+                        size=4),
+        "f1": _Stat(counts, _class_rows,
+                    _macro(lambda tp, fp, fn: _safe_div(2 * tp, 2 * tp + fp + fn)), size=4),
+    }
 
-    def metric(y_pred, y):
+
+_STATS = _stats(0.5)
+_LOGIT_STATS = _stats(0.0)  # for a model trained with BCEWithLogitsLoss
+_TAKES_LOGITS = {"binary_accuracy", "precision", "recall", "f1"}
+
+
+def _reads_logits(loss_fn):
+    """Whether the model's outputs are logits for the binary metrics."""
+    return isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
+
+
+def _whole(name, doc):
+    def metric(y_pred, y, *, logits=False):
+        st = (_LOGIT_STATS if logits else _STATS)[name]
         with torch.no_grad():
             s = st.stat(y_pred, y).reshape(-1).tolist()
         return torch.tensor(st.finish(s, st.count(y_pred, y)), dtype=torch.float64)
     metric.__name__ = metric.__qualname__ = name
+    metric.__doc__ = doc
     return metric
 
 
-accuracy = _whole("accuracy")
-accuracy.__doc__ = "Fraction of rows whose arg-max class equals the label (index or one-hot)."
-binary_accuracy = _whole("binary_accuracy")
-binary_accuracy.__doc__ = "Fraction of probabilities on the right side of 0.5."
-mse = _whole("mse")
-mse.__doc__ = "Mean squared error."
-rmse = _whole("rmse")
-rmse.__doc__ = "Root of the mean squared error (over the whole set, not a mean of roots)."
-mae = _whole("mae")
-mae.__doc__ = "Mean absolute error."
-mape = _whole("mape")
-mape.__doc__ = "Mean absolute percentage error, in percent (|y| clamped at 1e-7)."
-max_error = _whole("max_error")
-max_error.__doc__ = "Largest absolute error."
-precision = _whole("precision")
-precision.__doc__ = "Binary precision, probabilities above 0.5 counting as positive (0 if none)."
-recall = _whole("recall")
-recall.__doc__ = "Binary recall, probabilities above 0.5 counting as positive (0 if none)."
-f1 = _whole("f1")
-f1.__doc__ = "Binary F1 score, probabilities above 0.5 counting as positive (0 if none)."
-_BUILTIN = {fn: name for name, fn in [(n, globals()[n]) for n in _STATS]}
+_ABOUT_LOGITS = (" With ``logits=True`` one value per row is a logit, positive above 0"
+                 " (fit, evaluate and train_epoch do this for a BCEWithLogitsLoss model).")
+accuracy = _whole("accuracy", "Fraction of rows whose arg-max class equals the label "
+                  "(an index, (N,) or (N, 1), or a one-hot row).")
+binary_accuracy = _whole("binary_accuracy", "Fraction of probabilities on the right side of "
+                         "0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS)
+mse = _whole("mse", "Mean squared error.")
+rmse = _whole("rmse", "Root of the mean squared error (over the whole set, not a mean of roots).")
+mae = _whole("mae", "Mean absolute error.")
+mape = _whole("mape", "Mean absolute percentage error, in percent (|y| clamped at 1e-7).")
+max_error = _whole("max_error", "Largest absolute error.")
+_ABOUT_PRF = (" One probability per row: binary, positive above 0.5. Class scores (N, C): the"
+              " macro average over the classes present in targets or predictions, as"
+              " scikit-learn's average='macro'. 0 where nothing is predicted (or present)."
+              + _ABOUT_LOGITS)
+precision = _whole("precision", "Precision, tp / (tp + fp)." + _ABOUT_PRF)
+recall = _whole("recall", "Recall, tp / (tp + fn)." + _ABOUT_PRF)
+f1 = _whole("f1", "F1 score, 2 tp / (2 tp + fp + fn)." + _ABOUT_PRF)
+_BUILTIN = {globals()[name]: name for name in _STATS}
 
 
-def confusion_matrix(y_pred, y, num_classes):
-    """Counts as a (num_classes, num_classes) int64 tensor: rows true, columns predicted."""
+def _classes(t, num_classes, cut, what):
+    """Class numbers of predictions or targets, as confusion_matrix reads them."""
+    if _scores(t):
+        return t.argmax(-1).reshape(-1)
+    if t.is_floating_point():
+        if num_classes == 2:
+            return (t > cut).long().reshape(-1)
+        if not torch.equal(t, t.round()):
+            raise ValueError(f"confusion_matrix: {what} are fractional; with num_classes="
+                             f"{num_classes} expected class numbers or (N, C) scores")
+    return t.reshape(-1).long()
+
+
+def confusion_matrix(y_pred, y, num_classes, *, logits=False):
+    """Counts as a (num_classes, num_classes) int64 tensor: rows true, columns predicted.
+
+    Predictions are class numbers, class scores (N, C) (their arg-max) or, for two
+    classes, one probability per row (positive above 0.5; a logit above 0 with
+    ``logits=True``); targets are read the same way (above 0.5). A class outside
+    0..num_classes-1 is a ValueError.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"confusion_matrix: num_classes must be an int >= 1, got {num_classes!r}")
+    k = num_classes
     with torch.no_grad():
-        if y_pred.is_floating_point():
-            y_pred = (y_pred.argmax(-1) if y_pred.dim() > 1 and y_pred.shape[-1] > 1
-                      else _binary(y_pred).long())
-        true, pred = y.reshape(-1).long(), y_pred.reshape(-1).long()
+        pred = _classes(y_pred, k, 0.0 if logits else 0.5, "predictions")
+        true = _classes(y, k, 0.5, "targets")
         if true.numel() != pred.numel():
-            raise ValueError(f"{pred.numel()} predictions for {true.numel()} targets")
-        k = num_classes
+            raise ValueError(f"confusion_matrix: {pred.numel()} predictions for "
+                             f"{true.numel()} targets")
+        for what, c in (("predicted", pred), ("true", true)):
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
+                raise ValueError(f"confusion_matrix: a {what} class is outside 0..{k - 1} "
+                                 f"(found {int(c.min())}..{int(c.max())}); pass the right "
+                                 "num_classes")
         return torch.bincount(true * k + pred, minlength=k * k).reshape(k, k).cpu()
 
 
-def _metric_table(metrics):
-    """{"name": fn or built-in name} -> {"name": _Stat}; TypeError/ValueError naming the key."""
+def _metric_table(metrics, *, logits=False):
+    """{"name": fn or built-in name} -> {"name": _Stat}; TypeError/ValueError naming the key.
+
+    ``logits``: the binary metrics read one value per row as a logit (a model trained
+    with BCEWithLogitsLoss). A function of the user's gets the outputs as they are.
+    """
     if metrics is None:
         return {}
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict {{'name': fn or 'accuracy', ...}}, got "
                         f"{type(metrics).__name__}")
+    builtins = _LOGIT_STATS if logits else _STATS
     table = {}
     for key, fn in metrics.items():
         if not isinstance(key, str) or not key or key.startswith("val_") or key in (
@@ -384,18 +499,26 @@ def _metric_table(metrics):
             if fn not in _STATS:
                 raise ValueError(f"metrics[{key!r}]: unknown metric {fn!r}; expected one of "
                                  f"{', '.join(_STATS)} or a function (y_pred, y) -> tensor")
-            table[key] = _STATS[fn]
+            table[key] = builtins[fn]
         elif fn in _BUILTIN:
-            table[key] = _STATS[_BUILTIN[fn]]
+            table[key] = builtins[_BUILTIN[fn]]
         elif callable(fn):
             # A user metric must be a per-sample mean; its epoch value is the sample-weighted mean.
-            table[key] = _Stat(lambda p, y, fn=fn: fn(p, y).detach().double() * len(p),
-                               _rows, _ratio)
+            table[key] = _Stat(lambda p, y, fn=fn: _user_value(fn, p, y) * len(p), _rows, _ratio)
         else:
             raise TypeError(f"metrics[{key!r}]: expected a function (y_pred, y) -> tensor or "
                             f"the name of a built-in metric, got {type(fn).__name__}")
     return table
 
+
+def _user_value(fn, p, y):
+    v = fn(p, y)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = torch.tensor(float(v))
+    if not torch.is_tensor(v) or v.numel() != 1:
+        got = f"shape {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+        raise ValueError(f"returned {got}; expected a scalar tensor, the batch's mean")
+    return v.detach().double().reshape(())
 
 
 # --- checks ---------------------------------------------------------------------
@@ -417,16 +540,17 @@ class _Plan(NamedTuple):
 
 def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
                metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
-               clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every):
+               clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
+               drop_last=False):
     """Check every argument of fit before any work; return the _Plan fit follows."""
     device = _check_model(model, device)
     rank, world = _world()
     _check_distributed(model, world, save_every)
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
     _check_int("epochs", epochs, 0)
-    stats = _metric_table(metrics)
+    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
-                         reused=epochs > 1, rank=rank, world=world)
+                         reused=epochs > 1, rank=rank, world=world, drop_last=drop_last)
     if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
         val_batch_size = max(batch_size, 256)
     val_data = None if val is None else _source(
@@ -444,7 +568,7 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val
             and scheduler_interval == "step"):
         raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
                          "'epoch'")
-    percent = {k for k, st in stats.items() if any(st is _STATS[p] for p in _PERCENT)}
+    percent = {k for k, st in stats.items() if st.percent}
     percent |= {"val_" + k for k in percent}
     return _Plan(device, rank, world, stats, train_data, val_data, keys, monitor, percent)
 
@@ -469,6 +593,10 @@ def _check_model(model, device):
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or 'cuda'") \
             from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                         "use device='cpu'")
     same = here.type == device.type and (device.index is None or here.index is None
                                          or here.index == device.index)
     if not same:
@@ -794,7 +922,7 @@ def _unwrap(model):
 def _atomic_write(path, write):
     """Write ``path`` through a temp file beside it and os.replace: a crash leaves the old file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = _new_temp(os.path.join(folder, os.path.basename(path)))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -811,6 +939,18 @@ def _atomic_write(path, write):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _new_temp(path):
+    """A new, empty ``path.<random>.tmp``, open for writing, with the mode any new file
+    gets (0666 less the umask; tempfile.mkstemp's would be 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = f"{path}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 _PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
@@ -1000,15 +1140,33 @@ def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False
     return "  ".join(parts)
 
 
-def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent=()):
-    """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821'."""
+def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent=(),
+                     columns=None):
+    """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821'.
+
+    With ``columns``, the line fits in that many characters: fields go in the order
+    rate, the metrics from the last, ETA, the loss, and what is left is cut.
+    """
     rate = done / elapsed if elapsed > 0 else 0.0
-    parts = [f"epoch {epoch}/{epochs}", f"{step}/{steps if steps else '?'}",
-             f"{rate:.0f} it/s" if rate >= 10 else f"{rate:.2f} it/s"]
-    if steps and rate > 0:
-        parts.append(f"ETA {_seconds((steps - step) / rate)}")
-    parts += [_format_value(k, v, k in percent) for k, v in logs.items()]
-    return "  ".join(parts)
+    head = [f"epoch {epoch}/{epochs}", f"{step}/{steps if steps else '?'}"]
+    eta = [f"ETA {_seconds((steps - step) / rate)}"] if steps and rate > 0 else []
+    values = [_format_value(k, v, k in percent) for k, v in logs.items()]
+    rate_text = [f"{rate:.0f} it/s" if rate >= 10 else f"{rate:.2f} it/s"]
+    parts = head + rate_text + eta + values
+    text = "  ".join(parts)
+    drop = rate_text + values[:0:-1] + eta + values[:1]  # the order in which fields go
+    for gone in range(1, len(drop) + 1):
+        if columns is None or len(text) <= columns:
+            return text
+        text = "  ".join(p for p in parts if p not in drop[:gone])
+    return text if columns is None else text[:max(0, columns)]
+
+
+def _terminal_columns(stream):
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 80
 
 
 class _Printer:
@@ -1024,11 +1182,13 @@ class _Printer:
         self.width = 0  # of the live line on the screen, to be blanked by the next
 
     def progress(self, epoch, step, steps, logs, elapsed, done):
-        """Refresh the live line (a terminal only)."""
+        """Refresh the live line (a terminal only), fitted to the terminal's width now:
+        a line that wrapped could not be overwritten by the next."""
         if self.live:
+            columns = _terminal_columns(self.stream) - 1  # the last column wraps on some
             text = _format_progress(epoch, self.epochs, step, steps, logs, elapsed, done,
-                                    percent=self.percent)
-            self.stream.write("\r" + text.ljust(self.width))
+                                    percent=self.percent, columns=columns)
+            self.stream.write("\r" + text.ljust(min(self.width, columns)))
             self.width = len(text)
             self.stream.flush()
 
@@ -1123,9 +1283,9 @@ def _train_loop(model, batches, loss_fn, stepper, meter, ticker=None):
 
 class _Totals(NamedTuple):
     """A meter's sums on the device, not yet read back."""
-    flat: torch.Tensor  # [loss sum, *each metric's sums]
-    n: int              # rows
+    flat: torch.Tensor  # [loss sum, its denominator, *each metric's sums]
     counts: list        # each metric's count
+    sizes: list         # how many numbers each metric has in ``flat``
     maxima: list        # positions in ``flat`` that hold maxima (max_error)
 
 
@@ -1134,12 +1294,19 @@ class _Meter:
     validation), kept on the device.
 
     ``add`` runs every step and only appends detached tensors to lists: no host
-    read, no arithmetic. Every ``_FOLD_STEPS`` steps (or when the outputs held
-    pass ``_PENDING`` values) what is pending is folded into the sums with a few
-    vectorised ops on the device. Fold points depend only on the step count, so
-    the sums, down to the last bit, do not depend on when anyone looked: ``totals``
-    adds the pending part without folding it. ``check`` is told the loss sum once
-    it is read, and finds the first non-finite loss when that sum is not finite.
+    read, no arithmetic (but for the first step, whose metrics are tried at once
+    so that a failing metric names itself there). Every ``_FOLD_STEPS`` steps (or
+    when the outputs held pass ``_PENDING`` values) what is pending is folded into
+    the sums with a few vectorised ops on the device. Fold points depend only on
+    the step count, so the sums, down to the last bit, do not depend on when anyone
+    looked: ``totals`` adds the pending part without folding it. ``check`` is told
+    the loss sum once it is read, and finds the first non-finite loss when that sum
+    is not finite.
+
+    The loss of the pass is the whole set's: each batch value (a mean) counts for
+    its rows -- or, for CrossEntropyLoss/NLLLoss with class indices, for the weight
+    of its targets (``weight[y]``, 0 for ``ignore_index``), which is how torch
+    averages such a batch. A batch whose targets are all ignored counts for nothing.
     """
     _FOLD_STEPS = 128
     _PENDING = 1 << 22
@@ -1148,9 +1315,11 @@ class _Meter:
         self.stats, self.device, self.sharded = stats, device, sharded
         # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
         self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
+        self.weigh = _target_weights(loss_fn)
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
-        self.n, self.steps = 0, 0
+        self.loss_den = torch.zeros((), dtype=self.dtype, device=device)
+        self.steps = 0
         self.sums = {k: None for k in stats}
         self.counts = {k: 0 for k in stats}
         self.checked = 0    # steps whose loss is known to be finite
@@ -1163,18 +1332,34 @@ class _Meter:
         self.steps += 1
         if self.stats:
             self._outs.append(out)
-            self._ys.append(y)
             self._numel += out.numel()
+            if self.steps == 1:
+                _metric_sums(self.stats, [out], [y], self.dtype)  # fail here, not at a fold
+        if self.stats or self.weigh:
+            self._ys.append(y)
         if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
             self._fold()
+
+    def _pending(self):
+        """(loss sum, its denominator, metric sums, metric counts, losses) of the steps
+        not yet folded; the losses of batches that count for nothing are zeroed."""
+        losses = torch.stack(self._losses)
+        if self.weigh is None:
+            weights = None
+            den = sum(self._ns)
+            total = _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
+        else:
+            weights = _batch_weights(self.weigh, self._ys, self.dtype)
+            losses = torch.where(weights > 0, losses, 0)
+            den, total = weights.sum(), (losses.to(self.dtype) * weights).sum()
+        sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
+        return total, den, sums, counts, losses
 
     def _fold(self):
         if not self._losses:
             return
-        losses = torch.stack(self._losses)
-        self.loss_sum = self.loss_sum + _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
-        self.n += sum(self._ns)
-        sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
+        total, den, sums, counts, losses = self._pending()
+        self.loss_sum, self.loss_den = self.loss_sum + total, self.loss_den + den
         for k, st in self.stats.items():
             self.sums[k] = _combine(st, self.sums[k], sums[k])
             self.counts[k] += counts[k]
@@ -1183,28 +1368,28 @@ class _Meter:
 
     def totals(self):
         """The sums so far, the pending steps' included, as a _Totals (nothing is read)."""
-        loss_sum, n, sums, counts = self.loss_sum, self.n, dict(self.sums), dict(self.counts)
+        loss_sum, den = self.loss_sum, self.loss_den
+        sums, counts = dict(self.sums), dict(self.counts)
         if self._losses:  # counted, but not folded: fold points stay where they are
-            losses = torch.stack(self._losses)
-            loss_sum = loss_sum + _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
-            n += sum(self._ns)
-            p_sums, p_counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
+            total, p_den, p_sums, p_counts, _ = self._pending()
+            loss_sum, den = loss_sum + total, den + p_den
             for k, st in self.stats.items():
                 sums[k] = _combine(st, sums[k], p_sums[k])
                 counts[k] += p_counts[k]
-        parts, maxima, i = [loss_sum.reshape(1)], [], 1
+        parts, sizes, maxima, i = [loss_sum.reshape(1), den.reshape(1)], [], [], 2
         for k, st in self.stats.items():
-            parts.append(sums[k] if sums[k] is not None else
-                         torch.zeros(st.size, dtype=self.dtype, device=self.device))
+            part = sums[k] if sums[k] is not None else torch.zeros(
+                st.size, dtype=self.dtype, device=self.device)
+            parts.append(part)
+            sizes.append(part.numel())
             if st.reduce == "max":
-                maxima += range(i, i + st.size)
-            i += st.size
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return _Totals(flat, n, list(counts.values()), maxima)
+                maxima += range(i, i + part.numel())
+            i += part.numel()
+        return _Totals(torch.cat(parts), list(counts.values()), sizes, maxima)
 
     def losses(self):
         """Every loss not yet known to be finite, in step order (from step checked + 1)."""
-        chunks = self.unchecked + ([torch.stack(self._losses)] if self._losses else [])
+        chunks = self.unchecked + ([self._pending()[4]] if self._losses else [])
         return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
 
     def check(self, loss_sum, *, across_ranks=False, world=1):
@@ -1225,14 +1410,15 @@ class _Meter:
     def state_dict(self):
         """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
         cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
-        return {"loss_sum": self.loss_sum.cpu(), "n": self.n, "counts": dict(self.counts),
+        return {"loss_sum": self.loss_sum.cpu(), "loss_den": self.loss_den.cpu(),
+                "counts": dict(self.counts),
                 "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
                 "losses": torch.stack(self._losses).cpu() if self._losses else None,
                 "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
 
     def load_state_dict(self, state, step):
         dev = self.device
-        self.loss_sum, self.n = state["loss_sum"].to(dev), state["n"]
+        self.loss_sum, self.loss_den = state["loss_sum"].to(dev), state["loss_den"].to(dev)
         self.counts = dict(state["counts"])
         self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
         losses = state["losses"]
@@ -1241,6 +1427,33 @@ class _Meter:
         self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
         self._numel = sum(t.numel() for t in self._outs)
         self.steps, self.checked = step, step - len(self._losses)
+
+
+def _target_weights(loss_fn):
+    """For CrossEntropyLoss/NLLLoss averaging over class indices: y -> each target's
+    weight in torch's batch mean (``weight[y]``; 0 where ``y == ignore_index``).
+    None for any other loss, whose batch mean counts each row once."""
+    if not isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) or (
+            loss_fn.reduction != "mean"):
+        return None
+    ignore, weight = loss_fn.ignore_index, loss_fn.weight
+
+    def weigh(y):  # y: (steps, *target shape) of class indices
+        if y.is_floating_point():  # probability targets: torch divides by the rows
+            return torch.full(y.shape[:1], y.shape[1], dtype=torch.float64, device=y.device)
+        keep = y != ignore
+        w = keep if weight is None else weight[torch.where(keep, y, 0)] * keep
+        return w.reshape(len(y), -1).sum(1, dtype=torch.float64)
+    return weigh
+
+
+def _batch_weights(weigh, ys, dtype):
+    """The weight of each batch's targets, as one tensor (one op for equal shapes)."""
+    if all(y.shape == ys[0].shape for y in ys):
+        w = weigh(torch.stack(ys))
+    else:
+        w = torch.cat([weigh(y.unsqueeze(0)) for y in ys])
+    return w.to(dtype)
 
 
 def _loss_sum(losses, ns, loss_is_sum, dtype):
@@ -1267,7 +1480,11 @@ def _metric_sums(stats, outs, ys, dtype):
             groups = list(zip(outs, ys))
     for p, y in groups:
         for k, st in stats.items():
-            s = st.stat(p, y).reshape(-1)
+            try:
+                s = st.stat(p, y).reshape(-1)
+            except Exception as e:
+                raise ValueError(f"metric {k!r} failed on a batch (outputs: {_describe(p)}; "
+                                 f"targets: {_describe(y)}): {e}") from e
             s = s if s.dtype == dtype else s.to(dtype)
             sums[k] = _combine(st, sums[k], s)
             counts[k] += st.count(p, y)
@@ -1393,18 +1610,18 @@ def _read(meters, *, across_ranks=False):
     out, i = [], 0
     for m, t, r, flat in zip(meters, totals, reduced, flats):  # in order: a NaN in training
         v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
-        n, counts = (v[len(t.flat)], v[len(t.flat) + 1:]) if r else (t.n, t.counts)
+        counts = v[len(t.flat):] if r else t.counts
         m.check(v[0], across_ranks=r, world=_world()[1])
-        out.append(_finish(m.stats, v, n, counts))
+        out.append(_finish(m.stats, v, counts, t.sizes))
     return out
 
 
-def _finish(stats, vals, n, counts):
-    """The logs from a meter's sums read back as floats."""
-    logs, i = {"loss": vals[0] / n if n else math.nan}, 1
-    for (k, st), count in zip(stats.items(), counts):
-        logs[k] = float(st.finish(vals[i:i + st.size], count))
-        i += st.size
+def _finish(stats, vals, counts, sizes):
+    """The logs from a meter's sums read back as floats: [loss sum, its denominator, ...]."""
+    logs, i = {"loss": vals[0] / vals[1] if vals[1] else math.nan}, 2
+    for (k, st), count, size in zip(stats.items(), counts, sizes):
+        logs[k] = float(st.finish(vals[i:i + size], count))
+        i += size
     return logs
 
 
@@ -1447,7 +1664,7 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
     device = _check_model(model, device)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    stats = _metric_table(metrics)
+    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
     logs = _read([_evaluate_pass(model, source, loss_fn, stats)])[0]
     if loss_fn is None:
@@ -1527,9 +1744,10 @@ def _leave_group():
 
 def _all_reduce_totals(totals):
     """A meter's sums and counts summed over the ranks (maxima: the largest): the layout
-    [loss sum, *metric sums, rows, *counts], so that the counts travel with the sums."""
+    [loss sum, its denominator, *metric sums, *counts], so that the counts travel with
+    the sums."""
     flat = totals.flat
-    counts = torch.tensor([totals.n, *totals.counts], dtype=flat.dtype, device=flat.device)
+    counts = torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)
     flat = torch.cat([flat, counts])
     dist = torch.distributed
     total = flat.clone()
@@ -1563,8 +1781,11 @@ def _agree(flag):
 
 def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
                 generator=None, device=None, scheduler=None, scheduler_interval="epoch",
-                clip_grad_norm=None, progress=None):
+                clip_grad_norm=None, progress=None, drop_last=False):
     """Train one epoch (train mode) and return its exact loss and metrics as floats.
+
+    ``drop_last=True`` skips the short last batch of (X, y) tensors, as a loop over
+    ``len(X) // batch_size`` batches does.
 
     ``progress(step, steps, logs)``, if given, is called at most ten times a
     second with the running values (``steps`` is None for unsized data). An epoch
@@ -1574,8 +1795,9 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, got {type(progress).__name__}")
-    stats = _metric_table(metrics)
-    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
+    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
+    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
+                     drop_last=drop_last)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
                        clip_grad_norm=clip_grad_norm)
     meter = _Meter(stats, device, loss_fn)
@@ -1600,6 +1822,22 @@ def _nan_stops_training(epoch, printer):
             "NaN/inf in the data") from None
 
 
+def _interrupted(stop, epoch, record, store, printer):
+    """Ctrl-C: say what is kept; in a program, re-raise (one Ctrl-C ends it) with the
+    completed epochs' history as ``stop.history``; at an interactive prompt (Python,
+    IPython, Jupyter), return that history so that the session goes on."""
+    kept = (f"; last.pt holds {store.holds}" if store.holds else
+            "; nothing saved yet" if store.dir else "")
+    interactive = hasattr(sys, "ps1") or getattr(builtins, "__IPYTHON__", False)
+    what = "returning the history of" if interactive else "stopping after"
+    printer.line(f"interrupted during epoch {epoch}: {what} {record.epoch} completed "
+                 f"epochs{kept}")
+    if not interactive:
+        stop.history = record.history
+        raise stop
+    return record.history
+
+
 def _hook_stops(on_epoch_end, epoch, logs, world):
     """Whether ``on_epoch_end`` asks to stop; under torch.distributed every rank stops if
     any rank's hook asked, so that none waits for another that left."""
@@ -1611,8 +1849,11 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
         clip_grad_norm=None, device=None, seed=None, verbose=1, on_epoch_end=None,
-        save_every=None, val_batch_size=None):
+        save_every=None, val_batch_size=None, drop_last=False):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
+
+    ``drop_last=True`` skips the short last batch of (X, y) training tensors, as a
+    loop over ``len(X) // batch_size`` batches does (validation keeps every row).
 
     ``save_every=s`` also refreshes ``last.pt`` at a batch boundary every s seconds
     during an epoch, so a kill loses at most s seconds of work. Tensor validation
@@ -1627,7 +1868,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                       scheduler=scheduler, scheduler_interval=scheduler_interval,
                       clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
                       on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
-                      save_every=save_every)
+                      save_every=save_every, drop_last=drop_last)
     device, rank, world = plan.device, plan.rank, plan.world
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
@@ -1677,13 +1918,10 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             if record.stopped:
                 printer.line(record.why_stopped())
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Nothing is written here: the weights are from the middle of an unsaved
         # stretch, and last.pt already holds the last consistent point.
-        printer.line(f"interrupted during epoch {epoch}: returning the history of "
-                     f"{record.epoch} completed epochs"
-                     + (f"; last.pt holds {store.holds}" if store.holds else ""))
-        return record.history
+        return _interrupted(stop, epoch, record, store, printer)
     if restore_best:
         record.restore_best(model, store.best_path)
     return record.history

@@ -31,6 +31,7 @@ __all__ = ["line_plot", "plot_history", "histogram", "bar_chart", "matrix", "ima
 GLYPHS = "*o+x#"
 UNICODE_GLYPHS = "●○◆◇■"
 BEST = "@"
+OVERLAP = "&"  # where two series share a cell
 RAMP = " .:-=+*#%@"
 SPARK = "_.:-=+*#%@"  # like RAMP, but the lowest value stays visible (a space is a NaN)
 _MAXIMISED = ("acc", "accuracy", "precision", "recall", "f1", "auc", "r2")
@@ -128,25 +129,30 @@ def _y_ticks(lo, hi, rows, logy):
 
 # --- line plots ------------------------------------------------------------------------
 
-def _column_spans(values, columns):
+def _column_spans(values, columns, n=None, *, stepped=False):
     """Per plot column, the (min, max) of the curve over that column's stretch of x, or None.
 
-    Points are at x = 0 .. n-1; with more points than columns every point in a
+    The axis holds x = 0 .. n-1 (n defaults to the series' length; a shorter series
+    stops where its points stop). With more points than columns every point in a
     column counts (spikes survive); with fewer, the line between two points is
-    interpolated, so the curve stays joined. NaN breaks the line.
+    interpolated, so the curve stays joined -- or, ``stepped``, each value holds
+    until the next point (a step schedule). NaN breaks the line.
     """
-    n = len(values)
-    if n == 0:
+    m = len(values)
+    n = max(n or m, m)
+    if m == 0:
         return [None] * columns
     if n == 1 or columns == 1:
-        v = values[-1] if n == 1 else None
+        v = values[-1] if m == 1 else None
         spans = [None] * columns
         if v is not None and not math.isnan(v):
             spans[columns // 2 if n == 1 else 0] = (v, v)
         return spans
 
-    def at(x):  # interpolated value at fractional x, None across a gap
-        i = min(int(math.floor(x)), n - 2)
+    def at(x):  # the value at fractional x, None across a gap
+        i = min(int(math.floor(x)), m - 1)
+        if stepped or i == m - 1:
+            return None if math.isnan(values[i]) else values[i]
         a, b = values[i], values[i + 1]
         t = x - i
         if math.isnan(a) or math.isnan(b):
@@ -157,7 +163,10 @@ def _column_spans(values, columns):
     scale = (n - 1) / (columns - 1)
     spans = []
     for c in range(columns):
-        left, right = max(0.0, (c - 0.5) * scale), min(n - 1.0, (c + 0.5) * scale)
+        left, right = max(0.0, (c - 0.5) * scale), min(m - 1.0, (c + 0.5) * scale)
+        if left > m - 1:  # past the series' last point
+            spans.append(None)
+            continue
         inside = [values[i] for i in range(math.ceil(left), math.floor(right) + 1)
                   if not math.isnan(values[i])]
         if not inside and all(math.isnan(values[i]) for i in (math.floor(left),
@@ -170,8 +179,16 @@ def _column_spans(values, columns):
     return spans
 
 
+def _stepped(name):
+    """Series drawn as steps and given no "best": learning rates ("lr", "head_lr")."""
+    return name == "lr" or name.endswith("_lr")
+
+
 def _best(name, values):
-    """(index, value) of the best finite value: max for accuracy-like names, else min."""
+    """(index, value) of the best finite value: max for accuracy-like names, else min;
+    None for a learning rate, which has no best."""
+    if _stepped(name):
+        return None
     finite = [(v, i) for i, v in enumerate(values) if math.isfinite(v)]
     if not finite:
         return None
@@ -182,12 +199,16 @@ def _best(name, values):
 
 
 def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel=None,
-              logy=False, ymin=None, ymax=None, marks=None, unicode=False):
+              logy=False, ymin=None, ymax=None, marks=None, mark_label=None, unicode=False):
     """Plot ``{"name": values}`` against x = 1, 2, ... (epochs); one glyph per series.
 
-    ``marks`` are x values to highlight: a ':' column, where a series whose best
-    value lies on it is drawn as '@'. The legend below the frame gives each series' last and best
-    value (the maximum for accuracy-like names, else the minimum).
+    Every series shares the x axis: a series shorter than the longest (a run that
+    stopped early) ends where its epochs end. ``marks`` are x values to highlight:
+    a ':' column (``mark_label`` says what it is), where a series whose best value
+    lies on it is drawn as '@'; '&' is a cell two series share. The legend below the
+    frame gives each series' last and best value (the maximum for accuracy-like
+    names, else the minimum). Learning rates ("lr", "*_lr") are drawn as steps, with
+    no best.
     """
     if not isinstance(series, dict):
         series = {"": series}
@@ -202,10 +223,14 @@ def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel
     grid = _grid(data, yr, glyphs, mark_cols, n, cols, height)
     lines = ([title.center(width).rstrip()] if title else []) + ([ylabel] if ylabel else [])
     lines += _frame(grid, ticks, yr, label_w, unicode)
-    lines += _x_axis(n, cols, label_w, xlabel, unicode)
-    lines += _legend(data, glyphs, yr.clipped)
+    lines += _x_axis([(str(x), c) for x, c in _x_ticks(n, cols)], cols, label_w, xlabel,
+                     unicode)
+    lines += _legend(data, glyphs, yr.clipped, n)
+    if any(OVERLAP in row for row in grid):
+        lines.append(f"{OVERLAP} two series in one place")
     if mark_cols:
-        lines.append(f": {BEST} marked {', '.join(str(x) for x in sorted(marks))}")
+        lines.append(f": {mark_label or 'marked'} {', '.join(str(x) for x in sorted(marks))}"
+                     f" ({BEST} a series' own best there)")
     if yr.notes:
         lines.append("(" + "; ".join(yr.notes) + ")")
     return "\n".join(lines)
@@ -266,21 +291,28 @@ def _mark_columns(marks, n, cols):
 
 
 def _grid(data, yr, glyphs, mark_cols, n, cols, height):
-    """The plotting area as rows of characters: the marked columns, then each series."""
+    """The plotting area as rows of characters: the marked columns, then each series on
+    the shared x axis; a cell two series cross shows OVERLAP, so neither hides the other."""
     grid = [[" "] * cols for _ in range(height)]
     for c in mark_cols:
         for r in range(height):
             grid[r][c] = ":"
+    drawn = set(glyphs.values()) | {BEST, OVERLAP}
     for k, glyph in glyphs.items():
         edge = [yr.hi if v == math.inf else yr.lo if v == -math.inf else v for v in yr.ys[k]]
         best = _best(k, data[k])
         best_col = None if best is None else (
             cols // 2 if n == 1 else round(best[0] / (n - 1) * (cols - 1)))
-        for c, span in enumerate(_column_spans(edge, cols)):
+        for c, span in enumerate(_column_spans(edge, cols, n, stepped=_stepped(k))):
             if span is None:
                 continue
             for r in range(_row(span[1], yr, height), _row(span[0], yr, height) + 1):
-                grid[r][c] = BEST if c == best_col and c in mark_cols else glyph
+                if c == best_col and c in mark_cols:
+                    grid[r][c] = BEST
+                elif grid[r][c] in drawn and grid[r][c] != glyph:
+                    grid[r][c] = OVERLAP if grid[r][c] != BEST else BEST
+                else:
+                    grid[r][c] = glyph
     return grid
 
 
@@ -298,13 +330,12 @@ def _frame(grid, ticks, yr, label_w, unicode):
     return lines
 
 
-def _x_axis(n, cols, label_w, xlabel, unicode):
-    """The frame's bottom edge with whole-number ticks that do not collide, their labels
-    and the axis' name."""
+def _x_axis(ticks, cols, label_w, xlabel, unicode):
+    """The frame's bottom edge with ``ticks`` [(label, column)] whose labels do not
+    collide (a label that would is left out), and the axis' name."""
     h, corner = ("─", "+") if unicode else ("-", "+")
     axis, labels, last_end = [h] * cols, [" "] * (cols + 1), -1
-    for x, c in _x_ticks(n, cols):
-        text = str(x)
+    for text, c in ticks:
         start = min(c, cols + 1 - len(text))  # the last label ends under the frame's edge
         if start <= last_end:
             continue
@@ -318,8 +349,9 @@ def _x_axis(n, cols, label_w, xlabel, unicode):
     return lines
 
 
-def _legend(data, glyphs, clipped):
-    """A line per series below the frame: its glyph, name, last and best value."""
+def _legend(data, glyphs, clipped, n):
+    """A line per series below the frame: its glyph, name, last and best value (and
+    how many of the axis' n points it has, when it stopped early)."""
     name_w = max((len(k) for k in data), default=0)
     lines = []
     for k, glyph in glyphs.items():
@@ -327,7 +359,11 @@ def _legend(data, glyphs, clipped):
         parts = [f"{glyph} {k:<{name_w}}" if name_w else glyph]
         if any(math.isfinite(v) for v in vals):
             best = _best(k, vals)
-            parts += [f"last {_short(vals[-1])}", f"best {_short(best[1])} @ {best[0] + 1}"]
+            parts.append(f"last {_short(vals[-1])}")
+            if best is not None:
+                parts.append(f"best {_short(best[1])} @ {best[0] + 1}")
+            if len(vals) < n:
+                parts.append(f"{len(vals)} of {n}")
         else:
             parts.append("no finite values" if vals else "no data")
         if clipped[k]:
@@ -349,15 +385,22 @@ def _x_ticks(n, cols):
     room = len(str(n)) + 2
     step = max(1, math.ceil(_nice_step(n - 1, max(1, cols // (room * 2)))))
     xs = [1] + [x for x in range(step, n + 1, step) if x > 1]
-    return [(x, round((x - 1) / (n - 1) * (cols - 1))) for x in xs]
+    ticks = [(x, round((x - 1) / (n - 1) * (cols - 1))) for x in xs]
+    if xs[-1] != n:  # the last epoch is always labelled, in place of a neighbour too close
+        while len(ticks) > 1 and cols - 1 - ticks[-1][1] < room:
+            ticks.pop()
+        ticks.append((n, cols - 1))
+    return ticks
 
 
-def plot_history(history, keys=None, **kw):
-    """One chart per metric, pairing ``x`` with ``val_x``; the best epoch marked.
+def plot_history(history, keys=None, *, monitor=None, mode="min", **kw):
+    """One chart per metric, ``x`` beside ``val_x``; every chart marks the same epoch,
+    the one ``loops.fit`` kept in best.pt: the best ``monitor`` value (fit's default:
+    ``val_loss`` with validation data, else ``loss``; pass fit's ``monitor`` and
+    ``mode`` when you chose others). The first epoch wins a tie, as in fit.
 
-    rmse and mae share one chart (the same unit); accuracy-like metrics start
-    their y axis at 0. ``history`` is what ``loops.fit`` returns (or reads from
-    history.csv); ``keys`` picks the base names to draw.
+    ``history`` is what ``loops.fit`` returns (or reads from history.csv); ``keys``
+    picks the base names to draw.
     """
     bases = [k for k in history if not k.startswith("val_") and k not in ("epoch", "lr", "time")]
     bases += [k[4:] for k in history if k.startswith("val_") and k[4:] not in bases]
@@ -367,30 +410,33 @@ def plot_history(history, keys=None, **kw):
         if unknown:
             raise ValueError(f"plot_history: no {unknown} in the history; it has {bases}")
         bases = keys
-    groups = []
-    errors = [k for k in bases if k in ("rmse", "mae")]
-    for k in bases:
-        if k in errors and len(errors) > 1:
-            if k == errors[0]:
-                groups.append(errors)
-        else:
-            groups.append([k])
+    if monitor is not None and monitor not in history:
+        raise ValueError(f"plot_history: monitor {monitor!r} is not in the history; it has "
+                         f"{', '.join(history)}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"plot_history: mode must be 'min' or 'max', got {mode!r}")
+    if monitor is None:  # fit's default; no mark for a history without a loss
+        monitor = "val_loss" if "val_loss" in history else "loss"
+    chosen = _chosen_epoch(_floats(history.get(monitor, [])), mode)
+    opts = dict(kw)
+    if chosen is not None:
+        opts.setdefault("marks", [chosen])
+        opts.setdefault("mark_label", f"best {monitor}, epoch")
     charts = []
-    for group in groups:
-        series = {}
-        for k in group:
-            for name in (k, "val_" + k):
-                if name in history:
-                    series[name] = history[name]
-        watched = [s for s in series if s.startswith("val_")] or list(series)
-        best = _best(watched[0], _floats(series[watched[0]]))
-        opts = dict(kw)
-        if any(group[0].startswith(m) for m in _MAXIMISED if m != "r2"):
-            opts.setdefault("ymin", 0)
-        if best is not None:
-            opts.setdefault("marks", [best[0] + 1])
-        charts.append(line_plot(series, title=" / ".join(group), **opts))
+    for k in bases:
+        series = {name: history[name] for name in (k, "val_" + k) if name in history}
+        charts.append(line_plot(series, title=k, **opts))
     return "\n\n".join(charts)
+
+
+def _chosen_epoch(values, mode):
+    """The 1-based epoch of the best finite value, the first one on a tie."""
+    best = None
+    for i, v in enumerate(values):
+        if math.isfinite(v) and (best is None or (v < values[best] if mode == "min"
+                                                  else v > values[best])):
+            best = i
+    return None if best is None else best + 1
 
 
 # --- other charts --------------------------------------------------------------------------
@@ -402,16 +448,24 @@ def _nonfinite_note(values):
     return f"({' and '.join(parts)} not counted)" if parts else ""
 
 
-def histogram(values, *, bins=20, width=50, title=None):
-    """One row per bin: its range, a bar and its count; NaN and inf counted apart."""
+def histogram(values, *, bins=20, width=50, title=None, value_range=None, top=None):
+    """One row per bin: its range, a bar and its count; NaN and inf counted apart.
+
+    To compare histograms, give them the same ``value_range=(lo, hi)`` (the bins;
+    values outside are counted in a note) and the same ``top`` (the count drawn
+    ``width`` characters long).
+    """
     vals = _floats(values)
     finite = [v for v in vals if math.isfinite(v)]
     lines = [title] if title else []
+    lo, hi = value_range if value_range is not None else (
+        (min(finite), max(finite)) if finite else (0.0, 0.0))
+    outside = [v for v in finite if not lo <= v <= hi]
+    finite = [v for v in finite if lo <= v <= hi]
     if not finite:
         lines.append("(no finite values)" if vals else "(no data)")
         note = _nonfinite_note(vals)
         return "\n".join(lines + ([note] if note else []))
-    lo, hi = min(finite), max(finite)
     bins = max(1, int(bins)) if hi > lo else 1
     size = (hi - lo) / bins if hi > lo else 1.0
     counts = [0] * bins
@@ -420,19 +474,23 @@ def histogram(values, *, bins=20, width=50, title=None):
     d = max(_decimals(size) + 1, 0) if hi > lo else 3
     edges = [_label(lo + i * size, d) for i in range(bins + 1)]
     ew = max(len(e) for e in edges)
-    cw = len(str(max(counts)))
-    top = max(counts)
+    top = max(top or 0, max(counts))
+    cw = len(str(top))
     for i, c in enumerate(counts):
         close = "]" if i == bins - 1 else ")"
         bar = "#" * round(c / top * width)
         lines.append(f"[{edges[i]:>{ew}}, {edges[i + 1]:>{ew}}{close} {c:>{cw}} {bar}".rstrip())
+    if outside:
+        lines.append(f"({len(outside)} outside [{_short(lo)}, {_short(hi)}] not counted)")
     note = _nonfinite_note(vals)
     return "\n".join(lines + ([note] if note else []))
 
 
-def bar_chart(mapping, *, width=50, title=None):
-    """One row per key: the label, a bar of '#' proportional to the value, the value."""
+def bar_chart(mapping, *, width=50, title=None, labels=None):
+    """One row per key: the label, a bar of '#' proportional to the value, the value
+    (or ``labels[key]``, a text of your own such as '90.5% (19/21)')."""
     items = [(str(k), v) for k, v in zip(mapping, _floats(list(mapping.values())))]
+    labels = {str(k): text for k, text in (labels or {}).items()}
     lines = [title] if title else []
     if not items:
         return "\n".join(lines + ["(no data)"])
@@ -440,7 +498,8 @@ def bar_chart(mapping, *, width=50, title=None):
     kw = max(len(k) for k, _ in items)
     for k, v in items:
         bar = ("#" if v >= 0 else "-") * round(abs(v) / top * width) if math.isfinite(v) else "?"
-        lines.append(f"{k:>{kw}} | {bar} {_short(v)}")
+        text = str(labels[k]) if k in labels else _short(v)
+        lines.append(f"{k:>{kw}} | {bar} {text}")
     return "\n".join(lines)
 
 
@@ -540,9 +599,9 @@ def scatter(xs, ys, *, labels=None, width=72, height=24, title=None):
     for r in range(height):
         label = tick_rows.get(r, "")
         lines.append(f"{label:>{lw}} " + ("+" if label else "|") + "".join(grid[r]) + "|")
-    lines.append(" " * lw + " +" + "-" * cols + "+")
-    lines.append(" " * (lw + 2) + f"{_short(x_lo)}".ljust(cols - len(_short(x_hi)))
-                 + _short(x_hi))
+    x_ticks = [(s, round((t - x_lo) / (x_hi - x_lo) * (cols - 1)))
+               for t, s in _y_ticks(x_lo, x_hi, max(2, cols // 10), False)]
+    lines += _x_axis(x_ticks, cols, lw, None, False)
     if labels is not None and any(k != v for k, v in marker.items()):
         lines.append("  ".join(f"{marker[k]} {k}" for k in kinds))
     skipped = len(x) - len(pts)
@@ -590,8 +649,14 @@ def sparkline(values, *, unicode=False):
 
 def _read_history(path):
     import csv
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (it does not decode as UTF-8); expected "
+                         "a history.csv") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a CSV file ({e}); expected a history.csv") from None
     if not rows or not rows[0]:
         raise ValueError(f"{path}: empty file; expected a history.csv with a header line")
     header, body = rows[0], rows[1:]
@@ -622,6 +687,18 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def _at_least(low):
+    def whole(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
+        return value
+    return whole
+
+
 def _parser():
     p = _Parser(prog="python plots_ascii.py",
                 description="Draw the curves of one or more runs, one chart per key and "
@@ -629,8 +706,8 @@ def _parser():
     p.add_argument("paths", nargs="*", metavar="RUN/history.csv")
     p.add_argument("--keys", default=None, help="columns to draw, e.g. loss,val_loss "
                    "(default: all but epoch and time)")
-    p.add_argument("--width", type=int, default=72)
-    p.add_argument("--height", type=int, default=18)
+    p.add_argument("--width", type=_at_least(20), default=72, help="characters (>= 20)")
+    p.add_argument("--height", type=_at_least(3), default=18, help="rows (>= 3)")
     return p
 
 
@@ -658,10 +735,11 @@ def main(argv=None):
     charts = []
     for k in keys:
         series = {name: h[k] for name, h in runs.items() if k in h}
-        charts.append(line_plot(series, width=args.width, height=args.height, title=k,
-                                ymin=0 if any(k.removeprefix("val_").startswith(m)
-                                              for m in _MAXIMISED[:2]) else None))
-    print("\n\n".join(charts))
+        charts.append(line_plot(series, width=args.width, height=args.height, title=k))
+    try:
+        print("\n\n".join(charts), flush=True)
+    except BrokenPipeError:  # `| head` has read enough: end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -1,5 +1,6 @@
 """Tests of analysis.py on small inputs with exact expectations."""
 import math
+import re
 import unittest
 
 import torch
@@ -32,8 +33,9 @@ class ConfusionTest(unittest.TestCase):
         pred = torch.tensor([0, 0, 1, 1, 2, 2])
         view = analysis.confusion_view(pred, y, 3)
         self.assertIn("  | 0 1 2\n--+------\n0 | 2 1 0\n1 | 0 1 1\n2 | 0 0 1", view)
-        self.assertIn("accuracy per class, % (overall 66.7%)", view)
-        self.assertRegex(view, r"0 \| #+ 66\.667\n1 \| #+ 50\.000\n2 \| #+ 100\.0")
+        self.assertIn("accuracy per class (overall 66.7% of 6)", view)
+        # each class's share with the counts behind it, not "66.667" on three samples
+        self.assertRegex(view, r"0 \| #+ 67% \(2/3\)\n1 \| #+ 50% \(1/2\)\n2 \| #+ 100% \(1/1\)")
 
 
 class MistakesTest(unittest.TestCase):
@@ -122,6 +124,15 @@ class TrainingViewsTest(unittest.TestCase):
         self.assertEqual(view.count("\n\n"), 3)  # four histograms
         self.assertIn("largest probability, epoch 1 (mean", view)
         self.assertIn("probability of the true label, epoch 4 (mean", view)
+        charts = [c.splitlines()[1:] for c in view.split("\n\n")]
+        for first_chart, last_chart in (charts[:2], charts[2:]):  # first above last
+            rows = [re.match(r"(\[.*?[)\]]) +(\d+) ?(#*)$", ln).groups()
+                    for ln in first_chart + last_chart]
+            self.assertEqual([r[0] for r in rows[:10]], [r[0] for r in rows[10:]])  # same bins
+            self.assertEqual(rows[0][0].replace(" ", ""), "[0,0.10)")  # over [0, 1] both
+            top = max(int(r[1]) for r in rows)
+            for _, count, bar in rows:  # one scale: equal counts, equal bars
+                self.assertEqual(len(bar), round(int(count) / top * 40))
 
     def test_imagine_finds_an_input_the_model_is_sure_of(self):
         self.model.train()

@@ -131,6 +131,14 @@ def interrupting(model, at_call, exc=KeyboardInterrupt):
     return model
 
 
+def until_interrupted(call):
+    """``call()``'s result, or the history a Ctrl-C (KeyboardInterrupt) carries out of fit."""
+    try:
+        return call()
+    except KeyboardInterrupt as stop:
+        return stop.history
+
+
 class SnapshotTest(Quiet):
     def setUp(self):
         X, y = binary_data(200)
@@ -150,7 +158,7 @@ class SnapshotTest(Quiet):
         # 40 training batches and 1 validation batch an epoch: the 25th step of epoch 3
         model = interrupting(mlp(dropout=0.3), at_call=41 * 2 + 25)
         with mock.patch.object(loops, "_TICK_SECONDS", 0.0):  # a snapshot at every tick
-            h = self.run_fit(model, d, save_every=0)
+            h = until_interrupted(lambda: self.run_fit(model, d, save_every=0))
         self.assertEqual(len(h["loss"]), 2)
         ck = loops.load_checkpoint(os.path.join(d, "last.pt"))
         self.assertEqual((ck["epoch"], ck["step"]), (2, 24))  # the last batch boundary
@@ -173,7 +181,8 @@ class SnapshotTest(Quiet):
         h_ref = go(ref, self.tmpdir())
         d = self.tmpdir()
         with mock.patch.object(loops, "_TICK_SECONDS", 0.0):
-            go(interrupting(mlp(dropout=0.2), at_call=20 + 7), d, save_every=0)
+            until_interrupted(lambda: go(interrupting(mlp(dropout=0.2), at_call=20 + 7), d,
+                                         save_every=0))
             resumed = mlp(dropout=0.2, seed=4)
             h = go(resumed, d, save_every=0)
         self.assertEqual(without_time(h), without_time(h_ref))
@@ -182,13 +191,30 @@ class SnapshotTest(Quiet):
     def test_every_file_fit_writes_loads_with_weights_only(self):
         d = self.tmpdir()
         with mock.patch.object(loops, "_TICK_SECONDS", 0.0):
-            self.run_fit(interrupting(mlp(), at_call=50 + 25), d, save_every=0)
+            until_interrupted(lambda: self.run_fit(interrupting(mlp(), at_call=50 + 25), d,
+                                                   save_every=0))
         for name in ("best.pt", "last.pt"):
             ck = torch.load(os.path.join(d, name), weights_only=True)
             self.assertIn("model", ck)
 
 
 class AtomicWriteTest(Quiet):
+    def test_files_get_the_mode_the_umask_gives_any_new_file(self):
+        X, y = binary_data(40)
+        for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+            d = self.tmpdir()
+            old = os.umask(umask)
+            try:
+                model = mlp()
+                self.fit(model, (X, y), torch.nn.BCELoss(),
+                         torch.optim.SGD(model.parameters(), 0.1), epochs=1, checkpoint=d)
+                loops.save_checkpoint(os.path.join(d, "mine.pt"), model)
+            finally:
+                os.umask(old)
+            for name in ("best.pt", "last.pt", "history.csv", "mine.pt"):
+                self.assertEqual(oct(os.stat(os.path.join(d, name)).st_mode & 0o777), oct(mode),
+                                 f"{name} under umask {oct(umask)}")
+
     def test_a_write_that_fails_half_way_keeps_the_previous_files(self):
         X, y = binary_data(120)
         d = self.tmpdir()
@@ -333,7 +359,7 @@ class NonFiniteTest(Quiet):
 
 
 SIGINT_CHILD = r"""
-import time, torch, loops
+import sys, time, torch, loops
 torch.manual_seed(0)
 X, y = torch.randn(200, 4), torch.randn(200, 1)
 class Slow(torch.nn.Module):
@@ -341,30 +367,64 @@ class Slow(torch.nn.Module):
         super().__init__(); self.lin = torch.nn.Linear(4, 1)
     def forward(self, x):
         time.sleep(0.002); return self.lin(x)
-model = Slow()
-h = loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
-              epochs=1000, batch_size=4, checkpoint=__import__("sys").argv[1], verbose=2)
-print("returned", len(h["loss"]), "epochs")
+for lr in (0.01, 0.001):  # a sweep: one Ctrl-C must end it, not only the running fit
+    print("sweep lr", lr, flush=True)
+    model = Slow()
+    try:
+        loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), lr),
+                  epochs=1000, batch_size=4, checkpoint=f"{sys.argv[1]}/{lr}", verbose=2)
+    except KeyboardInterrupt as stop:
+        print("history of", len(stop.history["loss"]), "epochs", flush=True)
+        raise
 """
 
 
 class CtrlCTest(Quiet):
-    def test_keyboard_interrupt_mid_epoch_returns_the_completed_epochs(self):
+    def fit_interrupted(self, at_call, checkpoint=True):
         X, y = binary_data(100)
-        d = self.tmpdir()
-        model = interrupting(mlp(), at_call=2 * 13 + 5)  # in epoch 3
+        d = self.tmpdir() if checkpoint else None
+        model = interrupting(mlp(), at_call=at_call)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            h = loops.fit(model, (X, y), torch.nn.BCELoss(),
-                          torch.optim.SGD(model.parameters(), 0.1), epochs=5, batch_size=8,
-                          checkpoint=d, verbose=2)
-        self.assertEqual(len(h["loss"]), 2)
+            try:
+                h = loops.fit(model, (X, y), torch.nn.BCELoss(),
+                              torch.optim.SGD(model.parameters(), 0.1), epochs=5, batch_size=8,
+                              checkpoint=d, verbose=2)
+            except KeyboardInterrupt as stop:
+                h = stop
+        return h, d, out.getvalue().splitlines()[-1]
+
+    def test_in_a_program_fit_re_raises_with_the_completed_epochs_history(self):
+        stop, d, last_line = self.fit_interrupted(at_call=2 * 13 + 5)  # in epoch 3
+        self.assertIsInstance(stop, KeyboardInterrupt)
+        self.assertEqual(len(stop.history["loss"]), 2)
+        self.assertEqual(stop.history["epoch"], [1, 2])
         self.assertEqual(loops.load_checkpoint(os.path.join(d, "last.pt"))["epoch"], 2)
-        last_line = out.getvalue().splitlines()[-1]
+        self.assertEqual(last_line, "interrupted during epoch 3: stopping after 2 completed "
+                                    "epochs; last.pt holds epoch 2")
+
+    def test_at_an_interactive_prompt_fit_returns_the_history(self):
+        sys.ps1 = ">>> "  # what the Python prompt (and so IPython) sets
+        try:
+            h, d, last_line = self.fit_interrupted(at_call=2 * 13 + 5)
+        finally:
+            del sys.ps1
+        self.assertIsInstance(h, dict)
+        self.assertEqual(len(h["loss"]), 2)
         self.assertEqual(last_line, "interrupted during epoch 3: returning the history of 2 "
                                     "completed epochs; last.pt holds epoch 2")
 
-    def test_real_sigint_ends_cleanly_without_a_traceback(self):
+    def test_in_the_first_epoch_it_says_only_what_is_true(self):
+        stop, d, last_line = self.fit_interrupted(at_call=3)
+        self.assertEqual(stop.history["loss"], [])
+        self.assertEqual(last_line, "interrupted during epoch 1: stopping after 0 completed "
+                                    "epochs; nothing saved yet")
+        self.assertFalse(os.path.exists(os.path.join(d, "last.pt")))
+        _, _, last_line = self.fit_interrupted(at_call=3, checkpoint=False)
+        self.assertEqual(last_line, "interrupted during epoch 1: stopping after 0 completed "
+                                    "epochs")
+
+    def test_one_real_sigint_ends_a_sweep_as_an_interrupted_program(self):
         d = self.tmpdir()
         p = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, d], cwd=HERE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -377,11 +437,12 @@ class CtrlCTest(Quiet):
                 break
         rest, err = p.communicate(timeout=60)
         lines += rest.splitlines(keepends=True)
-        self.assertEqual(p.returncode, 0, err)
-        self.assertNotIn("Traceback", err)
+        self.assertEqual(p.returncode, -signal.SIGINT, err)  # as any interrupted program
+        self.assertIn("KeyboardInterrupt", err)
+        self.assertEqual([ln for ln in lines if ln.startswith("sweep")], ["sweep lr 0.01\n"])
         self.assertTrue(lines[-2].startswith("interrupted during epoch"), lines[-2:])
-        done = int(lines[-1].split()[1])
-        saved = loops.load_checkpoint(os.path.join(d, "last.pt"))["epoch"]
+        done = int(lines[-1].split()[2])
+        saved = loops.load_checkpoint(os.path.join(d, "0.01", "last.pt"))["epoch"]
         self.assertGreaterEqual(saved, 2)  # every announced epoch was saved
         self.assertIn(saved, (done - 1, done))  # at most the epoch being written is missing
         self.assertTrue(lines[-2].rstrip().endswith(f"last.pt holds epoch {saved}"), lines[-2])

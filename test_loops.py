@@ -4,15 +4,19 @@ Run with ``python -m unittest``. ``LOOPS_TEST_DEVICE=cuda python -m unittest`` r
 the same suite on a GPU.
 """
 import contextlib
+import fcntl
 import io
 import json
 import math
 import os
 import pty
+import re
 import select
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import unittest
 import weakref
@@ -309,6 +313,219 @@ class ExactMetricsTest(Quiet):
             loops.evaluate(model, (X, y), metrics={"acc": 3})
 
 
+class Counting(torch.nn.Module):
+    """A linear model that writes down (training, rows) of each forward call."""
+
+    def __init__(self, n_out=1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, n_out)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((self.training, len(x)))
+        return self.lin(x)
+
+
+def macro_oracle(name, scores, y):
+    """scikit-learn's average="macro", zero_division=0, written out over Python lists: the
+    classes are those present in the targets or the predictions."""
+    pred, true = scores.argmax(1).tolist(), y.reshape(-1).tolist()
+    per = []
+    for c in sorted(set(pred) | set(true)):
+        tp = sum(p == c and t == c for p, t in zip(pred, true))
+        fp = sum(p == c and t != c for p, t in zip(pred, true))
+        fn = sum(p != c and t == c for p, t in zip(pred, true))
+        per.append({"precision": tp / (tp + fp) if tp + fp else 0.0,
+                    "recall": tp / (tp + fn) if tp + fn else 0.0,
+                    "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0}[name])
+    return sum(per) / len(per)
+
+
+class TargetsAndOutputsTest(Quiet):
+    """What the metrics read from the shapes of targets and outputs (the traps of
+    (N, 1) labels, logits and class scores), each against an independent oracle."""
+
+    def test_accuracy_reads_n_by_1_integer_labels_as_labels(self):
+        p = torch.tensor([[.1, .9], [.8, .2], [.3, .7]])
+        self.assertEqual(loops.accuracy(p, torch.tensor([[1], [0], [1]])).item(), 1.0)
+        self.assertEqual(loops.accuracy(p, torch.tensor([1, 0, 0])).item(), 2 / 3)
+        self.assertEqual(loops.accuracy(p, torch.tensor([[0., 1.], [1., 0.], [1., 0.]])).item(),
+                         2 / 3)  # one-hot rows: their arg-max
+        with self.assertRaisesRegex(ValueError, r"class indices of shape \(3,\)"):
+            loops.accuracy(p, torch.tensor([1, 0]))
+        g = torch.Generator().manual_seed(8)
+        X, y = torch.randn(90, 8, generator=g).to(DEVICE), torch.randint(0, 3, (90, 1), generator=g)
+        model = mlp(n_out=3, sigmoid=False)
+        got = loops.evaluate(model, (X, y.to(DEVICE)), metrics={"acc": "accuracy"}, batch_size=7)
+        with torch.no_grad():
+            self.assertClose(got["acc"], oracle("accuracy", model(X), y.reshape(-1)))
+
+    def test_bce_with_logits_models_are_read_as_logits_in_fit_evaluate_train_epoch(self):
+        X, y = binary_data(120)
+        names = ["binary_accuracy", "precision", "recall", "f1"]
+        model = mlp(sigmoid=False)  # logits, as BCEWithLogitsLoss wants
+        with torch.no_grad():
+            model[-1].weight.mul_(0.2)  # logits in (0, 0.5): read as probabilities they
+            model[-1].bias.fill_(0.25)  # would all be negatives
+            probs = torch.sigmoid(model(X))
+        want = {n: oracle(n, probs, y) for n in names}
+        self.assertNotEqual(oracle("binary_accuracy", model(X).detach(), y),
+                            want["binary_accuracy"])  # the case the bug hid in
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        h = self.fit(model, (X, y), loss_fn, opt, epochs=1, val=(X, y), batch_size=7,
+                     metrics={n: n for n in names})
+        ev = loops.evaluate(model, (X, y), loss_fn, metrics={n: n for n in names})
+        tr = loops.train_epoch(model, (X, y), loss_fn, opt, metrics={n: getattr(loops, n)
+                                                                     for n in names})
+        for n in names:
+            for got in (h[n][0], h["val_" + n][0], ev[n], tr[n]):
+                self.assertClose(got, want[n], rel=1e-9, msg=n)
+            # the public functions: logits=True reads the same rows as the probabilities
+            self.assertEqual(getattr(loops, n)(model(X).detach(), y, logits=True).item(),
+                             getattr(loops, n)(probs, y).item())
+
+    def test_precision_recall_f1_macro_on_class_scores(self):
+        g = torch.Generator().manual_seed(6)
+        X = torch.randn(150, 8, generator=g).to(DEVICE)
+        y = torch.randint(0, 4, (150,), generator=g).to(DEVICE)
+        names = ["precision", "recall", "f1"]
+        model = mlp(n_out=4, sigmoid=False)
+        h = self.fit(model, (X[:100], y[:100]), torch.nn.CrossEntropyLoss(),
+                     torch.optim.SGD(model.parameters(), lr=0.0), epochs=1,
+                     val=(X[100:], y[100:]), batch_size=7, metrics={n: n for n in names})
+        with torch.no_grad():
+            scores = model(X).cpu()
+        for n in names:
+            self.assertClose(h[n][0], macro_oracle(n, scores[:100], y[:100].cpu()), rel=1e-9)
+            self.assertClose(h["val_" + n][0], macro_oracle(n, scores[100:], y[100:].cpu()),
+                             rel=1e-9)
+        # a class neither true nor predicted is left out; one only true counts 0 precision
+        s = torch.tensor([[5., 0, 0, 0], [5., 0, 0, 0], [0, 5., 0, 0], [0, 5., 0, 0]])
+        t = torch.tensor([0, 1, 1, 2])
+        for n in names:
+            self.assertClose(getattr(loops, n)(s, t).item(), macro_oracle(n, s, t), rel=1e-12)
+        self.assertClose(loops.precision(s, t).item(), (0.5 + 0.5 + 0.0) / 3, rel=1e-12)
+        try:
+            from sklearn import metrics as skm
+        except ImportError:
+            return
+        for n in names:
+            want = getattr(skm, n + "_score")(t, s.argmax(1), average="macro", zero_division=0)
+            self.assertClose(getattr(loops, n)(s, t).item(), want, rel=1e-12)
+
+    def test_a_failing_metric_fails_at_the_first_batch_and_names_itself(self):
+        X, y = binary_data(100)
+        model = Counting().to(DEVICE)
+
+        def wrong(p, t):  # a user's metric with a shape bug
+            return (p.argmax(1) == t.reshape(-1, 1, 1)).float().mean(1)
+        with self.assertRaisesRegex(ValueError, r"metric 'mine' failed on a batch \(outputs: "
+                                    r"a tensor of shape \(8, 1\); targets: a tensor of shape "
+                                    r"\(8, 1\)\).*expected a scalar"):
+            self.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=1, batch_size=8, metrics={"mine": wrong})
+        self.assertEqual(len(model.seen), 1)  # at the first batch, not at a fold 128 later
+
+    def test_confusion_matrix_refuses_classes_out_of_range_and_thresholds_as_metrics(self):
+        with self.assertRaisesRegex(ValueError, r"predicted class is outside 0\.\.1"):
+            loops.confusion_matrix(torch.tensor([2, 1]), torch.tensor([0, 1]), 2)
+        with self.assertRaisesRegex(ValueError, r"true class is outside 0\.\.2"):
+            loops.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 3]), 3)
+        with self.assertRaisesRegex(ValueError, "fractional"):
+            loops.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0.4, 2.0]), 3)
+        g = torch.Generator().manual_seed(2)
+        p, soft = torch.rand(40, 1, generator=g), torch.rand(40, 1, generator=g)  # soft targets
+        tn, fp, fn, tp = loops.confusion_matrix(p, soft, 2).reshape(-1).tolist()
+        self.assertClose((tp + tn) / 40, loops.binary_accuracy(p, soft).item())
+        self.assertClose(tp / (tp + fp), loops.precision(p, soft).item())
+        self.assertClose(tp / (tp + fn), loops.recall(p, soft).item())
+        z = torch.randn(40, 1, generator=g)
+        self.assertTrue(torch.equal(loops.confusion_matrix(z, soft, 2, logits=True),
+                                    loops.confusion_matrix(torch.sigmoid(z), soft, 2)))
+
+
+class WeightedLossTest(Quiet):
+    """CrossEntropyLoss(weight=...) and ignore_index: torch averages a batch over its
+    targets' weights, so the epoch value weights each batch by them: the whole set's."""
+
+    def data(self):
+        g = torch.Generator().manual_seed(11)
+        X, y = torch.randn(150, 8, generator=g), torch.randint(0, 3, (150,), generator=g)
+        y[:40:3] = -100
+        y[70:80] = -100  # with batch size 1 or 7 some batches are all ignored
+        return X.to(DEVICE), y.to(DEVICE)
+
+    def test_epoch_loss_is_the_whole_set_loss_for_any_batch_size(self):
+        X, y = self.data()
+        model = mlp(n_out=3, sigmoid=False)
+        w = torch.tensor([1.0, 2.5, 0.5], device=DEVICE)
+        y1 = torch.where(y == -100, 1, y)  # class 1 is the ignored one here
+        for loss_fn, y in ((torch.nn.CrossEntropyLoss(weight=w), y),
+                           (torch.nn.CrossEntropyLoss(), y),
+                           (torch.nn.CrossEntropyLoss(weight=w, ignore_index=1), y1)):
+            with torch.no_grad():
+                whole = loss_fn(model(X), y).item()
+            for b in (1, 7, 50):
+                got = loops.evaluate(model, (X, y), loss_fn, batch_size=b)["loss"]
+                self.assertClose(got, whole, rel=1e-6, msg=f"batch {b}: {got} vs {whole}")
+            h = self.fit(model, (X, y), loss_fn, torch.optim.SGD(model.parameters(), lr=0.0),
+                         epochs=1, batch_size=10, shuffle=False)  # batch 8 is all ignored
+            self.assertClose(h["loss"][0], whole, rel=1e-6)  # and training does not stop
+
+    def test_nll_loss_with_weights_too(self):
+        X, y = self.data()
+        model = torch.nn.Sequential(mlp(n_out=3, sigmoid=False), torch.nn.LogSoftmax(1))
+        loss_fn = torch.nn.NLLLoss(weight=torch.tensor([0.2, 1.0, 3.0], device=DEVICE))
+        with torch.no_grad():
+            whole = loss_fn(model(X), y).item()
+        self.assertClose(loops.evaluate(model, (X, y), loss_fn, batch_size=7)["loss"], whole,
+                         rel=1e-6)
+
+
+class DropLastTest(Quiet):
+    def test_reproduces_the_tutorial_loop_bit_for_bit(self):
+        X, y = binary_data(105)
+        ref, model = mlp(), mlp()
+        opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-3)
+        loss_fn = torch.nn.BCELoss()
+        for _ in range(3):  # the training-loop tutorial: len(X) // batch_size batches
+            for i in range(len(X) // 10):
+                xb, yb = X[i * 10:i * 10 + 10], y[i * 10:i * 10 + 10]
+                opt_ref.zero_grad()
+                loss_fn(ref(xb), yb).backward()
+                opt_ref.step()
+        self.fit(model, (X, y), loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3),
+                 epochs=3, batch_size=10, shuffle=False, drop_last=True)
+        self.assertTrue(same_weights(model, ref))
+
+    def test_shuffled_epochs_and_train_epoch_skip_the_short_batch(self):
+        X, y = binary_data(105)
+        model = Counting().to(DEVICE)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.fit(model, (X, y), torch.nn.MSELoss(), opt, epochs=2, batch_size=10,
+                 drop_last=True, val=(X, y), val_batch_size=105)
+        train_calls = [n for training, n in model.seen if training]
+        self.assertEqual(train_calls, [10] * 20)  # 10 full batches an epoch, 5 rows dropped
+        model.seen.clear()
+        loops.train_epoch(model, (X, y), torch.nn.MSELoss(), opt, batch_size=10, drop_last=True)
+        self.assertEqual([n for _, n in model.seen], [10] * 10)
+
+    def test_bad_uses_are_refused_before_any_step(self):
+        X, y = binary_data(20)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8)
+        with self.assertRaisesRegex(ValueError, r"DataLoader\(\.\.\., drop_last=True\)"):
+            self.fit(model, loader, torch.nn.BCELoss(), opt, epochs=1, drop_last=True)
+        with self.assertRaisesRegex(ValueError, "leaves no batch"):
+            self.fit(model, (X, y), torch.nn.BCELoss(), opt, epochs=1, batch_size=32,
+                     drop_last=True)
+        with self.assertRaisesRegex(TypeError, "drop_last must be True or False"):
+            self.fit(model, (X, y), torch.nn.BCELoss(), opt, epochs=1, drop_last="yes")
+
+
 # --- 3. modes and memory ------------------------------------------------------------
 
 class Recorder(torch.nn.Module):
@@ -400,6 +617,22 @@ class ModesTest(Quiet):
 # --- 4. inputs ------------------------------------------------------------------------
 
 class InputsTest(Quiet):
+    def test_a_list_of_two_tensors_says_to_pass_a_tuple(self):
+        X, y = binary_data()
+        model = mlp()
+        with self.assertRaisesRegex(TypeError, r"list of two tensors; pass the tensors as a "
+                                    r"tuple \(X, y\)"):
+            self.fit(model, [X, y], torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), .1),
+                     epochs=1)
+
+    @unittest.skipIf(torch.cuda.is_available(), "this torch has CUDA")
+    def test_cuda_without_cuda_says_so(self):
+        X, y = binary_data()
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, r"device='cuda', but this torch sees no CUDA"):
+            self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), .1),
+                     epochs=1, device="cuda")
+
     def test_one_shot_iterator_is_refused_for_several_epochs(self):
         X, y = binary_data()
         model = mlp()
@@ -679,9 +912,12 @@ loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(),
 """
 
 
-def run_in_pty(code, *args):
-    """Run a script with its stdout on a pseudo-terminal; return (output, seconds)."""
+def run_in_pty(code, *args, columns=None):
+    """Run a script with its stdout on a pseudo-terminal (``columns`` wide); return
+    (output, seconds, process)."""
     master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=HERE, stdout=slave,
                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": HERE})
@@ -719,6 +955,23 @@ class ProgressTest(unittest.TestCase):
             updates = line.split("\r")
             self.assertRegex(updates[1], rf"^epoch {i}/2  \d+/200  \d+ it/s  ETA [\d.]+s  loss ")
             self.assertRegex(updates[-1].rstrip(), rf"^epoch {i}/2  loss \d\.\d{{4}}  [\d.]+s")
+
+    def test_live_line_fits_a_narrow_terminal(self):
+        code = PROGRESS_SCRIPT.replace("epochs=2, batch_size=2,", "epochs=2, batch_size=2, "
+                                       "val=(X, y), metrics={'mae': 'mae', 'rmse': 'rmse'},")
+        out, _, p = run_in_pty(code, columns=50)
+        self.assertEqual(p.returncode, 0, p.stderr_text)
+        lines = out.replace("\r\n", "\n").split("\n")
+        refreshes = [u for ln in lines for u in ln.split("\r")[1:-1]]  # not the summaries
+        self.assertGreaterEqual(len(refreshes), 4)
+        for text in refreshes:  # one row each, so that the next \r overwrites all of it
+            self.assertLessEqual(len(text), 49, text)
+            self.assertRegex(text, r"^epoch \d/2  \d+/200")
+        summaries = [ln.split("\r")[-1].rstrip() for ln in lines if ln]
+        self.assertEqual(len(summaries), 2)
+        self.assertRegex(summaries[0], r"val_rmse \d")  # whole, wider than the terminal
+        wide, _, _ = run_in_pty(code, columns=200)
+        self.assertRegex(wide, r"it/s  ETA [\d.]+s  loss \S+  mae \S+  rmse")
 
     def test_summary_lines_only_into_a_pipe(self):
         p = run_python(PROGRESS_SCRIPT)
@@ -832,8 +1085,20 @@ class FrontDoorTest(unittest.TestCase):
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertEqual(sorted(os.listdir(os.path.join(d, "runs", "demo"))),
                              ["best.pt", "history.csv", "last.pt"])
-        self.assertRegex(p.stdout, r"epoch 1/50  loss \d\.\d{4}  acc [\d.]+%  val_loss")
-        self.assertIn("'acc':", p.stdout)
+            # every output line the README quotes is real (all but the times)
+            def no_time(line):
+                return re.sub(r"  [\d.:]+s(?=  |$)", "", line)
+            quoted = [ln[2:] for ln in code.splitlines() if ln.startswith("# ") and ln != "# ..."]
+            self.assertGreaterEqual(len(quoted), 4)
+            printed = [no_time(ln) for ln in p.stdout.splitlines()]
+            for line in quoted:
+                self.assertIn(no_time(line), printed)
+            # and it runs again: resume=True continues the finished run
+            again = subprocess.run([sys.executable, "-c", code], cwd=d, capture_output=True,
+                                   text=True, timeout=120, env={**os.environ, "PYTHONPATH": HERE})
+            self.assertEqual(again.returncode, 0, again.stderr)
+            self.assertIn("nothing to do: 41 epochs done (training had stopped early)",
+                          again.stdout)
 
     def test_run_all_runs_every_example_and_reports_failures(self):
         with tempfile.TemporaryDirectory() as d:

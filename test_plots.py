@@ -15,34 +15,36 @@ NAN, INF = float("nan"), float("inf")
 GOLDEN_LINE = """\
     +----------------------------------+
     |oo                  :             |
-1.0 +*ooo                :             |
-    | **oo               :             |
-0.8 +   *ooo             :             |
-    |    **ooooo         :             |
-0.6 +      ****ooooooo   :      ooooooo|
-    |          ******oooo@ooooooo      |
+1.0 +*&oo                :             |
+    | **&o               :             |
+0.8 +   *&oo             :             |
+    |    **&oooo         :             |
+0.6 +      ****&oooooo   :      ooooooo|
+    |          ******&&oo@ooooooo      |
 0.4 +                 *****************|
     ++------+-----+------+-----+------++
      1      2     3      4     5      6
                    epoch
 * loss      last 0.370  best 0.370 @ 6
 o val_loss  last 0.560  best 0.500 @ 4
-: @ marked 4"""
+& two series in one place
+: marked 4 (@ a series' own best there)"""
 
 GOLDEN_HISTORY_ACC = """\
              acc
     +------------------------+
-0.8 +            ***********@|
-0.6 +******ooooooooooooooooo@|
-0.4 +ooooooo                :|
-0.2 +                       :|
-  0 +                       :|
+0.8 +            :    *******|
+0.7 +         *********      |
+0.6 +   ******&oooooooooooooo|
+0.5 +***&oooooo  :           |
+0.4 +oooo        :           |
     ++-----------+----------++
      1           2          3
               epoch
 * acc      last 0.800  best 0.800 @ 3
 o val_acc  last 0.650  best 0.650 @ 3
-: @ marked 3"""
+& two series in one place
+: best val_loss, epoch 2 (@ a series' own best there)"""
 
 
 def parse(chart):
@@ -148,24 +150,91 @@ class LinePlotTest(unittest.TestCase):
         self.assertNotIn("\x1b", fancy)
 
 
+class ReadableChartsTest(unittest.TestCase):
+    """Each chart says what it shows at a glance."""
+
+    def columns_of(self, chart, glyphs):
+        rows = parse(chart)[0]
+        return sorted({c for r in rows for c, ch in enumerate(r) if ch in glyphs})
+
+    def test_series_of_different_lengths_share_the_epoch_axis(self):
+        chart = pa.line_plot({"ten": range(1, 11), "five": [1] * 5}, width=60, height=8)
+        cols = len(parse(chart)[0][0])
+        five = self.columns_of(chart, "o&")
+        self.assertEqual(five[0], 0)
+        self.assertEqual(five[-1], round(4 / 9 * (cols - 1)))  # epoch 5 of 10, not the edge
+        self.assertIn("o five  last 1.000  best 1.000 @ 1  5 of 10", chart)
+
+    def test_a_step_schedule_is_drawn_as_steps_with_no_best(self):
+        chart = pa.line_plot({"lr": [0.1] * 5 + [0.01] * 5}, width=40, height=6)
+        rows = parse(chart)[0]
+        per_col = [sum(r[c] == "*" for r in rows) for c in range(len(rows[0]))]
+        self.assertEqual(sum(1 for n in per_col if n > 1), 1)  # one vertical drop, no ramp
+        self.assertEqual(per_col.index(max(per_col)), round(5 / 9 * (len(rows[0]) - 1)))
+        self.assertTrue(chart.endswith("* lr  last 0.010"))  # a rate has no "best"
+
+    def test_series_that_share_cells_show_it(self):
+        chart = pa.line_plot({"loss": [3, 2, 1], "val_loss": [3, 2, 1.5]}, width=40, height=8)
+        self.assertIn("&", "".join(parse(chart)[0]))
+        self.assertIn("& two series in one place", chart)
+        self.assertNotIn("&", pa.line_plot({"a": [1, 2], "b": [5, 6]}, height=12))
+
+    def test_the_last_epoch_is_always_labelled(self):
+        for n in (7, 14, 15, 30, 99):
+            axis_labels = parse(pa.line_plot({"a": range(n)}, width=60))[3][0].split()
+            self.assertEqual(axis_labels[0], "1")
+            self.assertEqual(axis_labels[-1], str(n))
+
+    def test_scatter_labels_round_values_along_x(self):
+        chart = pa.scatter([-3.2, 0.1, 4.9], [1, 2, 3], width=60, height=6)
+        labels = chart.splitlines()[-1].split()
+        self.assertGreaterEqual(len(labels), 3)
+        self.assertIn("0", labels)
+
+    def test_histograms_on_shared_bins_and_scale_compare_bar_for_bar(self):
+        a = pa.histogram([0.1] * 96, bins=4, width=40, value_range=(0, 1), top=96)
+        b = pa.histogram([0.9] * 45, bins=4, width=40, value_range=(0, 1), top=96)
+        bars = [ln.split()[-1] for ln in (a + "\n" + b).splitlines() if "#" in ln]
+        self.assertEqual([len(x) for x in bars], [40, round(45 / 96 * 40)])
+        edges = [[re.match(r"\[[^)\]]*[)\]]", ln).group() for ln in h.splitlines()]
+                 for h in (a, b)]
+        self.assertEqual(edges[0], edges[1])  # the same bins
+        self.assertIn("(1 outside [0, 1.000] not counted)",
+                      pa.histogram([0.5, 2], value_range=(0, 1)))
+
+
 class PlotHistoryTest(unittest.TestCase):
-    def test_golden_accuracy_chart_from_zero_with_the_best_epoch(self):
+    def test_golden_every_chart_marks_the_epoch_chosen_by_the_monitor(self):
         h = {"epoch": [1, 2, 3], "loss": [0.9, 0.5, 0.4], "val_loss": [1.0, 0.6, 0.7],
              "acc": [0.5, 0.7, 0.8], "val_acc": [0.4, 0.6, 0.65], "lr": [0.1] * 3,
              "time": [1.0] * 3}
         charts = pa.plot_history(h, width=30, height=5).split("\n\n")
         self.assertEqual(len(charts), 2)
-        self.assertEqual(charts[1], GOLDEN_HISTORY_ACC)
-        self.assertIn(": @ marked 2", charts[0])  # val_loss is lowest at epoch 2
+        self.assertEqual(charts[1], GOLDEN_HISTORY_ACC)  # acc is best at 3, val_loss at 2
+        for chart in charts:  # val_loss (fit's default monitor) is lowest at epoch 2
+            self.assertIn(": best val_loss, epoch 2", chart)
+        # fit(monitor="val_acc", mode="max") kept epoch 3: the charts say so
+        charts = pa.plot_history(h, monitor="val_acc", mode="max").split("\n\n")
+        self.assertTrue(all(": best val_acc, epoch 3" in c for c in charts))
+        # a tie goes to the first epoch, as fit's strict improvement does
+        self.assertIn("epoch 1", pa.plot_history({"loss": [1, 2, 1]}))
+        with self.assertRaisesRegex(ValueError, "monitor 'val_f1' is not in the history"):
+            pa.plot_history(h, monitor="val_f1")
 
-    def test_rmse_and_mae_share_one_chart(self):
+    def test_accuracy_is_not_squeezed_from_zero(self):
+        h = {"acc": [0.90, 0.95, 0.97]}
+        _, labels, _, _ = parse(pa.plot_history(h, width=30, height=6))
+        self.assertNotIn("0", labels.values())
+
+    def test_one_chart_per_metric_train_beside_val(self):
         h = {"loss": [2, 1], "rmse": [1.4, 1], "mae": [1, 0.8], "val_loss": [2.1, 1.2],
              "val_rmse": [1.45, 1.1], "val_mae": [1.1, 0.9]}
         charts = pa.plot_history(h).split("\n\n")
-        self.assertEqual(len(charts), 2)
-        self.assertIn("rmse / mae", charts[1])
-        for name in ("rmse", "val_rmse", "mae", "val_mae"):
-            self.assertRegex(charts[1], rf"\n. {name} +last")
+        self.assertEqual(len(charts), 3)
+        for chart, name in zip(charts, ("loss", "rmse", "mae")):
+            self.assertEqual(chart.splitlines()[0].strip(), name)
+            self.assertRegex(chart, rf"\n. {name} +last")
+            self.assertRegex(chart, rf"\n. val_{name} +last")
         self.assertEqual(pa.plot_history(h, keys=["mae"]).count("\n\n"), 0)
         with self.assertRaisesRegex(ValueError, "no \\['acc'\\]"):
             pa.plot_history(h, keys=["acc"])
@@ -277,13 +346,45 @@ class CliTest(unittest.TestCase):
         bad = os.path.join(self.dir.name, "bad.csv")
         with open(bad, "w") as f:
             f.write("epoch,loss\n1,zero\n")
-        for args in ([os.path.join(self.dir.name, "missing.csv")], [bad],
-                     [self.paths[0], "--keys", "acc"], []):
+        binary = os.path.join(self.dir.name, "model.pt")
+        with open(binary, "wb") as f:
+            f.write(bytes(range(256)) * 4)
+        cases = {"missing.csv": [os.path.join(self.dir.name, "missing.csv")], "bad.csv": [bad],
+                 "'acc'": [self.paths[0], "--keys", "acc"], "no history.csv given": [],
+                 "model.pt: not a text file": [binary],
+                 "argument --width: expected a whole number, got 'abc'":
+                     [self.paths[0], "--width", "abc"],
+                 "argument --height: expected at least 3": [self.paths[0], "--height", "1"]}
+        for says, args in cases.items():
             p = self.cli(*args)
             self.assertEqual(p.returncode, 2, args)
             self.assertEqual(p.stdout, "")
             self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
             self.assertTrue(p.stderr.startswith("plots_ascii: "))
+            self.assertIn(says, p.stderr)
+
+    def test_runs_of_different_lengths_share_the_epoch_axis(self):
+        short = os.path.join(self.dir.name, "c", "history.csv")
+        os.makedirs(os.path.dirname(short))
+        with open(short, "w") as f:
+            f.write("epoch,loss\n1,1.0\n2,0.5\n")
+        p = self.cli(self.paths[0], short, "--keys", "loss")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("o c  last 0.500  best 0.500 @ 2  2 of 5", p.stdout)
+        cols = len(parse(p.stdout.split("\n", 1)[1])[0][0])
+        rows = parse(p.stdout.split("\n", 1)[1])[0]
+        self.assertLessEqual(max(c for r in rows for c, ch in enumerate(r) if ch in "o&"),
+                             round(1 / 4 * (cols - 1)))
+
+    def test_a_closed_pipe_ends_quietly(self):
+        long = os.path.join(self.dir.name, "long.csv")
+        with open(long, "w") as f:
+            f.write("epoch,loss\n" + "".join(f"{e},{1 / e}\n" for e in range(1, 200)))
+        p = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'plots_ascii.py')} {long} "
+                           f"{long} {long} --keys " + ",".join(["loss"] * 100) + " "
+                           "| head -1", shell=True, capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.stdout.strip(), "loss")
+        self.assertEqual(p.stderr, "")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import loops
 import plots_ascii
 
 args = parse_args(__doc__.splitlines()[0], epochs=300)
-epochs = args.epochs or args.default_epochs  # 300 one-batch epochs take about a second
+epochs = args.epochs or (100 if args.quick else args.default_epochs)  # one batch an epoch
 data = datasets.linear(weight=0.7, bias=0.3)
 (train, test) = data
 print(f"data: {data.source}; {len(train[0])} train / {len(test[0])} test points")
