@@ -35,17 +35,18 @@ the order in which ``fit`` calls them:
 
     checks       _check_fit: every argument, before any work and any file
     setup        _shuffle_generator (and every seed); _Stepper, the optimizer's side
-                 of a step (clipping, the scheduler); _Record, the run so far
+                 of a step (autocast and GradScaler, accumulation, clipping, the
+                 scheduler); _Record, the run so far
                  (history, best, patience, why it stopped); _Store, the checkpoint
                  directory (best.pt, last.pt, history.csv, resume); _Printer
     one epoch    _begin_epoch   its batches, or where a mid-epoch snapshot stopped
-                 _train_loop    a _Stepper.step per batch, summed by a _Meter and
+                 _train_loop    a _Stepper.step per batch (or group), summed by a _Meter and
                                 looked at now and then (_Ticker, _Look)
     evaluation   _epoch_logs    training and validation values in one host read
     then         record.add, store.save_epoch, printer.summary, _hook_stops
 
 A per-batch log line goes in ``_Look`` (or ``_train_loop``); a change to the
-step itself (accumulation, mixed precision) in ``_Stepper.step``.
+step itself in ``_Stepper.step``, beside mixed precision and accumulation.
 """
 import atexit
 import builtins
@@ -243,6 +244,15 @@ def _to(x, device):
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
     return x
+
+
+def _batch_rows(yb):
+    return yb.shape[0] if torch.is_tensor(yb) else len(yb)
+
+
+def _full(out):
+    """Outputs in fp32 at least, whatever autocast computed them in (for the metrics)."""
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _describe(x):
@@ -541,12 +551,13 @@ class _Plan(NamedTuple):
 def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
                metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
                clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
-               drop_last=False):
+               drop_last=False, precision=None, accumulate=1):
     """Check every argument of fit before any work; return the _Plan fit follows."""
     device = _check_model(model, device)
     rank, world = _world()
     _check_distributed(model, world, save_every)
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    _check_precision(precision, accumulate, device)
     _check_int("epochs", epochs, 0)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
@@ -694,33 +705,91 @@ def _seed_all(seed):
 
 
 class _Stepper:
-    """The optimizer's side of training: the step itself, clipping, and the scheduler,
-    stepped after every optimizer step (interval "step") or after validation ("epoch")."""
+    """The optimizer's side of training: the step itself, mixed precision, gradient
+    accumulation, clipping, and the scheduler, stepped after every optimizer step
+    (interval "step") or after validation ("epoch").
 
-    def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None):
+    ``precision`` "bf16"/"fp16": forward and loss run under ``torch.autocast`` for
+    the device (weights stay fp32); "fp16" scales the loss through a GradScaler,
+    whose state last.pt keeps. ``accumulate=k``: one optimizer step per group of k
+    batches (``groups``), each batch's loss weighted by its share of the group's
+    rows, so that k batches of b step as one batch of k * b.
+    """
+
+    def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
+                 precision=None, accumulate=1, device=None, loss_fn=None):
         self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
-        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
         self.per_step = scheduler if interval == "step" else None
+        self.cast = _autocast(precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.weigh = _target_weights(loss_fn)  # as the meter weighs a batch, for the shares
 
-    def step(self, model, xb, yb, loss_fn, keep_out):
-        """One training step: the textbook five lines, with the options as guarded one-liners.
+    def groups(self, batches):
+        """The batches in groups of ``accumulate`` (the last may be shorter): one
+        optimizer step each. A group never spans two epochs."""
+        if self.accumulate == 1:
+            return ([b] for b in batches)
+        it = iter(batches)
+        return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
 
-        A function of its own so that the graph, the output and the loss die on
-        return: nothing with a grad_fn survives into the next step.
+    def step(self, model, group, loss_fn, keep_out):
+        """One optimizer step over a group of batches; [(loss, output or None)] per batch.
+
+        The textbook five lines, with the options as guarded one-liners. Under DDP
+        the gradients are all-reduced once, on the group's last batch (``no_sync``
+        for the others).
         """
         self.optimizer.zero_grad(set_to_none=True)
-        out = model(xb)
-        loss = loss_fn(out, yb)
+        shares = self._shares(group)
+        done = []
+        for i, (xb, yb) in enumerate(group):
+            quiet = i < len(group) - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if quiet else contextlib.nullcontext():
+                done.append(self._backward(model, xb, yb, loss_fn, shares[i], keep_out))
+        self._update(model)
+        return done
+
+    def _shares(self, group):
+        """Each batch's weight in the group's mean loss: its rows (or its targets'
+        weights, for CrossEntropyLoss/NLLLoss) over the group's."""
+        if len(group) == 1:
+            return [None]
+        if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
+            w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
+            return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
+        rows = [_batch_rows(yb) for _, yb in group]
+        return [n / sum(rows) for n in rows]
+
+    def _backward(self, model, xb, yb, loss_fn, share, keep_out):
+        """Forward and loss (under autocast), backward of the loss times its share.
+
+        A function of its own so that the graph, the output and the loss die on
+        return: nothing with a grad_fn survives into the next batch.
+        """
+        with self.cast():
+            out = model(xb)
+            loss = loss_fn(out, yb)
         if loss.dim() != 0:
             raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
                              "a scalar (use reduction='mean', the default of torch.nn losses)")
-        loss.backward()
-        if self.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
-        self.optimizer.step()
+        scaled = loss if share is None else loss * share
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+        return loss.detach(), (_full(out.detach()) if keep_out else None)
+
+    def _update(self, model):
+        if self.scaler is None:
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+            self.optimizer.step()
+        else:  # the scaler skips a step whose gradients overflowed, and lowers its scale
+            if self.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.per_step is not None:
             self.per_step.step()
-        return loss.detach(), (out.detach() if keep_out else None)
 
     def lr(self):
         """The rate the next step trains with (the first parameter group's)."""
@@ -735,6 +804,30 @@ class _Stepper:
         else:
             self.scheduler.step()
 
+
+_CAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(precision, device):
+    """A factory of the context that forward and loss run under: autocast to the
+    precision's dtype on the device's type, or nothing for fp32."""
+    dtype = _CAST[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _check_precision(precision, accumulate, device):
+    """ValueError for a precision or accumulate fit cannot use on this device."""
+    if precision not in _CAST:
+        raise ValueError(f"precision must be None (fp32), 'bf16' or 'fp16', got {precision!r}")
+    _check_int("accumulate", accumulate, 1)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16': {torch.cuda.get_device_name(device)} cannot run "
+                         "bfloat16; use precision='fp16' (with its GradScaler) or None")
+    if precision is not None and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision={precision!r} is for CPU and CUDA devices; on "
+                         f"{device.type} use precision=None")
 
 # --- the run's record ------------------------------------------------------------
 
@@ -836,8 +929,10 @@ class _Store:
             raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
                              "to continue it, or choose another directory (nothing is overwritten)")
 
-    def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1):
+    def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1,
+                 scaler=None):
         self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
+        self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
         self.rank, self.world, self.writer = rank, world, rank == 0
         self.dir = None if directory is None else _prepare_dir(directory)
         self.last_path = self.best_path = self.csv_path = None
@@ -869,6 +964,7 @@ class _Store:
                 self.last_path, self.model, self.optimizer, format=self.FORMAT,
                 monitor=record.monitor, **record.state(),
                 scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                scaler=None if self.scaler is None else self.scaler.state_dict(),
                 rng=rng, rng_ranks=ranks, step=step,
                 meter=None if meter is None else meter.state_dict(),
                 **({} if start is None else start.state()))
@@ -885,6 +981,8 @@ class _Store:
         _load_into(ck, self.last_path, self.model, self.optimizer)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ck["scaler"])
         record.load(ck)
         ranks = ck.get("rng_ranks")
         _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
@@ -909,6 +1007,9 @@ class _Store:
         if (ck["scheduler"] is None) != (self.scheduler is None):
             raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
                              "scheduler; resume with the same setup")
+        if (ck.get("scaler") is None) != (self.scaler is None):
+            raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
+                             "precision='fp16' (its GradScaler); resume with the same precision")
 
 
 def _unwrap(model):
@@ -1267,15 +1368,16 @@ def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snaps
 
 
 def _train_loop(model, batches, loss_fn, stepper, meter, ticker=None):
-    """Train on ``batches``, a step each, summed by ``meter``; ``ticker`` looks now and then."""
+    """Train on ``batches``, an optimizer step per batch (or per group of ``accumulate``),
+    each batch summed by ``meter``; ``ticker`` looks now and then, between steps."""
     model.train()
     step = start = meter.steps
     next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
-    for xb, yb in batches:
-        loss, out = stepper.step(model, xb, yb, loss_fn, keep_out)
-        meter.add(loss, out, yb, yb.shape[0] if torch.is_tensor(yb) else len(yb))
-        step += 1
-        if step == next_tick and ticker is not None:
+    for group in stepper.groups(batches):  # a batch, or ``accumulate`` of them: one step
+        for (xb, yb), (loss, out) in zip(group, stepper.step(model, group, loss_fn, keep_out)):
+            meter.add(loss, out, yb, _batch_rows(yb))
+        step += len(group)
+        if step >= next_tick and ticker is not None:  # at a step's end, never inside a group
             next_tick = ticker(step, meter)
     if step == start == 0:
         raise ValueError("the training data yielded no batches; expected at least one")
@@ -1625,12 +1727,13 @@ def _finish(stats, vals, counts, sizes):
     return logs
 
 
-def _epoch_logs(meter, model, val, loss_fn, stats):
+def _epoch_logs(meter, model, val, loss_fn, stats, cast=contextlib.nullcontext):
     """The epoch's training values and, with ``val``, its validation values (``val_``
     keys), in one host read after one all-reduce of each under torch.distributed."""
     if val is None:
         return _read([meter], across_ranks=True)[0]
-    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats)], across_ranks=True)
+    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats, cast)],
+                           across_ranks=True)
     return {**logs, **{"val_" + k: v for k, v in val_logs.items()}}
 
 
@@ -1645,36 +1748,44 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _evaluate_pass(model, source, loss_fn, stats):
-    """One pass over ``source`` in eval mode without grad; its sums in a _Meter, unread."""
+def _evaluate_pass(model, source, loss_fn, stats, cast=contextlib.nullcontext):
+    """One pass over ``source`` in eval mode without grad (forward and loss under
+    ``cast()``, autocast or nothing); its sums in a _Meter, unread."""
     meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded)
     zero = torch.zeros((), device=source.device)
     with _eval_mode(model):
         for xb, yb in source.epoch():
-            out = model(xb)
-            n = yb.shape[0] if torch.is_tensor(yb) else len(yb)
-            meter.add(loss_fn(out, yb) if loss_fn is not None else zero, out, yb, n)
+            with cast():
+                out = model(xb)
+                loss = loss_fn(out, yb) if loss_fn is not None else zero
+            meter.add(loss, _full(out), yb, _batch_rows(yb))
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
 
 
-def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None):
-    """Loss and metrics over a whole set, in eval mode without grad; model mode restored."""
+def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None,
+             precision=None):
+    """Loss and metrics over a whole set, in eval mode without grad; model mode restored.
+    ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64)."""
     device = _check_model(model, device)
+    _check_precision(precision, 1, device)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
-    logs = _read([_evaluate_pass(model, source, loss_fn, stats)])[0]
+    logs = _read([_evaluate_pass(model, source, loss_fn, stats, _autocast(precision, device))])[0]
     if loss_fn is None:
         del logs["loss"]
     return logs
 
 
-def predict(model, X_or_data, *, batch_size=256, device=None):
-    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad)."""
+def predict(model, X_or_data, *, batch_size=256, device=None, precision=None):
+    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad);
+    with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32."""
     device = _check_model(model, device)
+    _check_precision(precision, 1, device)
+    cast = _autocast(precision, device)
     _check_batch_size(batch_size)
     data = X_or_data
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
@@ -1690,8 +1801,8 @@ def predict(model, X_or_data, *, batch_size=256, device=None):
     else:
         raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
                         f"batches, got {type(data).__name__}")
-    with _eval_mode(model):
-        outs = [model(xb) for xb in inputs]  # kept on the device: one transfer at the end
+    with _eval_mode(model), cast():
+        outs = [_full(model(xb)) for xb in inputs]  # on the device: one transfer at the end
     if not outs:
         raise ValueError("predict: the data yielded no batches; expected at least one")
     return torch.cat(outs).cpu()
@@ -1781,25 +1892,28 @@ def _agree(flag):
 
 def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
                 generator=None, device=None, scheduler=None, scheduler_interval="epoch",
-                clip_grad_norm=None, progress=None, drop_last=False):
+                clip_grad_norm=None, progress=None, drop_last=False, precision=None,
+                accumulate=1):
     """Train one epoch (train mode) and return its exact loss and metrics as floats.
-
-    ``drop_last=True`` skips the short last batch of (X, y) tensors, as a loop over
-    ``len(X) // batch_size`` batches does.
 
     ``progress(step, steps, logs)``, if given, is called at most ten times a
     second with the running values (``steps`` is None for unsized data). An epoch
     scheduler is stepped once at the end (ReduceLROnPlateau with the epoch's loss).
+    ``drop_last=True`` skips the short last batch of (X, y) tensors, as a loop over
+    ``len(X) // batch_size`` batches does. ``precision`` and ``accumulate`` as in
+    fit; an fp16 GradScaler starts afresh with each call (fit keeps one per run).
     """
     device = _check_model(model, device)
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    _check_precision(precision, accumulate, device)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, got {type(progress).__name__}")
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
                      drop_last=drop_last)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
-                       clip_grad_norm=clip_grad_norm)
+                       clip_grad_norm=clip_grad_norm, precision=precision,
+                       accumulate=accumulate, device=device, loss_fn=loss_fn)
     meter = _Meter(stats, device, loss_fn)
     ticker = None if progress is None else _Ticker(_TICK_SECONDS, source.steps,
                                                    _ProgressLook(progress))
@@ -1849,8 +1963,11 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
         clip_grad_norm=None, device=None, seed=None, verbose=1, on_epoch_end=None,
-        save_every=None, val_batch_size=None, drop_last=False):
+        save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
+
+    ``precision="bf16"`` or ``"fp16"`` runs forward and loss under autocast (fp16
+    through a GradScaler); ``accumulate=k`` steps the optimizer once per k batches.
 
     ``drop_last=True`` skips the short last batch of (X, y) training tensors, as a
     loop over ``len(X) // batch_size`` batches does (validation keeps every row).
@@ -1868,17 +1985,20 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                       scheduler=scheduler, scheduler_interval=scheduler_interval,
                       clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
                       on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
-                      save_every=save_every, drop_last=drop_last)
+                      save_every=save_every, drop_last=drop_last, precision=precision,
+                      accumulate=accumulate)
     device, rank, world = plan.device, plan.rank, plan.world
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
     # the run's record, the checkpoint directory (and last.pt to continue from), printing.
     gen = _shuffle_generator(seed, device, rank, world)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
-                       clip_grad_norm=clip_grad_norm)
+                       clip_grad_norm=clip_grad_norm, precision=precision,
+                       accumulate=accumulate, device=device, loss_fn=loss_fn)
     record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best)
-    store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world)
+    store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world,
+                   scaler=stepper.scaler)
     snapshot = store.resume(record, epochs) if resume else None
     printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
@@ -1903,7 +2023,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                 _train_loop(model, batches, loss_fn, stepper, meter, ticker)
                 # Evaluate: training and validation values, in one host read.
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
-                                                      plan.stats)}
+                                                      plan.stats, stepper.cast)}
             logs["lr"], logs["time"] = start.lr, start.elapsed()
             # Record: the scheduler's epoch step, the history, the best value, patience.
             stepper.end_epoch(logs[plan.monitor])
@@ -1925,3 +2045,4 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     if restore_best:
         record.restore_best(model, store.best_path)
     return record.history
+

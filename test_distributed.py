@@ -73,6 +73,22 @@ if mode == "faults":
     loops._leave_group()  # barrier, then destroy: leaving alone can abort the other rank
     sys.exit(0)
 
+if mode == "accumulate":  # 2 batches of 8 per rank and step; count the gradient all-reduces
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    model, _ = loops.setup_distributed(Net(0, 0))
+    reduces = [0]
+    def counting(state, bucket):
+        reduces[0] += 1
+        return default_hooks.allreduce_hook(torch.distributed.group.WORLD, bucket)
+    model.register_comm_hook(None, counting)
+    h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                  epochs=epochs, batch_size=batch, accumulate=2, seed=1, verbose=0,
+                  metrics={"acc": "binary_accuracy"})
+    torch.save({"history": h, "model": loops._unwrap(model).state_dict(),
+                "reduces": reduces[0]}, f"{out}/rank{rank}.pt")
+    loops._leave_group()
+    sys.exit(0)
+
 dropout, slow = (0.2, 0.03) if mode == "resume" else (0.0, 0)
 model, device = loops.setup_distributed(Net(dropout, slow))
 opt = torch.optim.Adam(model.parameters(), 0.01)
@@ -189,6 +205,34 @@ class DistributedTest(unittest.TestCase):
         keys = torch.load(os.path.join(ck, "last.pt"), weights_only=True)["model"].keys()
         self.assertEqual(set(keys), set(r0["model"]))  # saved unwrapped: no "module." prefix
         self.assertFalse(any(k.startswith("module.") for k in keys))
+
+    def test_accumulation_under_ddp_reduces_once_a_step_and_follows_the_big_batch(self):
+        out = self.tmp()
+        rc, _, err = torchrun("accumulate", out, "-", 2, 8)
+        self.assertEqual(rc, 0, err[-3000:])
+        r0 = torch.load(os.path.join(out, "rank0.pt"), weights_only=True)
+        r1 = torch.load(os.path.join(out, "rank1.pt"), weights_only=True)
+        # 100 rows, global batches of 16: 7 batches an epoch in 4 groups (2, 2, 2, 1);
+        # the gradients are all-reduced once per group (no_sync for the first batch)
+        self.assertEqual(r0["reduces"], 2 * 4)
+        self.assertEqual(r1["reduces"], 2 * 4)
+        self.assertEqual(without_time(r0["history"]), without_time(r1["history"]))
+        # one process, one batch of 2 ranks x 2 batches x 8 = 32 rows a step
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(100, 6, generator=g)
+        y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
+                                    torch.nn.Linear(8, 1), torch.nn.Sigmoid())
+        h = loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                      epochs=2, batch_size=32, seed=1, verbose=0,
+                      metrics={"acc": "binary_accuracy"})
+        single = {k.replace("net.", ""): v for k, v in r0["model"].items()}
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.allclose(v, single[k], atol=1e-6), k)
+        for k in without_time(h):
+            for a, b in zip(h[k], r0["history"][k]):
+                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
 
     def test_a_killed_run_resumes_on_every_rank(self):
         ref_out, ref_ck = self.tmp(), os.path.join(self.tmp(), "run")

@@ -51,7 +51,8 @@ sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
 print("started", flush=True)
 h = loops.fit(model, (X[:240], y[:240]), torch.nn.MSELoss(), opt, epochs=6,
               val=(X[240:], y[240:]), batch_size=8, metrics={"mae": "mae", "max": "max_error"},
-              checkpoint=run, resume=True, save_every=0, scheduler=sched, seed=1, verbose=0)
+              checkpoint=run, resume=True, save_every=0, scheduler=sched, seed=1, verbose=0,
+              precision="fp16" if mode == "fp16" else None, accumulate=3 if mode == "fp16" else 1)
 torch.save({"model": model.state_dict(), "history": h}, out)
 print("done", flush=True)
 """
@@ -111,6 +112,35 @@ class KillTest(Quiet):
             self.assertEqual([f for f in os.listdir(run) if f.endswith(".tmp")], [])
         # the kills did land inside epochs, so mid-epoch snapshots were resumed from
         self.assertTrue(any(step > 0 for _, _, step in killed_at), killed_at)
+
+
+class MixedPrecisionKillTest(Quiet):
+    def test_fp16_with_accumulation_killed_and_resumed_is_bit_identical(self):
+        ref_dir, ref_out = self.tmpdir(), os.path.join(self.tmpdir(), "ref.pt")
+        p = child(ref_dir, ref_out, "fp16")
+        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+        p.stdout.close(), p.stderr.close()
+        ref = torch.load(ref_out, weights_only=True)
+        scaler = loops.load_checkpoint(os.path.join(ref_dir, "last.pt"))["scaler"]
+        self.assertLess(scaler["scale"], 65536.0)  # overflowing steps were skipped: it matters
+        run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
+        for delay in (0.3, 0.5):  # killed, resumed, killed again
+            p = child(run, out, "fp16")
+            self.assertTrue(wait_for(p, "started"))
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=60)
+            p.stdout.close(), p.stderr.close()
+        ck = loops.load_checkpoint(os.path.join(run, "last.pt"))
+        self.assertEqual(ck["step"] % 3, 0)  # snapshots fall between optimizer steps
+        self.assertLess(ck["epoch"], 6)  # the kills landed before the end
+        p = child(run, out, "fp16")
+        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+        p.stdout.close(), p.stderr.close()
+        got = torch.load(out, weights_only=True)
+        self.assertEqual(without_time(got["history"]), without_time(ref["history"]))
+        for k, v in ref["model"].items():
+            self.assertTrue(torch.equal(v, got["model"][k]), k)
 
 
 class Interrupt(Exception):

@@ -526,6 +526,176 @@ class DropLastTest(Quiet):
             self.fit(model, (X, y), torch.nn.BCELoss(), opt, epochs=1, drop_last="yes")
 
 
+# --- mixed precision, accumulation, compiled models ---------------------------------------
+
+class AccumulateTest(Quiet):
+    def test_k_batches_of_b_follow_one_batch_of_k_times_b_with_a_short_last_group(self):
+        X, y = regression_data(103)  # batches of 10: 10 full and 3 rows; groups 4, 4, 3
+        for shuffle in (False, True):
+            big, small = mlp(sigmoid=False), mlp(sigmoid=False)
+            h_big = self.fit(big, (X, y), torch.nn.MSELoss(), torch.optim.SGD(big.parameters(), 0.05),
+                             epochs=3, batch_size=40, shuffle=shuffle, seed=2, val=(X, y),
+                             metrics={"mae": "mae"})
+            h_small = self.fit(small, (X, y), torch.nn.MSELoss(),
+                               torch.optim.SGD(small.parameters(), 0.05), epochs=3,
+                               batch_size=10, accumulate=4, shuffle=shuffle, seed=2, val=(X, y),
+                               metrics={"mae": "mae"})
+            for a, b in zip(big.parameters(), small.parameters()):
+                self.assertTrue(torch.allclose(a, b, atol=1e-6), (a - b).abs().max())
+            for k in ("loss", "mae", "val_loss", "val_mae"):
+                for a, b in zip(h_big[k], h_small[k]):
+                    self.assertClose(a, b, rel=1e-6, msg=k)
+
+    def test_equals_a_hand_written_accumulation_loop_bit_for_bit(self):
+        X, y = binary_data(103)
+        ref, model = mlp(), mlp()
+        opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+        sched_ref = torch.optim.lr_scheduler.StepLR(opt_ref, step_size=3, gamma=0.5)
+        loss_fn = torch.nn.BCELoss()
+        batch_list = slices(X, y, 8)  # 13 batches: groups of 3, 3, 3, 3, 1
+        steps = 0
+        for _ in range(2):
+            for i in range(0, len(batch_list), 3):
+                group = batch_list[i:i + 3]
+                rows = sum(len(yb) for _, yb in group)
+                opt_ref.zero_grad()
+                for xb, yb in group:
+                    loss = loss_fn(ref(xb), yb)
+                    (loss * (len(yb) / rows) if len(group) > 1 else loss).backward()
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+                opt_ref.step()
+                sched_ref.step()
+                steps += 1
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        self.fit(model, (X, y), loss_fn, opt, epochs=2, batch_size=8, shuffle=False,
+                 accumulate=3, clip_grad_norm=0.5, scheduler=sched, scheduler_interval="step")
+        self.assertTrue(same_weights(model, ref))
+        self.assertEqual(sched.last_epoch, steps)  # the scheduler counts optimizer steps: 10
+
+    def test_progress_counts_batches_and_the_history_stays_per_epoch(self):
+        X, y = binary_data(100)
+        model = mlp()
+        seen = []
+        with mock.patch.object(loops, "_TICK_SECONDS", 0.0):
+            loops.train_epoch(model, (X, y), torch.nn.BCELoss(),
+                              torch.optim.SGD(model.parameters(), 0.1), batch_size=10,
+                              accumulate=4, progress=lambda s, n, logs: seen.append((s, n)))
+        self.assertEqual({n for _, n in seen}, {10})  # batches, not optimizer steps
+        self.assertEqual([s for s, _ in seen], [4, 8, 10])  # looked at between steps only
+        h = self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=3, batch_size=10, accumulate=4)
+        self.assertEqual(len(h["loss"]), 3)
+
+
+class PrecisionTest(Quiet):
+    def dtypes_seen(self, model):
+        seen = []
+        model[0].register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
+        return seen
+
+    def test_autocast_is_active_in_training_and_evaluation_with_fp32_weights(self):
+        X, y = binary_data(64)
+        for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            model = mlp()
+            seen = self.dtypes_seen(model)
+            h = self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                         epochs=2, val=(X, y), precision=precision,
+                         metrics={"acc": "binary_accuracy", "f1": "f1"})
+            self.assertEqual({d for _, d in seen}, {dtype})
+            self.assertEqual({t for t, _ in seen}, {True, False})  # training and validation
+            self.assertEqual({p.dtype for p in model.parameters()}, {torch.float32})
+            self.assertTrue(all(math.isfinite(v) for k in h for v in h[k]))
+            seen.clear()
+            ev = loops.evaluate(model, (X, y), torch.nn.BCELoss(), precision=precision)
+            out = loops.predict(model, X, precision=precision)
+            self.assertEqual({d for _, d in seen}, {dtype})
+            self.assertEqual(out.dtype, torch.float32)  # handed back in fp32
+            with torch.no_grad():
+                full = torch.nn.BCELoss()(model(X), y).item()
+            self.assertClose(ev["loss"], full, rel=3e-2)  # close to fp32, not equal
+
+    def test_epoch_values_stay_exact_under_autocast(self):
+        # The sums are fp64 whatever the outputs' dtype: the epoch value is the whole
+        # set's value over the same (bf16) outputs, for any batch size.
+        X, y = regression_data(100)
+        model = mlp(sigmoid=False)
+        for b in (7, 100):
+            with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                p = torch.cat([model(xb).float() for xb in X.split(b)])  # as fit batches them
+            ev = loops.evaluate(model, (X, y), metrics={"mae": "mae", "rmse": "rmse"},
+                                batch_size=b, precision="bf16")
+            self.assertClose(ev["mae"], oracle("mae", p, y), rel=1e-6)  # as in fp32 (above)
+            self.assertClose(ev["rmse"], oracle("rmse", p, y), rel=1e-6)
+
+    def test_fp16_skipped_steps_are_not_a_nan_stop_but_a_nan_loss_is(self):
+        X, y = regression_data(64)
+        model = mlp(sigmoid=False)
+        big = y * 300  # gradients that overflow fp16 at GradScaler's first scale (65536)
+        h = self.fit(model, (X, big), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 1e-6),
+                     epochs=2, batch_size=16, precision="fp16", checkpoint=self.tmpdir())
+        self.assertEqual(len(h["loss"]), 2)
+        self.assertTrue(all(math.isfinite(v) for v in h["loss"]))
+        X_nan = X.clone()
+        X_nan[20] = float("nan")
+        model = mlp(sigmoid=False)
+        with self.assertRaisesRegex(FloatingPointError, "loss is nan at step 2"):
+            self.fit(model, (X_nan, y), torch.nn.MSELoss(),
+                     torch.optim.SGD(model.parameters(), 0.01), epochs=1, batch_size=16,
+                     precision="fp16", shuffle=False)
+
+    def test_bad_precision_or_accumulate_fails_before_any_step(self):
+        X, y = binary_data()
+        for kw, says in ((dict(precision="fp8"), "precision must be None .* 'bf16' or 'fp16'"),
+                         (dict(precision=True), "precision must be"),
+                         (dict(accumulate=0), "accumulate must be an int >= 1"),
+                         (dict(accumulate=2.0), "accumulate must be an int >= 1")):
+            model = Counting().to(DEVICE)
+            d = self.tmpdir()
+            with self.assertRaisesRegex(ValueError, says):
+                self.fit(model, (X, y), torch.nn.MSELoss(),
+                         torch.optim.SGD(model.parameters(), 0.1), epochs=1, checkpoint=d, **kw)
+            self.assertEqual(model.seen, [])
+            self.assertEqual(os.listdir(d), [])
+        with self.assertRaisesRegex(ValueError, "precision must be"):
+            loops.evaluate(mlp(), (X, y), precision="half")
+
+    def test_resume_with_another_precision_is_refused(self):
+        X, y = binary_data()
+        d = self.tmpdir()
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                 epochs=1, checkpoint=d, precision="fp16")
+        with self.assertRaisesRegex(ValueError, "saved with precision='fp16'"):
+            self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=2, checkpoint=d, resume=True)
+
+
+class CompiledModelTest(Quiet):
+    def test_a_compiled_model_trains_checkpoints_plain_weights_and_resumes(self):
+        X, y = binary_data(80)
+        plain = mlp()
+        h_plain = self.fit(plain, (X, y), torch.nn.BCELoss(),
+                           torch.optim.Adam(plain.parameters(), 1e-2), epochs=4, seed=0,
+                           val=(X, y))
+        d = self.tmpdir()
+        compiled = torch.compile(mlp(), backend="eager")
+        opt = torch.optim.Adam(compiled.parameters(), 1e-2)
+        self.fit(compiled, (X, y), torch.nn.BCELoss(), opt, epochs=2, seed=0, val=(X, y),
+                 checkpoint=d)
+        saved = loops.load_checkpoint(os.path.join(d, "last.pt"))["model"]
+        self.assertFalse(any(k.startswith("_orig_mod") for k in saved))
+        fresh = mlp(seed=5)
+        loops.load_checkpoint(os.path.join(d, "last.pt"), fresh)  # into a plain model
+        self.assertTrue(same_weights(fresh, compiled._orig_mod))
+        again = torch.compile(mlp(seed=7), backend="eager")
+        h = self.fit(again, (X, y), torch.nn.BCELoss(), torch.optim.Adam(again.parameters(), 1e-2),
+                     epochs=4, seed=0, val=(X, y), checkpoint=d, resume=True)
+        self.assertTrue(same_weights(again._orig_mod, plain))
+        self.assertEqual({k: v for k, v in h.items() if k != "time"},
+                         {k: v for k, v in h_plain.items() if k != "time"})
+
+
 # --- 3. modes and memory ------------------------------------------------------------
 
 class Recorder(torch.nn.Module):

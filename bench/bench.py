@@ -17,7 +17,9 @@ Keras 3 on torch; bench/peers.py) join as extra columns when they are
 importable; they are never requirements. It then checks that time per epoch
 grows linearly with the data, that memory stays flat over 100 epochs, times
 plots_ascii and the imports, and (on CUDA) counts host-device synchronisations
-per epoch.
+per epoch. Mixed precision (bf16 autocast) and gradient accumulation are each
+timed against the same technique written into the hand loop; on CUDA, fit in
+bf16 is also timed against fit in fp32.
 """
 import argparse
 import contextlib
@@ -152,7 +154,68 @@ def dataloader_loop(w, model, opt, train, test, device):
     return time.perf_counter() - t0
 
 
-def fit_call(verbose):
+def hand_autocast_loop(w, model, opt, train, test, device):
+    """The tutorial loop with mixed precision as PyTorch's AMP recipe writes it (bf16,
+    so no GradScaler): forward and loss under torch.autocast, the rest unchanged."""
+    X, y = train
+    Xt, yt = test
+    loss_fn, (_, _, metric), b = w["loss"], w["metric"], w["batch"]
+    t0 = time.perf_counter()
+    for _ in range(w["epochs"]):
+        model.train()
+        perm = torch.randperm(len(X), device=device)
+        losses = []
+        for i in range(0, len(X), b):
+            idx = perm[i:i + b]
+            xb, yb = X[idx], y[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(xb)
+                loss = loss_fn(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(Xt)
+            test_loss, test_metric = loss_fn(out, yt).item(), metric(out, yt).item() / len(Xt)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+ACCUMULATE = 4
+
+
+def hand_accumulate_loop(w, model, opt, train, test, device):
+    """The tutorial loop with gradient accumulation written out: one optimizer step per
+    ACCUMULATE batches, each batch's loss weighted by its share of the group's rows."""
+    X, y = train
+    Xt, yt = test
+    loss_fn, (_, _, metric), b, k = w["loss"], w["metric"], w["batch"], ACCUMULATE
+    t0 = time.perf_counter()
+    for _ in range(w["epochs"]):
+        model.train()
+        perm = torch.randperm(len(X), device=device)
+        losses = []
+        for g in range(0, len(X), b * k):
+            rows = min(b * k, len(X) - g)
+            opt.zero_grad()
+            for i in range(g, g + rows, b):
+                idx = perm[i:i + b]
+                xb, yb = X[idx], y[idx]
+                loss = loss_fn(model(xb), yb)
+                (loss * (len(idx) / rows)).backward()
+                losses.append(loss.item())
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            out = model(Xt)
+            test_loss, test_metric = loss_fn(out, yt).item(), metric(out, yt).item() / len(Xt)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def fit_call(verbose, **options):
     def run(w, model, opt, train, test, device):
         name, builtin, _ = w["metric"]
         sink = io.StringIO()  # a non-terminal: summary lines only, as in a log
@@ -160,7 +223,7 @@ def fit_call(verbose):
         with contextlib.redirect_stdout(sink):
             loops.fit(model, train, w["loss"], opt, epochs=w["epochs"], val=test,
                       batch_size=w["batch"], metrics={name: builtin}, verbose=verbose,
-                      device=device)
+                      device=device, **options)
         sync(device)
         return time.perf_counter() - t0
     return run
@@ -168,6 +231,12 @@ def fit_call(verbose):
 
 CORE = {"hand": hand_loop, "dataloader": dataloader_loop, "fit": fit_call(1),
         "fit_silent": fit_call(0)}
+# Each technique against the same technique written by hand: "hand" is the unit.
+TECHNIQUES = {
+    "bf16 autocast": {"hand": hand_autocast_loop, "fit": fit_call(1, precision="bf16")},
+    f"accumulate {ACCUMULATE}": {"hand": hand_accumulate_loop,
+                                 "fit": fit_call(1, accumulate=ACCUMULATE)},
+}
 
 
 def sync(device):
@@ -307,19 +376,22 @@ def cuda_syncs(device):
     (train, test) = w["data"]()
     train = tuple(t.to(device) for t in train)
     counts = {}
-    for verbose in (0, 2):
-        model = w["model"]().to(device)
-        opt = torch.optim.Adam(model.parameters())
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught, \
-                    contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("always")
-                loops.fit(model, train, w["loss"], opt, epochs=2, batch_size=32,
-                          metrics={"mae": "mae"}, verbose=verbose, device=device)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        counts[f"verbose={verbose}"] = len(caught) / 2
+    for precision in (None, "bf16"):
+        for verbose in (0, 2):
+            model = w["model"]().to(device)
+            opt = torch.optim.Adam(model.parameters())
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught, \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("always")
+                    loops.fit(model, train, w["loss"], opt, epochs=2, batch_size=32,
+                              metrics={"mae": "mae"}, verbose=verbose, device=device,
+                              precision=precision)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            counts[f"verbose={verbose}" + (f", {precision}" if precision else "")] = \
+                len(caught) / 2
     counts["steps_per_epoch"] = -(-len(train[0]) // 32)
     return counts
 
@@ -417,6 +489,25 @@ def main():
         print(f"{'  middle half of the rounds':<56}"
               + "".join(f"{f'{spread[n][0]:.2f}-{spread[n][1]:.2f}':>12}" for n in names))
 
+    print(f"\nthe same technique written by hand is the unit ({rounds} rounds):")
+    results["techniques"] = {}
+    for tname, contenders in TECHNIQUES.items():
+        for wname, w in workloads(args.quick).items():
+            ratios, spread, seconds = compare(w, contenders, rounds, device)
+            results["techniques"].setdefault(tname, {})[wname] = {
+                "ratios": ratios, "middle_half": spread, "seconds": seconds}
+            print(f"  {tname:<14} {wname:<52} fit {ratios['fit']:.3f} "
+                  f"({spread['fit'][0]:.2f}-{spread['fit'][1]:.2f}; hand {seconds['hand']:.2f} s)")
+    if device.type == "cuda":
+        print("\nfit in bf16 against fit in fp32, the same workloads (time ratio):")
+        results["bf16_vs_fp32"] = {}
+        for wname, w in workloads(args.quick).items():
+            ratios, _, seconds = compare(w, {"hand": fit_call(0), "bf16": fit_call(
+                0, precision="bf16")}, rounds, device)
+            results["bf16_vs_fp32"][wname] = {"ratio": ratios["bf16"], "seconds": seconds}
+            print(f"  {wname:<52} bf16 / fp32 {ratios['bf16']:.3f} "
+                  f"(fp32 {seconds['hand']:.2f} s)")
+
     costs = overhead(device, args.quick)
     print(f"\nthe loop's own cost beside the hand loop (metric and validation on): "
           f"{costs['per step']:.1f} us per step, {costs['per epoch']:.0f} us per epoch")
@@ -444,7 +535,7 @@ def main():
     if device.type == "cuda":
         syncs = cuda_syncs(device)
         print(f"CUDA synchronisations per epoch ({syncs['steps_per_epoch']} steps): "
-              f"verbose=0 {syncs['verbose=0']:.1f}, verbose=2 {syncs['verbose=2']:.1f}")
+              + ", ".join(f"{k} {v:.1f}" for k, v in syncs.items() if k != "steps_per_epoch"))
         results["cuda_syncs_per_epoch"] = syncs
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
