@@ -158,6 +158,17 @@ def setUpModule():
 
 
 class DistributedTest(unittest.TestCase):
+    def assertFollows(self, model, h, r0):
+        """The one-process run (model, history h) against rank 0's: equal up to rounding.
+        Returns rank 0's weights under the plain model's names."""
+        single = {k.replace("net.", ""): v for k, v in r0["model"].items()}
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.allclose(v, single[k], atol=1e-6), k)
+        for k in without_time(h):
+            for a, b in zip(h[k], r0["history"][k]):
+                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
+        return single
+
     def tmp(self):
         d = tempfile.TemporaryDirectory()
         self.addCleanup(d.cleanup)
@@ -185,12 +196,7 @@ class DistributedTest(unittest.TestCase):
         h = loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
                       epochs=3, val=(Xv, yv), batch_size=16, seed=1, verbose=0,
                       metrics={"acc": "binary_accuracy", "f1": "f1", "max": "max_error"})
-        single = {k.replace("net.", ""): v for k, v in r0["model"].items()}
-        for k, v in model.state_dict().items():
-            self.assertTrue(torch.allclose(v, single[k], atol=1e-6), k)
-        for k in without_time(h):
-            for a, b in zip(h[k], r0["history"][k]):
-                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
+        single = self.assertFollows(model, h, r0)
         # the validation values are those of the whole set, not of one rank's share
         net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
                                   torch.nn.Linear(8, 1), torch.nn.Sigmoid())
@@ -227,12 +233,7 @@ class DistributedTest(unittest.TestCase):
         h = loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
                       epochs=2, batch_size=32, seed=1, verbose=0,
                       metrics={"acc": "binary_accuracy"})
-        single = {k.replace("net.", ""): v for k, v in r0["model"].items()}
-        for k, v in model.state_dict().items():
-            self.assertTrue(torch.allclose(v, single[k], atol=1e-6), k)
-        for k in without_time(h):
-            for a, b in zip(h[k], r0["history"][k]):
-                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
+        single = self.assertFollows(model, h, r0)
 
     def test_a_killed_run_resumes_on_every_rank(self):
         ref_out, ref_ck = self.tmp(), os.path.join(self.tmp(), "run")
