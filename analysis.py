@@ -9,13 +9,16 @@ returning data or a string. Needs torch, ``loops.py`` and ``plots_ascii.py``.
     >>> [m["index"] for m in analysis.top_mistakes(probs, torch.tensor([0, 0, 1]), 2)]
     [1, 2]
 """
+import math
+
 import torch
 
 import loops
 import plots_ascii
 
 __all__ = ["predictions", "confusion_view", "top_mistakes", "mistakes_view", "activations",
-           "pca_2d", "pca_view", "weights_view", "ConfidenceTracker", "imagine"]
+           "pca_2d", "pca_view", "tsne_2d", "tsne_view", "weights_view", "ConfidenceTracker",
+           "imagine", "summary"]
 
 
 def predictions(model, data, *, batch_size=256, device=None):
@@ -210,3 +213,166 @@ def imagine(model, target, *, shape=(1, 1, 28, 28), steps=200, lr=0.1, seed=0, d
     finally:
         model.train(was_training)
     return x.detach().cpu().reshape(shape[-2:]), p
+
+
+def summary(model, example_input):
+    """The model layer by layer, as Keras' ``model.summary()``: one row per module that
+    ran (dotted name, type, output shape, its own parameters) in the order they ran,
+    then the totals: parameters (shared ones counted once), trainable and not, and
+    the size of parameters and buffers in memory.
+
+    ``example_input`` is one batch (a tensor, or a tuple of model arguments); the
+    forward pass runs once in eval mode without grad, so the model's mode, weights
+    and buffers (BatchNorm's running statistics) are as they were, and the hooks
+    are removed afterwards.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"summary: model must be a torch.nn.Module, got {type(model).__name__}")
+    rows, handles = {}, []
+    for name, module in model.named_modules():
+        if module is model:
+            continue
+        handles.append(module.register_forward_pre_hook(_noting(rows, name)))
+        handles.append(module.register_forward_hook(_noting(rows, name, output=True)))
+    modes = [m.training for m in model.modules()]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in zip(model.modules(), modes):
+            m.training = training
+    table = [("layer", "type", "output shape", "params")]
+    for name, (module, shape) in rows.items():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        table.append((name, type(module).__name__, shape or "-", f"{own:,}"))
+    table.append(("(output)", type(out).__name__, _shape_of(out), ""))
+    return _table(table) + "\n" + _totals(model)
+
+
+def _noting(rows, name, output=False):
+    """A hook that notes, in ``rows``, when the module ``name`` first ran (before) or the
+    shape of its output (after); it returns None, so that nothing it sees changes."""
+    def before(module, args):
+        rows.setdefault(name, [module, None])
+
+    def after(module, args, out):
+        rows[name][1] = _shape_of(out)
+    return after if output else before
+
+
+def _shape_of(out):
+    """An output's shape as text: (32, 10); a tuple or list of them; a dict of them."""
+    if torch.is_tensor(out):
+        return str(tuple(out.shape))
+    if isinstance(out, (tuple, list)):
+        return "[" + ", ".join(_shape_of(o) for o in out) + "]"
+    if isinstance(out, dict):
+        return "{" + ", ".join(f"{k}: {_shape_of(v)}" for k, v in out.items()) + "}"
+    return type(out).__name__
+
+
+def _table(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in
+                 enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _totals(model):
+    params = {id(p): p for p in model.parameters()}.values()  # a shared tensor once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    size = sum(t.numel() * t.element_size()
+               for t in [*params, *{id(b): b for b in model.buffers()}.values()])
+    return (f"parameters: {total:,} ({trainable:,} trainable, {total - trainable:,} "
+            f"non-trainable); size {size / 2 ** 20:.2f} MiB (parameters and buffers)")
+
+
+def tsne_2d(points, *, perplexity=30.0, steps=500, seed=0, learning_rate=None):
+    """An exact t-SNE map of ``points`` (N, D) to (N, 2), in torch (no scikit-learn), for
+    the few thousand points the examples use; returns ``(coords, kl)`` where ``kl`` is
+    the Kullback-Leibler divergence of the map, read every 50 steps.
+
+    As van der Maaten's: Gaussian affinities with each point's bandwidth found by
+    binary search so that its perplexity is ``perplexity``, symmetrised; early
+    exaggeration (12) for the first quarter of the steps with momentum 0.5, then
+    0.8; adaptive gains; the learning rate max(N / 48, 50) as scikit-learn's "auto".
+    Seeded: the same points and seed give the same map.
+    """
+    X = torch.as_tensor(points).detach().reshape(len(points), -1).double().cpu()
+    n = len(X)
+    if n < 3:
+        raise ValueError(f"tsne_2d: needs at least 3 points, got {n}")
+    if not 1 <= perplexity < n:
+        raise ValueError(f"tsne_2d: perplexity must lie in [1, {n}), got {perplexity}")
+    P = _affinities(X, perplexity)
+    g = torch.Generator().manual_seed(seed)
+    Y = 1e-4 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    lr = learning_rate or max(n / 48.0, 50.0)
+    update, gains, kl = torch.zeros_like(Y), torch.ones_like(Y), []
+    early = steps // 4
+    for step in range(steps):
+        exaggeration, momentum = (12.0, 0.5) if step < early else (1.0, 0.8)
+        num = 1.0 / (1.0 + torch.cdist(Y, Y).square())
+        num.fill_diagonal_(0.0)
+        Q = (num / num.sum()).clamp_min(1e-12)
+        W = (exaggeration * P - Q) * num
+        grad = 4.0 * (W.sum(1, keepdim=True) * Y - W @ Y)
+        same = (grad > 0) == (update > 0)
+        gains = torch.where(same, gains * 0.8, gains + 0.2).clamp_min(0.01)
+        update = momentum * update - lr * gains * grad
+        Y = Y + update
+        if step % 50 == 49 or step == steps - 1:
+            kl.append(float((P * (P.clamp_min(1e-12) / Q).log()).sum()))
+    return (Y - Y.mean(0)).float(), kl
+
+
+def _affinities(X, perplexity, tol=1e-5, tries=64):
+    """Symmetric joint probabilities P (N, N): each row's Gaussian bandwidth found by
+    bisection on its precision beta so that the row's entropy is log(perplexity)."""
+    n = len(X)
+    D = torch.cdist(X, X).square()
+    target = math.log(perplexity)
+    beta = torch.ones(n, 1, dtype=X.dtype)
+    lo = torch.full_like(beta, 0.0)
+    hi = torch.full_like(beta, math.inf)
+    off = ~torch.eye(n, dtype=torch.bool)
+    for _ in range(tries):  # every row's search at once
+        logits = -D * beta
+        logits = torch.where(off, logits, -math.inf)
+        Pc = torch.softmax(logits, 1)
+        H = -(Pc * torch.where(Pc > 0, Pc.log(), torch.zeros_like(Pc))).sum(1, keepdim=True)
+        if (H - target).abs().max() < tol:
+            break
+        too_flat = H > target  # entropy too high: a narrower Gaussian, a larger beta
+        lo = torch.where(too_flat, beta, lo)
+        hi = torch.where(too_flat, hi, beta)
+        beta = torch.where(torch.isinf(hi), beta * 2, (lo + hi) / 2)
+    P = (Pc + Pc.T) / (2 * n)
+    return P.clamp_min(1e-12)
+
+
+def tsne_view(points, labels, *, title, max_points=1000, perplexity=30.0, steps=500, seed=0,
+              width=72, height=24):
+    """A 2-D t-SNE scatter of the points (a fixed sample of at most ``max_points``), each
+    drawn as its label (the class digit), beside pca_view."""
+    labels = labels.reshape(-1)
+    points = torch.as_tensor(points).reshape(len(labels), -1)
+    if len(points) > max_points:  # a readable sample, the same every time
+        keep = torch.linspace(0, len(points) - 1, max_points).round().long()
+        points, labels = points[keep], labels[keep]
+    coords, kl = tsne_2d(points, perplexity=min(perplexity, (len(points) - 1) / 3),
+                         steps=steps, seed=seed)
+    head = f"{title}: t-SNE, perplexity {perplexity:g}, KL {kl[-1]:.2f}"
+    return plots_ascii.scatter(coords[:, 0].tolist(), coords[:, 1].tolist(),
+                               labels=[str(int(v)) for v in labels], width=width,
+                               height=height, title=head)

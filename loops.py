@@ -51,6 +51,7 @@ step itself in ``_Stepper.step``, beside mixed precision and accumulation.
 import atexit
 import builtins
 import contextlib
+import copy
 import csv
 import io
 import itertools
@@ -65,7 +66,7 @@ from typing import Callable, NamedTuple
 import torch
 
 __all__ = [
-    "batches", "train_epoch", "evaluate", "predict", "fit",
+    "batches", "train_epoch", "evaluate", "predict", "fit", "lr_find",
     "save_checkpoint", "load_checkpoint", "setup_distributed",
     "accuracy", "binary_accuracy", "mse", "rmse", "mae", "mape", "max_error",
     "precision", "recall", "f1", "confusion_matrix",
@@ -2046,3 +2047,118 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         record.restore_best(model, store.best_path)
     return record.history
 
+
+# --- lr_find: the learning-rate range test ----------------------------------------------
+
+_LR_BETA = 0.98    # the smoothing of the loss curve (an exponential moving average)
+_LR_DIVERGE = 4.0  # the search stops once the smoothed loss passes this many times its best
+
+
+def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps=100,
+            batch_size=32, device=None, precision=None):
+    """The learning-rate range test: train one batch per step while the rate rises
+    geometrically from ``start_lr`` to ``end_lr``; return ``{"lr": [...], "loss": [...],
+    "suggestion": float}``.
+
+    ``loss`` is the smoothed training loss (a moving average with factor 0.98,
+    corrected for its start), one value per rate tried. The data (tensors or a
+    DataLoader, as for fit) is cycled if it runs out. The search stops early once
+    the smoothed loss is not finite or above 4 times its best: the rates after
+    that point are not tried. The suggestion is a tenth of the rate at the lowest
+    smoothed loss (as fastai's lr_min), taken as the nearest rate tried, so it
+    always lies inside the tested range.
+
+    Afterwards the model (weights, buffers, gradients, each module's train/eval
+    mode), the optimizer (its state and every group's rate) and every random state
+    are exactly as they were, so a fit that follows trains as it would have
+    without lr_find.
+    """
+    device = _check_model(model, device)
+    _check_training_parts(loss_fn, optimizer, None, "epoch", None)
+    _check_precision(precision, 1, device)
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
+    if end_lr <= start_lr:
+        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
+    _check_int("steps", steps, 2)
+    source = _source(train, what="train", batch_size=batch_size, device=device, reused=True)
+    stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn)
+    kept = _Kept(model, optimizer)
+    try:
+        return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
+    finally:
+        kept.restore()
+
+
+def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
+    batches = _cycled(source, torch.Generator().manual_seed(0))
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    model.train()
+    for i in range(steps):
+        lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+        for group in stepper.optimizer.param_groups:
+            group["lr"] = lr
+        [(loss, _)] = stepper.step(model, [next(batches)], loss_fn, False)
+        value = loss.item()  # a host read per step: the test is short and needs each loss
+        avg = _LR_BETA * avg + (1 - _LR_BETA) * value
+        smooth = avg / (1 - _LR_BETA ** (i + 1))
+        if not math.isfinite(smooth) or smooth > _LR_DIVERGE * best:
+            break
+        lrs.append(lr)
+        losses.append(smooth)
+        best = min(best, smooth)
+    if not lrs:
+        raise FloatingPointError(f"lr_find: the loss is {value} at the first rate "
+                                 f"({start_lr:g}); check the data, the model and the loss")
+    return {"lr": lrs, "loss": losses, "suggestion": _suggestion(lrs, losses)}
+
+
+def _cycled(source, gen):
+    """The source's batches, epoch after epoch (reshuffled), for as long as asked."""
+    number = 0
+    while True:
+        empty = True
+        for batch in source.epoch(gen, True, 0, number):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("lr_find: the training data yielded no batches")
+        number += 1
+
+
+def _suggestion(lrs, losses):
+    """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss.
+
+    At the lowest point the rate is already about to be too high (the average lags the
+    loss), so a tenth of it is the usual choice (fastai's lr_min); the steepest descent
+    of the smoothed curve, the other usual rule, lands on that lag and on each batch's
+    noise, and proved too high on problems whose stable range is known.
+    """
+    low = min(range(len(lrs)), key=losses.__getitem__)
+    target = math.log(lrs[low] / 10)
+    return min(lrs[:low + 1], key=lambda v: abs(math.log(v) - target))
+
+
+class _Kept:
+    """What lr_find changes, kept to be put back: the model's weights, buffers, gradients
+    and modes, the optimizer's state and rates, every random state."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.grads = [None if p.grad is None else p.grad.detach().clone()
+                      for p in model.parameters()]
+        self.modes = [m.training for m in model.modules()]
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        self.rng = _rng_state(None)
+
+    def restore(self):
+        self.model.load_state_dict(self.weights)
+        for p, g in zip(self.model.parameters(), self.grads):
+            p.grad = g
+        for m, training in zip(self.model.modules(), self.modes):
+            m.training = training
+        self.optimizer.load_state_dict(self.optimizer_state)
+        _set_rng_state(self.rng, None)

@@ -199,8 +199,13 @@ def _best(name, values):
 
 
 def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel=None,
-              logy=False, ymin=None, ymax=None, marks=None, mark_label=None, unicode=False):
+              logy=False, ymin=None, ymax=None, marks=None, mark_label=None, unicode=False,
+              x=None, logx=False):
     """Plot ``{"name": values}`` against x = 1, 2, ... (epochs); one glyph per series.
+
+    ``x``: the x values instead (increasing, one per point of the longest series),
+    e.g. learning rates; ``logx=True`` puts them on a logarithmic axis (powers of
+    ten labelled). The points are then placed by their x value.
 
     Every series shares the x axis: a series shorter than the longest (a run that
     stopped early) ends where its epochs end. ``marks`` are x values to highlight:
@@ -212,24 +217,30 @@ def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel
     """
     if not isinstance(series, dict):
         series = {"": series}
-    data = {k: _floats(v, f"series {k!r}") for k, v in series.items()}
-    n = max((len(v) for v in data.values()), default=0)
+    raw = {k: _floats(v, f"series {k!r}") for k, v in series.items()}
+    n = max((len(v) for v in raw.values()), default=0)
+    scale = None if x is None else _x_scale(x, n, logx)
+    data = raw if scale is None else {k: _on_grid(v, scale) for k, v in raw.items()}
     yr = _y_range(data, logy=logy, ymin=ymin, ymax=ymax)
     ticks = _y_ticks(yr.lo, yr.hi, height, logy)
     label_w = max((len(s) for _, s in ticks), default=1)
     cols = max(2, width - label_w - 3)
     glyphs = dict(zip(data, _cycle(UNICODE_GLYPHS if unicode else GLYPHS, len(data))))
-    mark_cols = _mark_columns(marks, n, cols)
+    mark_cols = (_mark_columns(marks, n, cols) if scale is None
+                 else {scale.column(v, cols) for v in marks or () if scale.holds(v)})
     grid = _grid(data, yr, glyphs, mark_cols, n, cols, height)
     lines = ([title.center(width).rstrip()] if title else []) + ([ylabel] if ylabel else [])
     lines += _frame(grid, ticks, yr, label_w, unicode)
-    lines += _x_axis([(str(x), c) for x, c in _x_ticks(n, cols)], cols, label_w, xlabel,
-                     unicode)
-    lines += _legend(data, glyphs, yr.clipped, n)
+    x_ticks = ([(str(v), c) for v, c in _x_ticks(n, cols)] if scale is None
+               else scale.ticks(cols))
+    lines += _x_axis(x_ticks, cols, label_w, xlabel, unicode)
+    at = None if scale is None else (lambda i: _mark_text(scale.xs[i]))
+    lines += _legend(raw, glyphs, yr.clipped, n, at)
     if any(OVERLAP in row for row in grid):
         lines.append(f"{OVERLAP} two series in one place")
     if mark_cols:
-        lines.append(f": {mark_label or 'marked'} {', '.join(str(x) for x in sorted(marks))}"
+        lines.append(f": {mark_label or 'marked'} "
+                     f"{', '.join(_mark_text(v) for v in sorted(marks))}"
                      f" ({BEST} a series' own best there)")
     if yr.notes:
         lines.append("(" + "; ".join(yr.notes) + ")")
@@ -278,6 +289,72 @@ def _row(v, yr, height):
     """The grid row of value ``v`` (on the axis' scale), clipped to the frame."""
     return height - 1 - round((min(max(v, yr.lo), yr.hi) - yr.lo) / (yr.hi - yr.lo)
                               * (height - 1))
+
+
+def _mark_text(v):
+    return str(int(v)) if float(v).is_integer() else _short(v)
+
+
+class _XScale(NamedTuple):
+    """An x axis of given values (``x=``), linear or logarithmic."""
+    xs: list         # the x values, increasing
+    pos: list        # their places on the axis (log10 with logx)
+    logx: bool
+
+    def place(self, v):
+        return math.log10(v) if self.logx else v
+
+    def holds(self, v):
+        return (v > 0 or not self.logx) and self.pos[0] <= self.place(v) <= self.pos[-1]
+
+    def column(self, v, cols):
+        lo, hi = self.pos[0], self.pos[-1]
+        return round((self.place(v) - lo) / (hi - lo) * (cols - 1)) if hi > lo else cols // 2
+
+    def ticks(self, cols):
+        """[(label, column)]: powers of ten on a log axis (and 2, 5 between when it
+        spans less than two), round values on a linear one."""
+        lo, hi = self.pos[0], self.pos[-1]
+        if not self.logx:
+            return [(s, self.column(t, cols)) for t, s in _y_ticks(lo, hi, max(2, cols // 10),
+                                                                    False)]
+        marks = [(t, s) for t, s in _y_ticks(lo, hi, 2 * cols, True)]  # 1, 2, 5 per decade
+        if math.floor(hi) - math.ceil(lo) >= 1:
+            marks = [(t, s) for t, s in marks if float(t).is_integer()]
+        return [(s, self.column(10 ** t, cols)) for t, s in marks]
+
+
+def _x_scale(x, n, logx):
+    """The _XScale of ``x``: ValueError unless it gives one increasing value per point
+    of the longest series (positive ones for logx)."""
+    xs = _floats(x, "x")
+    if len(xs) != n:
+        raise ValueError(f"line_plot: {len(xs)} x values for {n} points; expected one each")
+    if any(not math.isfinite(v) for v in xs) or any(b <= a for a, b in zip(xs, xs[1:])):
+        raise ValueError("line_plot: x must be finite and increasing")
+    if logx and xs and xs[0] <= 0:
+        raise ValueError(f"line_plot: logx needs positive x values, got {xs[0]}")
+    return _XScale(xs, [math.log10(v) for v in xs] if logx else xs, logx)
+
+
+def _on_grid(values, scale):
+    """A series resampled at evenly spaced places of the x axis (linear interpolation
+    between its points), up to its last point: what the epoch axis draws."""
+    pos, n = scale.pos, len(scale.pos)
+    if n < 2 or len(values) < 2:
+        return values
+    lo, hi, out, j = pos[0], pos[-1], [], 0
+    last = pos[len(values) - 1]
+    for k in range(n):
+        t = lo + (hi - lo) * k / (n - 1)
+        if t > last + 1e-12 * max(1.0, abs(last)):
+            break
+        while j < len(values) - 2 and pos[j + 1] < t:
+            j += 1
+        w = min(1.0, max(0.0, (t - pos[j]) / (pos[j + 1] - pos[j])))
+        a, b = values[j], values[j + 1]
+        out.append(a if w == 0 else b if w == 1 else a + (b - a) * w)
+    return out
 
 
 def _mark_columns(marks, n, cols):
@@ -349,9 +426,11 @@ def _x_axis(ticks, cols, label_w, xlabel, unicode):
     return lines
 
 
-def _legend(data, glyphs, clipped, n):
+def _legend(data, glyphs, clipped, n, at=None):
     """A line per series below the frame: its glyph, name, last and best value (and
-    how many of the axis' n points it has, when it stopped early)."""
+    how many of the axis' n points it has, when it stopped early). ``at(i)``: the
+    x of point i as text (default: the epoch, i + 1)."""
+    at = at or (lambda i: str(i + 1))
     name_w = max((len(k) for k in data), default=0)
     lines = []
     for k, glyph in glyphs.items():
@@ -361,7 +440,7 @@ def _legend(data, glyphs, clipped, n):
             best = _best(k, vals)
             parts.append(f"last {_short(vals[-1])}")
             if best is not None:
-                parts.append(f"best {_short(best[1])} @ {best[0] + 1}")
+                parts.append(f"best {_short(best[1])} @ {at(best[0])}")
             if len(vals) < n:
                 parts.append(f"{len(vals)} of {n}")
         else:

@@ -38,6 +38,77 @@ class ConfusionTest(unittest.TestCase):
         self.assertRegex(view, r"0 \| #+ 67% \(2/3\)\n1 \| #+ 50% \(1/2\)\n2 \| #+ 100% \(1/1\)")
 
 
+class SummaryTest(unittest.TestCase):
+    def test_rows_in_forward_order_and_totals_against_numel(self):
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3),
+                                                    torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+                self.head = torch.nn.Linear(4 * 6 * 6, 3)
+                self.tied = torch.nn.Linear(3, 3)
+                self.tied2 = torch.nn.Linear(3, 3)
+                self.tied2.weight = self.tied.weight  # a shared parameter, counted once
+
+            def forward(self, x):
+                h = self.head(self.features(x).flatten(1))
+                return self.tied(h), {"aux": self.tied2(h)}
+        model = Net()
+        model.features[0].requires_grad_(False)  # frozen
+        model.train()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        text = analysis.summary(model, torch.randn(2, 1, 8, 8))
+        names = [ln.split()[0] for ln in text.splitlines()[2:-1]]
+        self.assertEqual(names, ["features", "features.0", "features.1", "features.2", "head",
+                                 "tied", "tied2", "(output)"])
+        self.assertIn("features.0  Conv2d       (2, 4, 6, 6)", text)
+        self.assertIn("[(2, 3), {aux: (2, 3)}]", text)
+        unique = {id(p): p for p in model.parameters()}.values()
+        total = sum(p.numel() for p in unique)
+        frozen = sum(p.numel() for p in unique if not p.requires_grad)
+        self.assertLess(total, sum(p.numel() for _, p in
+                                   model.named_parameters(remove_duplicate=False)))
+        self.assertIn(f"parameters: {total:,} ({total - frozen:,} trainable, {frozen:,} "
+                      "non-trainable)", text)
+        self.assertTrue(model.training and model.features[1].training)  # mode as it was
+        for k, v in model.state_dict().items():  # BatchNorm's running stats untouched
+            self.assertTrue(torch.equal(v, before[k]), k)
+        self.assertEqual(sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                             for m in model.modules()), 0)
+
+
+class TsneTest(unittest.TestCase):
+    def test_well_separated_clusters_stay_separated_and_kl_falls(self):
+        g = torch.Generator().manual_seed(0)
+        centers = torch.randn(3, 20, generator=g) * 10
+        labels = torch.arange(3).repeat_interleave(60)
+        X = centers[labels] + torch.randn(180, 20, generator=g)
+        coords, kl = analysis.tsne_2d(X, perplexity=20, steps=400, seed=1)
+        self.assertEqual(tuple(coords.shape), (180, 2))
+        self.assertLess(kl[-1], kl[0])
+        # every point is nearer its own cluster's centre than any other's
+        means = torch.stack([coords[labels == c].mean(0) for c in range(3)])
+        nearest = torch.cdist(coords, means).argmin(1)
+        self.assertTrue(torch.equal(nearest, labels))
+        again, _ = analysis.tsne_2d(X, perplexity=20, steps=400, seed=1)
+        self.assertTrue(torch.equal(coords, again))  # seeded and repeatable
+        view = analysis.tsne_view(X, labels, title="clusters", steps=200)
+        self.assertIn("clusters: t-SNE, perplexity 30, KL", view)
+        self.assertEqual(set("".join(view.splitlines()[2:-2])) & set("0123"), set("012"))
+
+    def test_kl_is_close_to_scikit_learns_where_it_is_installed(self):
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            self.skipTest("scikit-learn is not installed (it is never a requirement)")
+        import numpy as np
+        X = datasets.digits(n=600, seed=2)[0][0][:400].reshape(400, -1)
+        _, kl = analysis.tsne_2d(X, perplexity=30, steps=1000, seed=0)
+        sk = TSNE(perplexity=30, init="random", random_state=0, method="exact").fit(
+            np.asarray(X, dtype=np.float64))
+        self.assertLess(kl[-1], sk.kl_divergence_ * 1.15)
+
+
 class MistakesTest(unittest.TestCase):
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.05, 0.95]])
     y = torch.tensor([0, 0, 1, 1, 0])

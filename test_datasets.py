@@ -314,6 +314,17 @@ class RecipesTest(unittest.TestCase):
                      "\n".join(",".join(map(str, row)) for row in raw) + "\n")
         self.check("pima.py", rf"data: {path};", r"test accuracy", args=("--data", path))
 
+    def test_find_lr(self):
+        out = self.check("find_lr.py", r"layer +type +output shape +params\n-+\n0 +Linear",
+                         r"parameters: 221 \(221 trainable, 0 non-trainable\)",
+                         r"LR range test \(smoothed loss\)", r"1e-05 +0\.0001",
+                         r": suggested lr [\d.e-]+",
+                         r"suggested learning rate [\d.e-]+ \(tried \d+ rates",
+                         r"test accuracy [\d.]+% at lr")
+        lr = float(out.split("suggested learning rate ")[1].split()[0])
+        self.assertTrue(1e-5 <= lr <= 10)
+        self.assertIn(f"at lr {lr:.3g}", out)  # trained with it
+
     def test_housing(self):
         self.check("housing.py", r"data: synthetic stand-in for California housing",
                    r"test: RMSE \d\.\d{4} \(\$[\d,]+\), MAE \d\.\d{4}")
@@ -323,6 +334,7 @@ class RecipesTest(unittest.TestCase):
                    r"confusion matrix \(rows: true", r"accuracy per class",
                    r"the mistakes it was surest of:\n\ntrue \d \(0\.\d\d\) +true",
                    r"outputs: PCA, axes explain", r"hidden layer \(100 units\): PCA",
+                   r"hidden layer \(100 units\): t-SNE, perplexity \d+, KL \d",
                    r"first-layer weights", r"largest probability, epoch 1 \(mean",
                    r"noise the model takes for a 3 \(p = ")
         d = tmpdir(self)

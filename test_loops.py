@@ -4,6 +4,7 @@ Run with ``python -m unittest``. ``LOOPS_TEST_DEVICE=cuda python -m unittest`` r
 the same suite on a GPU.
 """
 import contextlib
+import copy
 import fcntl
 import io
 import json
@@ -533,9 +534,9 @@ class AccumulateTest(Quiet):
         X, y = regression_data(103)  # batches of 10: 10 full and 3 rows; groups 4, 4, 3
         for shuffle in (False, True):
             big, small = mlp(sigmoid=False), mlp(sigmoid=False)
-            h_big = self.fit(big, (X, y), torch.nn.MSELoss(), torch.optim.SGD(big.parameters(), 0.05),
-                             epochs=3, batch_size=40, shuffle=shuffle, seed=2, val=(X, y),
-                             metrics={"mae": "mae"})
+            h_big = self.fit(big, (X, y), torch.nn.MSELoss(),
+                             torch.optim.SGD(big.parameters(), 0.05), epochs=3, batch_size=40,
+                             shuffle=shuffle, seed=2, val=(X, y), metrics={"mae": "mae"})
             h_small = self.fit(small, (X, y), torch.nn.MSELoss(),
                                torch.optim.SGD(small.parameters(), 0.05), epochs=3,
                                batch_size=10, accumulate=4, shuffle=shuffle, seed=2, val=(X, y),
@@ -694,6 +695,102 @@ class CompiledModelTest(Quiet):
         self.assertTrue(same_weights(again._orig_mod, plain))
         self.assertEqual({k: v for k, v in h.items() if k != "time"},
                          {k: v for k, v in h_plain.items() if k != "time"})
+
+
+class LrFindTest(Quiet):
+    def setup(self):
+        X, y = binary_data(200)
+        model = Recorder().to(DEVICE)  # Dropout and BatchNorm: random state and buffers
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return X, y, model, opt
+
+    def test_rates_rise_geometrically_within_the_range(self):
+        X, y, model, opt = self.setup()
+        r = loops.lr_find(model, (X, y), torch.nn.BCELoss(), opt, start_lr=1e-6, end_lr=1.0,
+                          steps=25, batch_size=16)
+        self.assertEqual(set(r), {"lr", "loss", "suggestion"})
+        want = [1e-6 * (1.0 / 1e-6) ** (i / 24) for i in range(25)]
+        for a, b in zip(r["lr"], want):
+            self.assertClose(a, b, rel=1e-12)
+        self.assertEqual(len(r["loss"]), len(r["lr"]))
+        self.assertIn(r["suggestion"], r["lr"])  # one of the rates tried
+
+    def test_model_optimizer_and_random_state_are_left_as_found(self):
+        X, y, model, opt = self.setup()
+        loss_fn = torch.nn.BCELoss()
+        self.fit(model, (X, y), loss_fn, opt, epochs=1, batch_size=16)  # Adam has state now
+        model.eval()
+        model.net[1].train()  # a mixed set of modes, kept module by module
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        grads = [p.grad.clone() for p in model.parameters()]
+        modes = [m.training for m in model.modules()]
+        opt_state = copy.deepcopy(opt.state_dict())
+        rng = torch.get_rng_state()
+        loops.lr_find(model, (X, y), loss_fn, opt, steps=30, batch_size=16)
+        after = model.state_dict()
+        self.assertTrue(all(torch.equal(before[k], after[k]) for k in before))  # and buffers
+        self.assertTrue(all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters())))
+        self.assertEqual([m.training for m in model.modules()], modes)
+        self.assertEqual(opt.param_groups[0]["lr"], 1e-3)
+        self.assertEqual(repr(opt.state_dict()), repr(opt_state))
+        self.assertTrue(torch.equal(torch.get_rng_state(), rng))
+
+    def test_a_fit_after_lr_find_is_the_fit_without_it(self):
+        X, y, model, opt = self.setup()
+        X2, y2, ref, ref_opt = self.setup()
+        loss_fn = torch.nn.BCELoss()
+        torch.manual_seed(3)
+        loops.lr_find(model, (X, y), loss_fn, opt, steps=20, batch_size=16)
+        h = self.fit(model, (X, y), loss_fn, opt, epochs=2, batch_size=16)  # seeded by torch
+        torch.manual_seed(3)
+        h_ref = self.fit(ref, (X2, y2), loss_fn, ref_opt, epochs=2, batch_size=16)
+        self.assertTrue(same_weights(model, ref))
+        self.assertEqual(h["loss"], h_ref["loss"])
+
+    def test_it_stops_when_the_loss_diverges(self):
+        X, y = regression_data(100)
+        model = mlp(sigmoid=False)
+        r = loops.lr_find(model, (X, y), torch.nn.MSELoss(),
+                          torch.optim.SGD(model.parameters(), 0.1),
+                          start_lr=1e-4, end_lr=100.0, steps=100, batch_size=10)
+        self.assertLess(len(r["lr"]), 100)  # SGD at rates near 100 blows up long before
+        self.assertLessEqual(max(r["loss"]), 4 * min(r["loss"]))
+        self.assertTrue(all(math.isfinite(v) for v in r["loss"]))
+
+    def test_suggestion_on_a_problem_whose_good_range_is_known(self):
+        # y = 0.7 x + 0.3, x in [0, 1], a linear model, full-batch SGD: the Hessian of
+        # the MSE has largest eigenvalue 2.54, so rates below 2 / 2.54 = 0.79 converge
+        # and rates above diverge. The suggestion must be a rate that converges.
+        X = torch.linspace(0, 1, 100, device=DEVICE).unsqueeze(1)
+        y = 0.7 * X + 0.3
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1, 1).to(DEVICE)
+        r = loops.lr_find(model, (X, y), torch.nn.MSELoss(),
+                          torch.optim.SGD(model.parameters(), 0.1),
+                          start_lr=1e-6, end_lr=100.0, steps=120, batch_size=100)
+        self.assertLess(r["lr"][-1], 100.0)  # it diverged before the end
+        self.assertTrue(0.05 < r["suggestion"] < 0.79, r["suggestion"])
+        h = self.fit(model, (X, y), torch.nn.MSELoss(),
+                     torch.optim.SGD(model.parameters(), r["suggestion"]), epochs=40,
+                     batch_size=100)
+        self.assertLess(h["loss"][-1], 0.01 * h["loss"][0])
+
+    def test_dataloader_precision_and_bad_arguments(self):
+        X, y, model, opt = self.setup()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=50)
+        r = loops.lr_find(model, loader, torch.nn.BCELoss(), opt, steps=12)  # 4 batches, cycled
+        self.assertEqual(len(r["lr"]), 12)
+        r = loops.lr_find(model, (X, y), torch.nn.BCELoss(), opt, steps=5, precision="bf16")
+        self.assertEqual(len(r["lr"]), 5)
+        for kw, says in ((dict(start_lr=0), "start_lr must be a positive number"),
+                         (dict(end_lr=1e-8), r"end_lr \(1e-08\) must be above start_lr"),
+                         (dict(steps=1), "steps must be an int >= 2"),
+                         (dict(precision="int8"), "precision must be")):
+            counting = Counting().to(DEVICE)
+            with self.assertRaisesRegex(ValueError, says):
+                loops.lr_find(counting, (X, y), torch.nn.MSELoss(),
+                              torch.optim.SGD(counting.parameters(), 0.1), **kw)
+            self.assertEqual(counting.seen, [])
 
 
 # --- 3. modes and memory ------------------------------------------------------------
@@ -1273,13 +1370,13 @@ class FrontDoorTest(unittest.TestCase):
     def test_run_all_runs_every_example_and_reports_failures(self):
         with tempfile.TemporaryDirectory() as d:
             p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--quick",
-                                "--runs", d], stdin=subprocess.DEVNULL, capture_output=True,
-                               text=True, timeout=300)
+                                "--epochs", "1", "--runs", d], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=300)
             self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
             self.assertNotIn("\r", p.stdout)
             for script in sorted(os.listdir(os.path.join(HERE, "examples"))):
                 if script.endswith(".py") and not script.startswith("_"):
-                    self.assertIn(f"== examples/{script} --quick", p.stdout)
+                    self.assertIn(f"== examples/{script} --quick --epochs 1", p.stdout)
             self.assertIn("== all examples passed", p.stdout)
             # a failing example is reported, the others still run, and the exit code says so
             p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--no-such-flag"],

@@ -203,6 +203,27 @@ class ReadableChartsTest(unittest.TestCase):
                       pa.histogram([0.5, 2], value_range=(0, 1)))
 
 
+class LogXTest(unittest.TestCase):
+    def test_a_log_x_axis_places_points_by_their_rate_and_labels_powers_of_ten(self):
+        lrs = [1e-5 * 10 ** (i / 10) for i in range(51)]  # 1e-5 .. 1
+        loss = [1.0 if v < 1e-2 else 0.2 for v in lrs]
+        chart = pa.line_plot({"loss": loss}, x=lrs, logx=True, marks=[1e-2], width=60,
+                             height=6, mark_label="suggested lr", xlabel="learning rate")
+        rows, _, _, after = parse(chart)
+        cols = len(rows[0])
+        self.assertEqual(after[0].split(), ["1e-05", "0.0001", "0.001", "0.01", "0.1", "1"])
+        mark = next(c for c in range(cols) if all(r[c] in ":@*&" for r in rows))
+        self.assertEqual(mark, round(3 / 5 * (cols - 1)))  # 1e-2 is 3/5 of the way in log
+        low = [c for c in range(cols) if rows[-1][c] in "*@"]
+        self.assertEqual(low[0], mark)  # the drop happens at 1e-2 on the log axis
+        self.assertIn("best 0.200 @ 0.010", chart)
+        self.assertIn(": suggested lr 0.010", chart)
+        with self.assertRaisesRegex(ValueError, "logx needs positive x"):
+            pa.line_plot({"a": [1, 2]}, x=[0, 1], logx=True)
+        with self.assertRaisesRegex(ValueError, "3 x values for 2 points"):
+            pa.line_plot({"a": [1, 2]}, x=[1, 2, 3])
+
+
 class PlotHistoryTest(unittest.TestCase):
     def test_golden_every_chart_marks_the_epoch_chosen_by_the_monitor(self):
         h = {"epoch": [1, 2, 3], "loss": [0.9, 0.5, 0.4], "val_loss": [1.0, 0.6, 0.7],

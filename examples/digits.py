@@ -63,6 +63,9 @@ print(analysis.pca_view(p["outputs"], y_test, title="outputs"))
 hidden = analysis.activations(model, model[4], X_test, device=args.device)
 print()
 print(analysis.pca_view(hidden, y_test, title="hidden layer (100 units)"))
+print()
+print(analysis.tsne_view(hidden, y_test, title="hidden layer (100 units)",
+                         max_points=300 if args.quick else 1000))
 print("\nfirst-layer weights, what 9 of its 250 units look for:\n")
 print(analysis.weights_view(model[1]))
 if tracker.first is not None:
