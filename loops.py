@@ -942,10 +942,26 @@ class _Store:
                 os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
         self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
 
+    def _refuse_nonfinite(self, where):
+        """FloatingPointError, before anything is written, if a weight is NaN or inf: a
+        gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
+        such weights must never replace a good checkpoint. One host read."""
+        params = list(_unwrap(self.model).named_parameters())
+        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            return
+        bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
+        kept = f"last.pt still holds {self.holds}" if self.holds else "nothing was saved"
+        raise FloatingPointError(
+            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
+            f"was not finite. Nothing was written from them ({kept}); look for an operation "
+            "whose gradient is undefined where it is used (sqrt or log at 0, a norm of zeros)")
+
     def save_epoch(self, record, improved):
         """After an epoch: best.pt if it improved, then last.pt and history.csv."""
         if self.dir is None:
             return
+        self._refuse_nonfinite(f"epoch {record.epoch}: ")
         if improved and self.writer:
             save_checkpoint(self.best_path, self.model, format=self.FORMAT, epoch=record.epoch,
                             monitor=record.monitor, value=record.best)
@@ -958,6 +974,8 @@ class _Store:
         step, at a batch boundary inside it (a mid-epoch snapshot)."""
         if self.dir is None:
             return
+        if start is not None:  # at the epoch's end, save_epoch has looked already
+            self._refuse_nonfinite("")  # fit names the epoch
         rng = _rng_state(self.gen)
         ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
         if self.writer:
@@ -985,6 +1003,8 @@ class _Store:
         if self.scaler is not None:
             self.scaler.load_state_dict(ck["scaler"])
         record.load(ck)
+        if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
+            _write_csv(self.csv_path, record.history)
         ranks = ck.get("rng_ranks")
         _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
                        self.gen)
@@ -1031,9 +1051,12 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = _os_error_in(e)
+        if cause is not None and cause is not e:  # torch's zip writer wraps a full disk's
+            raise cause from e                     # OSError in a RuntimeError: unwrap it
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
         dfd = os.open(folder, os.O_RDONLY)
@@ -1041,6 +1064,17 @@ def _atomic_write(path, write):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _os_error_in(e):
+    """The OSError ``e`` is, or was raised while handling (its cause or context), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _new_temp(path):

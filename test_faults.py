@@ -15,7 +15,7 @@ import numpy  # noqa: F401  (imported so that snapshots carry numpy's RNG state 
 import torch
 
 import loops
-from test_loops import DEVICE, HERE, Quiet, binary_data, mlp, same_weights
+from test_loops import DEVICE, HERE, Quiet, binary_data, mlp, regression_data, same_weights
 
 # A run with every kind of state resume must restore: Dropout (global RNG),
 # shuffling (the batch generator), Adam's moments, a StepLR schedule, and
@@ -143,6 +143,33 @@ class MixedPrecisionKillTest(Quiet):
             self.assertTrue(torch.equal(v, got["model"][k]), k)
 
 
+class NonFiniteWeightsTest(Quiet):
+    def test_a_nan_gradient_with_a_finite_loss_never_reaches_a_checkpoint(self):
+        X, y = regression_data(64)
+        model = mlp(sigmoid=False)
+        calls = [0]
+
+        def loss_fn(out, yb):  # finite everywhere; its gradient is NaN at one step
+            calls[0] += 1
+            loss = torch.nn.functional.mse_loss(out, yb)
+            if calls[0] == 8:  # the last batch of epoch 2: no later loss would show it
+                z = -out.abs().mean() - 1
+                loss = loss + torch.where(z > 0, z.sqrt(), torch.zeros_like(z))
+            return loss
+        d = self.tmpdir()
+        with self.assertRaisesRegex(FloatingPointError, r"epoch 2: the weights hold NaN or inf "
+                                    r"\(0\.weight.*although every loss was finite.*last.pt "
+                                    r"still holds epoch 1"):
+            self.fit(model, (X, y), loss_fn, torch.optim.SGD(model.parameters(), 0.01),
+                     epochs=3, batch_size=16, checkpoint=d, shuffle=False)
+        for name in ("best.pt", "last.pt"):
+            ck = loops.load_checkpoint(os.path.join(d, name))
+            self.assertEqual(ck["epoch"], 1)
+            self.assertTrue(all(torch.isfinite(v).all() for v in ck["model"].values()))
+        with open(os.path.join(d, "history.csv")) as f:
+            self.assertEqual(len(f.read().splitlines()), 2)  # header and epoch 1
+
+
 class Interrupt(Exception):
     pass
 
@@ -244,6 +271,65 @@ class AtomicWriteTest(Quiet):
             for name in ("best.pt", "last.pt", "history.csv", "mine.pt"):
                 self.assertEqual(oct(os.stat(os.path.join(d, name)).st_mode & 0o777), oct(mode),
                                  f"{name} under umask {oct(umask)}")
+
+    def test_a_full_disk_inside_torch_save_raises_its_oserror(self):
+        # torch's zip writer turns the file's OSError(ENOSPC) into a RuntimeError
+        d = self.tmpdir()
+        model = mlp(hidden=256)
+        loops.save_checkpoint(os.path.join(d, "model.pt"), model)
+        with open(os.path.join(d, "model.pt"), "rb") as f:
+            before = f.read()
+        written = [0]
+
+        class Full(io.FileIO):
+            def write(self, b):
+                written[0] += len(b)
+                if written[0] > 4000:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return super().write(b)
+        with mock.patch.object(os, "fdopen", lambda fd, *a, **k: Full(fd, "wb")):
+            with self.assertRaises(OSError) as err:
+                loops.save_checkpoint(os.path.join(d, "model.pt"), mlp(hidden=256, seed=1))
+        self.assertEqual(err.exception.errno, errno.ENOSPC)
+        self.assertEqual(os.listdir(d), ["model.pt"])  # no temp file left
+        with open(os.path.join(d, "model.pt"), "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_a_refused_resume_leaves_the_model_and_optimizer_untouched(self):
+        X, y = binary_data(60)
+        d = self.tmpdir()
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                 epochs=2, checkpoint=d)
+        fresh = mlp(seed=4)
+        opt = torch.optim.Adam(fresh.parameters())
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        for kw, says in ((dict(metrics={"acc": "binary_accuracy"}), "same metrics"),
+                         (dict(epochs=1), "epochs=1 is the total")):
+            with self.assertRaisesRegex(ValueError, says):
+                self.fit(fresh, (X, y), torch.nn.BCELoss(), opt, checkpoint=d, resume=True,
+                         **{"epochs": 3, **kw})
+            self.assertTrue(all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items()))
+            self.assertEqual(opt.state_dict()["state"], {})
+
+    def test_a_resume_makes_history_csv_agree_with_last_pt(self):
+        # killed after last.pt and before history.csv in the last epoch: the resume has
+        # nothing to train, and still brings the CSV up to date
+        X, y = binary_data(60)
+        d = self.tmpdir()
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                 epochs=3, checkpoint=d)
+        csv_path = os.path.join(d, "history.csv")
+        with open(csv_path) as f:
+            lines = f.read().splitlines()
+        with open(csv_path, "w") as f:
+            f.write("\n".join(lines[:-1]) + "\n")  # the CSV of epoch 2
+        h = self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=3, checkpoint=d, resume=True)
+        self.assertEqual(len(h["loss"]), 3)
+        with open(csv_path) as f:
+            self.assertEqual(f.read().splitlines(), lines)
 
     def test_a_write_that_fails_half_way_keeps_the_previous_files(self):
         X, y = binary_data(120)
