@@ -75,12 +75,32 @@ def _rows(pixels):
 
 # --- numbers on axes ----------------------------------------------------------------
 
-def _nice_step(span, target):
-    """The 1/2/5 x 10^n step nearest to cutting ``span`` into ``target`` parts."""
-    if span <= 0 or not math.isfinite(span):
+def _frac(v, lo, hi):
+    """Where ``v`` lies from ``lo`` (0) to ``hi`` (1); right also when ``hi - lo``
+    overflows (1e308 and -1e308 span more than a float holds)."""
+    span = hi - lo
+    if math.isinf(span):
+        return (v / 2 - lo / 2) / (hi / 2 - lo / 2)
+    return (v - lo) / span if span > 0 else 0.0
+
+
+def _lerp(a, b, t):
+    """The value a fraction ``t`` of the way from ``a`` to ``b``, without overflow."""
+    v = a + (b - a) * t
+    return v if math.isfinite(v) else a * (1 - t) + b * t
+
+
+def _nice_step(span, target, lo=None, hi=None):
+    """The 1/2/5 x 10^n step nearest to cutting ``span`` (or ``hi - lo``) into
+    ``target`` parts."""
+    target = max(target, 1)
+    raw = span / target if lo is None else hi / target - lo / target  # no overflow
+    if not raw >= 1e-300:  # nothing to cut, or a span of subnormals (10^n underflows)
+        whole = span if lo is None else hi - lo
+        return max(whole / target, 5e-324) if whole > 0 else 1.0  # steps of the least float
+    if not math.isfinite(raw):
         return 1.0
-    raw = span / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw))
+    mag = 10.0 ** math.floor(math.log10(raw))
     return min((m * mag for m in (1, 2, 5, 10)), key=lambda s: abs(math.log(s / raw)))
 
 
@@ -117,14 +137,26 @@ def _y_ticks(lo, hi, rows, logy):
         if len(ticks) > rows // 2 + 1:  # too crowded: powers of ten only
             ticks = [(t, s) for t, s in ticks if s.lstrip("0.").startswith("1")] or ticks[:1]
         return ticks
-    step = _nice_step(hi - lo, max(3, rows // 3))
+    step = _nice_step(None, max(3, rows // 3), lo, hi)
     while True:  # at least two ticks, so that the scale can be read
         first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
-        if last > first or step < (hi - lo) * 1e-6:
+        smaller = _nice_step(step, 2.5)  # 5 -> 2 -> 1 -> 0.5 ...
+        if last > first or step < hi * 1e-6 - lo * 1e-6 or not smaller < step:
             break
-        step = _nice_step(step, 2.5)  # 5 -> 2 -> 1 -> 0.5 ...
-    d = _decimals(step)
-    return [(k * step, _label(k * step, d)) for k in range(first, last + 1)]
+        step = smaller
+    values = [k * step for k in range(first, last + 1)]
+    return list(zip(values, _tick_labels(values, _decimals(step), step)))
+
+
+def _tick_labels(values, decimals, step):
+    """Labels with ``decimals`` fixed decimals or, where that would spell out a huge or
+    tiny number in full (1e+308, 5e-324), as many significant digits as the step needs."""
+    labels = [_label(v, decimals) for v in values]
+    if max((len(s) for s in labels), default=0) <= 12:
+        return labels
+    top = max(abs(v) for v in values) or step
+    digits = min(17, max(2, math.floor(math.log10(top)) - math.floor(math.log10(step)) + 1))
+    return [f"{v:.{digits}g}" for v in values]
 
 
 # --- line plots ------------------------------------------------------------------------
@@ -287,8 +319,7 @@ def _scaled(v, logy):
 
 def _row(v, yr, height):
     """The grid row of value ``v`` (on the axis' scale), clipped to the frame."""
-    return height - 1 - round((min(max(v, yr.lo), yr.hi) - yr.lo) / (yr.hi - yr.lo)
-                              * (height - 1))
+    return height - 1 - round(_frac(min(max(v, yr.lo), yr.hi), yr.lo, yr.hi) * (height - 1))
 
 
 def _mark_text(v):
@@ -309,7 +340,7 @@ class _XScale(NamedTuple):
 
     def column(self, v, cols):
         lo, hi = self.pos[0], self.pos[-1]
-        return round((self.place(v) - lo) / (hi - lo) * (cols - 1)) if hi > lo else cols // 2
+        return round(_frac(self.place(v), lo, hi) * (cols - 1)) if hi > lo else cols // 2
 
     def ticks(self, cols):
         """[(label, column)]: powers of ten on a log axis (and 2, 5 between when it
@@ -346,14 +377,14 @@ def _on_grid(values, scale):
     lo, hi, out, j = pos[0], pos[-1], [], 0
     last = pos[len(values) - 1]
     for k in range(n):
-        t = lo + (hi - lo) * k / (n - 1)
+        t = _lerp(lo, hi, k / (n - 1))
         if t > last + 1e-12 * max(1.0, abs(last)):
             break
         while j < len(values) - 2 and pos[j + 1] < t:
             j += 1
-        w = min(1.0, max(0.0, (t - pos[j]) / (pos[j + 1] - pos[j])))
+        w = min(1.0, max(0.0, _frac(t, pos[j], pos[j + 1])))
         a, b = values[j], values[j + 1]
-        out.append(a if w == 0 else b if w == 1 else a + (b - a) * w)
+        out.append(a if w == 0 else b if w == 1 else _lerp(a, b, w))
     return out
 
 
@@ -546,12 +577,12 @@ def histogram(values, *, bins=20, width=50, title=None, value_range=None, top=No
         note = _nonfinite_note(vals)
         return "\n".join(lines + ([note] if note else []))
     bins = max(1, int(bins)) if hi > lo else 1
-    size = (hi - lo) / bins if hi > lo else 1.0
+    size = hi / bins - lo / bins if hi > lo else 1.0  # (hi - lo) / bins, without overflow
     counts = [0] * bins
     for v in finite:
-        counts[min(int((v - lo) / size), bins - 1)] += 1
+        counts[min(int(_frac(v, lo, hi) * bins), bins - 1)] += 1
     d = max(_decimals(size) + 1, 0) if hi > lo else 3
-    edges = [_label(lo + i * size, d) for i in range(bins + 1)]
+    edges = _tick_labels([_lerp(lo, hi, i / bins) for i in range(bins + 1)], d, size)
     ew = max(len(e) for e in edges)
     top = max(top or 0, max(counts))
     cw = len(str(top))
@@ -622,7 +653,6 @@ def image(pixels, *, invert=False):
     lo, hi = min(flat), max(flat)
     if lo >= 0 and hi <= 1:
         lo, hi = 0.0, 1.0
-    span = (hi - lo) or 1.0
     ramp = RAMP[::-1] if invert else RAMP
     out = []
     for r in data:
@@ -631,7 +661,7 @@ def image(pixels, *, invert=False):
             if not math.isfinite(v):
                 chars.append("??")
                 continue
-            level = min(len(ramp) - 1, int((v - lo) / span * len(ramp)))
+            level = min(len(ramp) - 1, int(_frac(v, lo, hi) * len(ramp)))
             chars.append(ramp[level] * 2)
         out.append("".join(chars).rstrip() if not invert else "".join(chars))
     return "\n".join(out)
@@ -668,9 +698,9 @@ def scatter(xs, ys, *, labels=None, width=72, height=24, title=None):
     grid = [[" "] * cols for _ in range(height)]
 
     def row(v):
-        return height - 1 - round((v - y_lo) / (y_hi - y_lo) * (height - 1))
+        return height - 1 - round(_frac(v, y_lo, y_hi) * (height - 1))
     for a, b, m in pts:
-        grid[row(b)][round((a - x_lo) / (x_hi - x_lo) * (cols - 1))] = marker[m]
+        grid[row(b)][round(_frac(a, x_lo, x_hi) * (cols - 1))] = marker[m]
     tick_rows = {}
     for t, s in ticks:
         tick_rows.setdefault(row(t), s)
@@ -678,7 +708,7 @@ def scatter(xs, ys, *, labels=None, width=72, height=24, title=None):
     for r in range(height):
         label = tick_rows.get(r, "")
         lines.append(f"{label:>{lw}} " + ("+" if label else "|") + "".join(grid[r]) + "|")
-    x_ticks = [(s, round((t - x_lo) / (x_hi - x_lo) * (cols - 1)))
+    x_ticks = [(s, round(_frac(t, x_lo, x_hi) * (cols - 1)))
                for t, s in _y_ticks(x_lo, x_hi, max(2, cols // 10), False)]
     lines += _x_axis(x_ticks, cols, lw, None, False)
     if labels is not None and any(k != v for k, v in marker.items()):
@@ -711,15 +741,14 @@ def sparkline(values, *, unicode=False):
     if not finite:
         return " " * len(vals)
     lo, hi = min(finite), max(finite)
-    span = hi - lo
     out = []
     for v in vals:
         if math.isnan(v):
             out.append(" ")
-        elif span == 0:
+        elif hi == lo:
             out.append(ramp[len(ramp) // 2])
         else:
-            t = 1.0 if v == math.inf else 0.0 if v == -math.inf else (v - lo) / span
+            t = 1.0 if v == math.inf else 0.0 if v == -math.inf else _frac(v, lo, hi)
             out.append(ramp[min(len(ramp) - 1, int(t * len(ramp)))])
     return "".join(out)
 

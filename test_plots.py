@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,10 @@ GOLDEN_HISTORY_ACC = """\
 o val_acc  last 0.650  best 0.650 @ 3
 & two series in one place
 : best val_loss, epoch 2 (@ a series' own best there)"""
+
+
+def _hung(signum, frame):
+    raise AssertionError("still drawing after 10 s: the plot hangs")
 
 
 def parse(chart):
@@ -134,6 +139,31 @@ class LinePlotTest(unittest.TestCase):
         self.assertIn("(constant 2.000)", pa.line_plot({"a": [2, 2, 2]}))
         self.assertIn("(one point)", pa.line_plot({"a": [0.5]}))
         self.assertIn("2 clipped to the edge", pa.line_plot({"a": [INF, -INF, 1.0, 2.0]}))
+
+    def test_extreme_finite_values_neither_hang_nor_raise(self):
+        # 1e308 - (-1e308) overflows to inf, 5e-324 / 6 underflows to 0: the axis
+        # arithmetic must survive both, and the labels stay short
+        signal.signal(signal.SIGALRM, _hung)
+        self.addCleanup(signal.alarm, 0)
+        for values in ([1e308, -1e308], [5e-324, 0.0], [1.7e308, -1.7e308, 0.0],
+                       [-5e-324, 5e-324]):
+            signal.alarm(10)
+            chart = pa.line_plot({"a": values}, width=40, height=6)
+            rows, labels, _, _ = parse(chart)
+            frame = [ln for ln in chart.splitlines() if ln.rstrip().endswith(("|", "+"))]
+            self.assertTrue(all(len(ln) <= 40 for ln in frame), chart)
+            self.assertEqual(rows[0][0] == "*", values[0] > values[1], chart)  # first at its end
+            self.assertGreaterEqual(len(labels), 2, chart)
+            ticks = [float(labels[r]) for r in sorted(labels)]
+            self.assertEqual(ticks, sorted(ticks, reverse=True), chart)
+            self.assertTrue(min(values) <= ticks[-1] < ticks[0] <= max(values), chart)
+            hist = pa.histogram(values, bins=4)
+            self.assertEqual(sum(int(re.search(r"[)\]] +(\d+)", ln)[1]) for ln in hist.splitlines()), len(values))
+            line = pa.sparkline(values)
+            self.assertEqual(line[values.index(max(values))], pa.SPARK[-1])
+            self.assertEqual(line[values.index(min(values))], pa.SPARK[0])
+            self.assertIn("+---", pa.scatter(values, values, width=40, height=6))
+            self.assertEqual(len(pa.image([values], invert=True)), 2 * len(values))
 
     def test_nan_leaves_a_gap(self):
         rows = parse(pa.line_plot({"a": [1, 1, NAN, NAN, 1, 1]}, width=40, height=4))[0]
@@ -370,12 +400,18 @@ class CliTest(unittest.TestCase):
         binary = os.path.join(self.dir.name, "model.pt")
         with open(binary, "wb") as f:
             f.write(bytes(range(256)) * 4)
+        huge = os.path.join(self.dir.name, "huge.csv")
+        with open(huge, "w") as f:
+            f.write('epoch,loss\n1,"' + "9" * 200_000 + '"\n')
         cases = {"missing.csv": [os.path.join(self.dir.name, "missing.csv")], "bad.csv": [bad],
                  "'acc'": [self.paths[0], "--keys", "acc"], "no history.csv given": [],
                  "model.pt: not a text file": [binary],
                  "argument --width: expected a whole number, got 'abc'":
                      [self.paths[0], "--width", "abc"],
-                 "argument --height: expected at least 3": [self.paths[0], "--height", "1"]}
+                 "argument --height: expected at least 3": [self.paths[0], "--height", "1"],
+                 "argument --height: expected at least 3, got 0": [self.paths[0], "--height",
+                                                                   "0"],
+                 "huge.csv: not a CSV file": [huge]}
         for says, args in cases.items():
             p = self.cli(*args)
             self.assertEqual(p.returncode, 2, args)
@@ -383,6 +419,15 @@ class CliTest(unittest.TestCase):
             self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
             self.assertTrue(p.stderr.startswith("plots_ascii: "))
             self.assertIn(says, p.stderr)
+
+    def test_values_at_the_ends_of_the_float_range_are_drawn(self):
+        path = os.path.join(self.dir.name, "extreme.csv")
+        with open(path, "w") as f:
+            f.write("epoch,loss\n1,1e308\n2,-1e308\n3,5e-324\n")
+        p = self.cli(path, "--width", "50", "--height", "8")  # hung forever before
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("1e+308", p.stdout)
+        self.assertIn("-1e+308", p.stdout)
 
     def test_runs_of_different_lengths_share_the_epoch_axis(self):
         short = os.path.join(self.dir.name, "c", "history.csv")
