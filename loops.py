@@ -1016,6 +1016,10 @@ class _Store:
         if ck.get("format") != self.FORMAT:
             raise ValueError(f"{path} was not written by fit (no 'format': '{self.FORMAT}'); "
                              "cannot resume")
+        wrong = _damage(ck)
+        if wrong:
+            raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
+                             "from a copy, or move it away to start afresh")
         if list(ck["history"]) != list(record.history):
             raise ValueError(f"{path} recorded {list(ck['history'])}, this run records "
                              f"{list(record.history)}; resume with the same metrics and val")
@@ -1031,6 +1035,51 @@ class _Store:
         if (ck.get("scaler") is None) != (self.scaler is None):
             raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
                              "precision='fp16' (its GradScaler); resume with the same precision")
+
+
+_NUMBER, _NONE = (int, float), type(None)
+# What save_last writes, by key: the types a resume can work with.
+_LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
+            "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
+            "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
+            "rng_ranks": (list, _NONE)}
+_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": _NUMBER, "epoch_time": _NUMBER,
+                      "rng_epoch": (dict, _NONE)}
+
+
+def _damage(ck):
+    """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
+    history that does not add up), or None when a resume can trust it."""
+    def wrong_type(keys):
+        for key, kind in keys.items():
+            if key not in ck:
+                return f"'{key}' is missing"
+            v = ck[key]
+            if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, _NUMBER)):
+                return f"'{key}' is a {type(v).__name__} ({v!r:.40})"
+        return None
+    wrong = wrong_type(_LAST_PT)
+    if wrong:
+        return wrong
+    epoch, step, history = ck["epoch"], ck["step"], ck["history"]
+    if epoch < 0 or step < 0 or ck["wait"] < 0:
+        return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
+    if step and wrong_type(_LAST_PT_MID_EPOCH):
+        return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
+    if not isinstance(ck["rng"].get("torch"), torch.Tensor):
+        return "'rng' holds no torch random state"
+    if not {"state", "param_groups"} <= set(ck["optimizer"]):
+        return "'optimizer' is not an optimizer's state_dict"
+    lengths = {k: len(v) if isinstance(v, list) else None for k, v in history.items()}
+    if any(n != epoch for n in lengths.values()):
+        return f"its history has columns of lengths {lengths} for epoch {epoch}"
+    if not all(isinstance(x, _NUMBER) for v in history.values() for x in v):
+        return "its history holds values other than numbers"
+    if [float(e) for e in history.get("epoch", [])] != [float(e) for e in range(1, epoch + 1)]:
+        return f"its history's epochs are not 1..{epoch}"
+    if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
+        return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
+    return None
 
 
 def _unwrap(model):
@@ -1134,7 +1183,8 @@ def _read_checkpoint(path, *, map_location="cpu"):
     except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on content
         raise ValueError(f"{path} is not a plain checkpoint: it holds something other than "
                          "tensors and plain values (refused: unpickling it could run code), "
-                         f"or it is damaged. torch said: {str(e).splitlines()[0]}") from None
+                         f"or it is damaged. torch said: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
     return ckpt

@@ -363,6 +363,66 @@ class AtomicWriteTest(Quiet):
         self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
 
 
+class DamagedLastTest(Quiet):
+    def test_a_damaged_or_foreign_last_pt_is_refused_before_anything_is_loaded(self):
+        X, y = binary_data(60)
+        d = self.tmpdir()
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                 epochs=2, checkpoint=d)
+        path = os.path.join(d, "last.pt")
+        with open(path, "rb") as f:
+            good = f.read()
+        ck = torch.load(path, weights_only=True)
+
+        def changed(**kw):
+            return {k: v for k, v in {**ck, **kw}.items() if v is not DROP}
+        DROP = object()
+        cases = {
+            "zero bytes": (b"", "is not a plain checkpoint"),
+            "cut short": (good[:len(good) // 2], "is not a plain checkpoint"),
+            "no optimizer": (changed(optimizer=DROP), "'optimizer' is missing"),
+            "no rng": (changed(rng=DROP), "'rng' is missing"),
+            "string epoch": (changed(epoch="2"), "'epoch' is a str"),
+            "bool epoch": (changed(epoch=True), "'epoch' is a bool"),
+            "negative epoch": (changed(epoch=-3), "expected counts >= 0"),
+            "unequal columns": (changed(history={**ck["history"],
+                                                 "loss": ck["history"]["loss"][:1]}),
+                                "columns of lengths"),
+            "epochs of another run": (changed(epoch=3), "columns of lengths"),
+            "text in history": (changed(history={**ck["history"], "loss": ["a", "b"]}),
+                                "other than numbers"),
+            "foreign optimizer": (changed(optimizer={"lr": 1}), "not an optimizer's"),
+            "mid-epoch without its meter": (changed(step=3), "'meter' is a NoneType"),
+        }
+        fresh = mlp(seed=4)
+        opt = torch.optim.Adam(fresh.parameters())
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        for name, (content, says) in cases.items():
+            with self.subTest(name):
+                if isinstance(content, bytes):
+                    with open(path, "wb") as f:
+                        f.write(content)
+                else:
+                    torch.save(content, path)
+                with open(os.path.join(d, "history.csv")) as f:
+                    csv_before = f.read()
+                with self.assertRaises(ValueError) as err:
+                    self.fit(fresh, (X, y), torch.nn.BCELoss(), opt, epochs=3, checkpoint=d,
+                             resume=True)
+                self.assertIn(path, str(err.exception))
+                self.assertIn(says, str(err.exception))
+                self.assertTrue(all(torch.equal(v, fresh.state_dict()[k])
+                                    for k, v in before.items()))
+                self.assertEqual(opt.state_dict()["state"], {})
+                with open(os.path.join(d, "history.csv")) as f:
+                    self.assertEqual(f.read(), csv_before)  # nothing written either
+        with open(path, "wb") as f:
+            f.write(good)
+        h = self.fit(fresh, (X, y), torch.nn.BCELoss(), opt, epochs=3, checkpoint=d, resume=True)
+        self.assertEqual(h["epoch"], [1, 2, 3])  # the good file still resumes
+
+
 class Evil:
     def __init__(self, marker):
         self.marker = marker
