@@ -165,8 +165,8 @@ class _TensorSource:
 class _LoaderSource:
     """A re-iterable of (xb, yb) batches (a DataLoader, a list), used as it is."""
 
-    def __init__(self, loader, *, device, sharded=False):
-        self.loader, self.device, self.sharded = loader, device, sharded
+    def __init__(self, loader, *, device, sharded=False, what="data"):
+        self.loader, self.device, self.sharded, self.what = loader, device, sharded, what
         try:
             self.steps = len(loader)
         except TypeError:
@@ -181,7 +181,22 @@ class _LoaderSource:
         it = iter(self.loader)
         for _ in range(start):
             next(it)
-        return ((_to(xb, self.device), _to(yb, self.device)) for xb, yb in it)
+        return _pairs(it, self.device, self.what)
+
+
+def _pairs(batches, device, what):
+    """Each (xb, yb) batch on the device; TypeError naming ``what`` at a batch of another
+    shape (a dict from a Dataset returning {"x": ..., "y": ...} would unpack to its keys)."""
+    for batch in batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            kind = (f"a dict with keys {list(batch)[:4]}" if isinstance(batch, dict)
+                    else f"{_describe(batch)}" if torch.is_tensor(batch)
+                    else f"a {type(batch).__name__}"
+                    + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            raise TypeError(f"{what}: a batch is {kind}; expected an (inputs, targets) pair. "
+                            "Return (x, y) from the Dataset's __getitem__ (or a collate_fn)")
+        xb, yb = batch
+        yield _to(xb, device), _to(yb, device)
 
 
 def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False,
@@ -224,7 +239,7 @@ def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_ro
     if reused and iter(data) is data:
         raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
                         "be empty after the first epoch; pass a list or a DataLoader instead")
-    source = _LoaderSource(data, device=device)
+    source = _LoaderSource(data, device=device, what=what)
     if source.steps == 0:
         raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
     if world > 1:
@@ -552,14 +567,17 @@ class _Plan(NamedTuple):
 def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
                metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
                clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
-               drop_last=False, precision=None, accumulate=1):
+               drop_last=False, precision=None, accumulate=1, shuffle=True, seed=None):
     """Check every argument of fit before any work; return the _Plan fit follows."""
     device = _check_model(model, device)
     rank, world = _world()
     _check_distributed(model, world, save_every)
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    _check_optimizer_params(model, optimizer, loss_fn)
     _check_precision(precision, accumulate, device)
     _check_int("epochs", epochs, 0)
+    _check_shuffle(shuffle)
+    _check_seed(seed)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
                          reused=epochs > 1, rank=rank, world=world, drop_last=drop_last)
@@ -576,12 +594,14 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val
     _check_options(mode=mode, patience=patience, min_delta=min_delta, verbose=verbose,
                    on_epoch_end=on_epoch_end, save_every=save_every)
     _Store.check(checkpoint, resume=resume, save_every=save_every)
+    _check_savable_scheduler(scheduler, checkpoint)
     if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             and scheduler_interval == "step"):
         raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
                          "'epoch'")
     percent = {k for k, st in stats.items() if st.percent}
     percent |= {"val_" + k for k in percent}
+    _check_val_batch(model, val_data, loss_fn, stats, _autocast(precision, device))
     return _Plan(device, rank, world, stats, train_data, val_data, keys, monitor, percent)
 
 
@@ -647,6 +667,57 @@ def _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, cli
                          f"{clip_grad_norm!r}")
 
 
+def _check_optimizer_params(model, optimizer, loss_fn):
+    """ValueError when the optimizer updates none of the model's parameters (it was
+    made for another model): training would change nothing, silently."""
+    own = {id(p) for p in model.parameters()}
+    own |= {id(p) for p in (loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module)
+                            else ())}
+    given = [p for g in optimizer.param_groups for p in g["params"]]
+    if own and given and not any(id(p) in own for p in given):
+        raise ValueError(f"the optimizer holds {len(given)} parameter tensors, none of them the "
+                         f"model's ({type(_unwrap(model)).__name__}): it was made for another "
+                         "model. Create it from this one: optimizer = "
+                         f"torch.optim.{type(optimizer).__name__}(model.parameters(), ...)")
+
+
+def _check_savable_scheduler(scheduler, checkpoint):
+    """TypeError now, not after an epoch, when last.pt could not hold the scheduler's state."""
+    if scheduler is None or checkpoint is None or not hasattr(scheduler, "state_dict"):
+        return
+    try:
+        _check_plain(scheduler.state_dict(), "the scheduler's state_dict()")
+    except TypeError as e:
+        raise TypeError(f"{str(e).removeprefix('save_checkpoint: ')}. last.pt could not hold "
+                        "it, so this run could not be resumed: keep functions and objects out "
+                        "of the scheduler's attributes, or train without checkpoint=") from None
+
+
+def _check_val_batch(model, val, loss_fn, stats, cast):
+    """Run the first batch of validation tensors through the model, the loss and the
+    metrics before training, so that data of the wrong shape fails now rather than
+    after a whole training epoch. The plain module in eval mode without grad (no
+    collective under DDP, no compile); a DataLoader is not drawn from early, since
+    that would start its workers and draw from the random state."""
+    if not isinstance(val, _TensorSource):
+        return
+    first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
+                          batch_size=val.batch_size, device=val.device)
+    try:
+        meter = _evaluate_pass(_unwrap(model), first, loss_fn, stats, cast)
+        _read([meter])
+    except FloatingPointError:
+        return  # a NaN is the epoch's validation pass to report, with its batch
+    except Exception as e:
+        message = (f"val: the first validation batch, run through the model before training "
+                   f"as a check, failed: {e}")
+        try:
+            error = type(e)(message)
+        except Exception:  # an exception type that takes other arguments
+            error = ValueError(message)
+        raise error from e
+
+
 def _check_monitor(monitor, keys, has_val):
     """The monitored key: val_loss with validation, else loss, or the one asked for."""
     monitor = monitor or ("val_loss" if has_val else "loss")
@@ -663,14 +734,28 @@ def _check_options(*, mode, patience, min_delta, verbose, on_epoch_end, save_eve
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     if patience is not None:
         _check_int("patience", patience, 1)
-    if not isinstance(min_delta, (int, float)) or min_delta < 0:
-        raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+    if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
+            or not math.isfinite(min_delta) or min_delta < 0):
+        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     if on_epoch_end is not None and not callable(on_epoch_end):
         raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
-    if save_every is not None and not (isinstance(save_every, (int, float)) and save_every >= 0):
-        raise ValueError(f"save_every must be a number of seconds >= 0, got {save_every!r}")
+    if save_every is not None and (isinstance(save_every, bool) or not (
+            isinstance(save_every, (int, float)) and save_every >= 0)):
+        raise ValueError(f"save_every must be a number of seconds >= 0 or None, got "
+                         f"{save_every!r}")
+
+
+def _check_shuffle(shuffle):
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
+
+
+def _check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
 
 
 def _check_int(name, value, low):
@@ -770,10 +855,7 @@ class _Stepper:
         """
         with self.cast():
             out = model(xb)
-            loss = loss_fn(out, yb)
-        if loss.dim() != 0:
-            raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
-                             "a scalar (use reduction='mean', the default of torch.nn losses)")
+            loss = _scalar(loss_fn(out, yb))
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss.detach(), (_full(out.detach()) if keep_out else None)
@@ -807,6 +889,18 @@ class _Stepper:
 
 
 _CAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _scalar(loss):
+    """``loss``, once known to be a scalar tensor (checked at every step: no host read)."""
+    if not torch.is_tensor(loss):
+        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
+                        "(a Python number has no gradient: compute the loss with torch "
+                        "operations, e.g. torch.nn.functional.mse_loss)")
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                         "a scalar (use reduction='mean', the default of torch.nn losses)")
+    return loss
 
 
 def _autocast(precision, device):
@@ -946,10 +1040,9 @@ class _Store:
         """FloatingPointError, before anything is written, if a weight is NaN or inf: a
         gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
         such weights must never replace a good checkpoint. One host read."""
-        params = list(_unwrap(self.model).named_parameters())
-        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        bad = _nonfinite_weights(self.model)
+        if not bad:
             return
-        bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
         kept = f"last.pt still holds {self.holds}" if self.holds else "nothing was saved"
         raise FloatingPointError(
             f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
@@ -1080,6 +1173,14 @@ def _damage(ck):
     if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
         return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
     return None
+
+
+def _nonfinite_weights(model):
+    """The names of the parameters holding NaN or inf; one host read when there are none."""
+    params = list(_unwrap(model).named_parameters())
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return []
+    return [name for name, p in params if not bool(torch.isfinite(p).all())]
 
 
 def _unwrap(model):
@@ -1509,6 +1610,7 @@ class _Meter:
         self.steps = 0
         self.sums = {k: None for k in stats}
         self.counts = {k: 0 for k in stats}
+        self.evaluating = False  # an evaluation pass: its steps are batches, not steps
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
         self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
@@ -1589,10 +1691,15 @@ class _Meter:
         if math.isfinite(loss_sum):
             self.checked += sum(len(u) for u in self.unchecked)
             self.unchecked = []
-        elif across_ranks:
-            _raise_first_bad_across_ranks(self.losses(), self.checked, self.device)
+            return
+        unit = "batch" if self.evaluating else "step"
+        if across_ranks:
+            where = _first_bad_across_ranks(self.losses(), self.checked, self.device, unit)
         elif world == 1:
-            _raise_first_bad(self.losses(), self.checked, loss_sum)
+            where = _first_bad(self.losses(), self.checked, loss_sum, unit)
+        else:
+            return
+        raise (_EvaluationLossError if self.evaluating else FloatingPointError)(where)
 
     def state_dict(self):
         """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
@@ -1695,16 +1802,21 @@ def _runs(values):
     return out
 
 
-def _raise_first_bad(losses, checked, total):
+class _EvaluationLossError(FloatingPointError):
+    """A loss that is not finite in an evaluation pass (fit's validation, evaluate)."""
+
+
+def _first_bad(losses, checked, total, unit):
+    """Where the first non-finite loss is: 'loss is nan at step 7'."""
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad) == 0:  # every loss finite, their weighted sum overflowed
-        raise FloatingPointError(f"the sum of the losses overflowed to {total}")
+        return f"the sum of the losses overflowed to {total}"
     j = int(bad[0])
-    raise FloatingPointError(f"loss is {losses[j].item()} at step {checked + j + 1}")
+    return f"loss is {losses[j].item()} at {unit} {checked + j + 1}"
 
 
-def _raise_first_bad_across_ranks(losses, checked, device):
-    """The same FloatingPointError on every rank: the first bad step of any rank."""
+def _first_bad_across_ranks(losses, checked, device, unit):
+    """The same answer on every rank: the first bad step of any rank."""
     dist = torch.distributed
     rank, world = _world()
     bad = (~torch.isfinite(losses)).nonzero()
@@ -1715,7 +1827,7 @@ def _raise_first_bad_across_ranks(losses, checked, device):
     mine = losses[j].double().reshape(1) if owner == rank else torch.zeros(
         1, dtype=torch.float64, device=device)
     dist.all_reduce(mine)
-    raise FloatingPointError(f"loss is {mine.item()} at step {step + 1} on rank {owner}")
+    return f"loss is {mine.item()} at {unit} {step + 1} on rank {owner}"
 
 
 class _Ticker:
@@ -1837,12 +1949,13 @@ def _evaluate_pass(model, source, loss_fn, stats, cast=contextlib.nullcontext):
     """One pass over ``source`` in eval mode without grad (forward and loss under
     ``cast()``, autocast or nothing); its sums in a _Meter, unread."""
     meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded)
+    meter.evaluating = True
     zero = torch.zeros((), device=source.device)
     with _eval_mode(model):
         for xb, yb in source.epoch():
             with cast():
                 out = model(xb)
-                loss = loss_fn(out, yb) if loss_fn is not None else zero
+                loss = _scalar(loss_fn(out, yb)) if loss_fn is not None else zero
             meter.add(loss, _full(out), yb, _batch_rows(yb))
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
@@ -1990,7 +2103,9 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
     """
     device = _check_model(model, device)
     _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    _check_optimizer_params(model, optimizer, loss_fn)
     _check_precision(precision, accumulate, device)
+    _check_shuffle(shuffle)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, got {type(progress).__name__}")
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
@@ -2009,16 +2124,29 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
 
 
 @contextlib.contextmanager
-def _nan_stops_training(epoch, printer):
-    """A FloatingPointError (a non-finite loss) stops training with a message naming the epoch."""
+def _nan_stops_training(epoch, printer, model, store):
+    """A FloatingPointError (a non-finite loss) stops training with a message naming the
+    epoch, what is kept, and whether it came from a validation batch (with finite
+    weights, then, the validation data is the suspect)."""
+    def kept():
+        return (f"last.pt holds {store.holds}" if store.holds else "nothing was saved"
+                if store.dir else "nothing is saved without checkpoint=")
     try:
         yield
+    except _EvaluationLossError as e:
+        printer.close()
+        bad = _nonfinite_weights(model)
+        why = (f"The weights hold NaN or inf ({', '.join(bad[:3])}): a gradient of the last "
+               "steps was not finite although their losses were" if bad else
+               "Every training loss was finite and every weight is: look for NaN/inf in "
+               "the validation data, or inputs the model overflows on")
+        raise FloatingPointError(f"epoch {epoch}: validation {e}; training stopped ({kept()}). "
+                                 f"{why}") from None
     except FloatingPointError as e:
         printer.close()
         raise FloatingPointError(
-            f"epoch {epoch}: {e}; training stopped, and best.pt/last.pt keep the last good "
-            "state. Lower the learning rate, clip gradients (clip_grad_norm=1.0) or look for "
-            "NaN/inf in the data") from None
+            f"epoch {epoch}: {e}; training stopped ({kept()}). Lower the learning rate, clip "
+            "gradients (clip_grad_norm=1.0) or look for NaN/inf in the data") from None
 
 
 def _interrupted(stop, epoch, record, store, printer):
@@ -2071,7 +2199,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                       clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
                       on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
                       save_every=save_every, drop_last=drop_last, precision=precision,
-                      accumulate=accumulate)
+                      accumulate=accumulate, shuffle=shuffle, seed=seed)
     device, rank, world = plan.device, plan.rank, plan.world
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
@@ -2104,7 +2232,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             ticker = None if look_seconds is None else _Ticker(
                 look_seconds, plan.train.steps, _Look(printer, store, record, start, save_every),
                 at_once=printer.live)
-            with _nan_stops_training(epoch, printer):
+            with _nan_stops_training(epoch, printer, model, store):
                 _train_loop(model, batches, loss_fn, stepper, meter, ticker)
                 # Evaluate: training and validation values, in one host read.
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
@@ -2159,6 +2287,7 @@ def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps
     """
     device = _check_model(model, device)
     _check_training_parts(loss_fn, optimizer, None, "epoch", None)
+    _check_optimizer_params(model, optimizer, loss_fn)
     _check_precision(precision, 1, device)
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

@@ -212,8 +212,9 @@ class SnapshotTest(Quiet):
         ref = mlp(dropout=0.3)
         h_ref = self.run_fit(ref, self.tmpdir())
         d = self.tmpdir()
-        # 40 training batches and 1 validation batch an epoch: the 25th step of epoch 3
-        model = interrupting(mlp(dropout=0.3), at_call=41 * 2 + 25)
+        # 1 validation batch checked before training, then 40 training batches and 1
+        # validation batch an epoch: the 25th step of epoch 3
+        model = interrupting(mlp(dropout=0.3), at_call=1 + 41 * 2 + 25)
         with mock.patch.object(loops, "_TICK_SECONDS", 0.0):  # a snapshot at every tick
             h = until_interrupted(lambda: self.run_fit(model, d, save_every=0))
         self.assertEqual(len(h["loss"]), 2)
@@ -700,6 +701,81 @@ class FailFastTest(Quiet):
         model = Untouchable().to("meta")
         self.check(ValueError, "parameters are on meta but device='cpu'", model=model,
                    device="cpu")
+
+    def test_arguments_that_used_to_get_through(self):
+        other = torch.nn.Linear(8, 1)
+        self.check(ValueError, "none of them the model's.*made for another model",
+                   optimizer=torch.optim.SGD(other.parameters(), 0.1))
+        self.check(ValueError, "min_delta must be a finite number >= 0, got nan",
+                   min_delta=float("nan"))
+        self.check(ValueError, "save_every must be a number of seconds >= 0 or None, got True",
+                   save_every=True)
+        self.check(TypeError, "shuffle must be True or False, got 'no'", shuffle="no")
+        for seed in ("abc", 1.5, True, 2**70, -1):
+            self.check(ValueError, rf"seed must be None or an int .*got {seed!r}", seed=seed)
+
+    def test_a_scheduler_last_pt_could_not_hold_is_refused_before_training(self):
+        class Warmup(torch.optim.lr_scheduler.LambdaLR):  # keeps a function among its state
+            def __init__(self, opt):
+                self.rule = lambda e: min(1.0, (e + 1) / 5)
+                super().__init__(opt, self.rule)
+        model = Untouchable()
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        self.check(TypeError, r"scheduler's state_dict\(\)\['rule'\] is a function.*"
+                              "could not be resumed", model=model, optimizer=opt,
+                   scheduler=Warmup(opt))
+        X, y = binary_data()  # without a checkpoint there is nothing to hold it: it trains
+        self.fit(model, (X, y), torch.nn.BCELoss(), opt, epochs=1, scheduler=Warmup(opt))
+
+    def test_a_loss_fn_returning_a_number_is_named_at_the_first_step(self):
+        X, y = binary_data()
+        model = mlp()
+        with self.assertRaisesRegex(TypeError, "loss_fn returned a float; expected a scalar "
+                                               "tensor"):
+            self.fit(model, (X, y), lambda out, yb: 0.5, torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=1)
+
+    def test_dict_batches_are_named_not_unpacked_to_their_keys(self):
+        X, y = binary_data()
+
+        class Rows(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(X)
+
+            def __getitem__(self, i):
+                return {"x": X[i], "y": y[i]}
+        model = Untouchable()
+        with self.assertRaisesRegex(TypeError, r"train: a batch is a dict with keys \['x', 'y'\]; "
+                                               r"expected an \(inputs, targets\) pair"):
+            self.fit(model, torch.utils.data.DataLoader(Rows(), batch_size=8), torch.nn.BCELoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=1)
+        self.assertEqual(model.calls, 0)  # the model never saw the string "x"
+
+    def test_validation_of_the_wrong_shape_fails_before_training(self):
+        X, y = binary_data()
+        model = Untouchable()
+        d = os.path.join(self.tmpdir(), "run")
+        with self.assertRaisesRegex(RuntimeError, "val: the first validation batch.*before "
+                                                  "training.*failed"):
+            self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=2, val=(X[:, :5], y), checkpoint=d)
+        self.assertEqual(model.calls, 1)  # that one batch, and no training step
+        self.assertFalse(os.path.exists(d))
+
+    def test_a_nan_in_validation_data_is_named_as_validation(self):
+        X, y = binary_data()
+        Xv = X.clone()
+        Xv[40] = float("nan")
+        model = mlp()
+        with self.assertRaises(FloatingPointError) as err:
+            self.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=2, val=(Xv, y), val_batch_size=16)
+        msg = str(err.exception)
+        self.assertRegex(msg, r"^epoch 1: validation loss is nan at batch 3;")
+        self.assertIn("Every training loss was finite and every weight is", msg)
+        self.assertIn("nothing is saved without checkpoint=", msg)
+        self.assertIn("validation data", msg)
+        self.assertNotIn("learning rate", msg)
 
     def test_non_scalar_loss_is_named_at_the_first_step(self):
         X, y = binary_data()
