@@ -58,8 +58,12 @@ import itertools
 import math
 import os
 import random
+import re
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -1030,11 +1034,21 @@ class _Store:
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
         self.rank, self.world, self.writer = rank, world, rank == 0
         self.dir = None if directory is None else _prepare_dir(directory)
+        # one run at a time in a directory; rank 0, the writer, holds the lock
+        self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
+        if self.lock is not None:
+            _remove_own_temps(self.dir)  # only now: another run's would be in flight
         self.last_path = self.best_path = self.csv_path = None
         if self.dir is not None:
             self.last_path, self.best_path, self.csv_path = (
                 os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
         self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
+
+    def release(self):
+        """Let another run use the directory (fit's end, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _refuse_nonfinite(self, where):
         """FloatingPointError, before anything is written, if a weight is NaN or inf: a
@@ -1055,12 +1069,13 @@ class _Store:
         if self.dir is None:
             return
         self._refuse_nonfinite(f"epoch {record.epoch}: ")
-        if improved and self.writer:
-            save_checkpoint(self.best_path, self.model, format=self.FORMAT, epoch=record.epoch,
-                            monitor=record.monitor, value=record.best)
-        self.save_last(record)
-        if self.writer:
-            _write_csv(self.csv_path, record.history)
+        with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
+            if improved and self.writer:
+                save_checkpoint(self.best_path, self.model, format=self.FORMAT,
+                                epoch=record.epoch, monitor=record.monitor, value=record.best)
+            self.save_last(record)
+            if self.writer:
+                _write_csv(self.csv_path, record.history)
 
     def save_last(self, record, start=None, step=0, meter=None):
         """last.pt at the end of an epoch or, given the epoch's start, its meter and the
@@ -1071,16 +1086,17 @@ class _Store:
             self._refuse_nonfinite("")  # fit names the epoch
         rng = _rng_state(self.gen)
         ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
-        if self.writer:
-            save_checkpoint(
-                self.last_path, self.model, self.optimizer, format=self.FORMAT,
-                monitor=record.monitor, **record.state(),
-                scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
-                scaler=None if self.scaler is None else self.scaler.state_dict(),
-                rng=rng, rng_ranks=ranks, step=step,
-                meter=None if meter is None else meter.state_dict(),
-                **({} if start is None else start.state()))
-        self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
+        with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
+            if self.writer:
+                save_checkpoint(
+                    self.last_path, self.model, self.optimizer, format=self.FORMAT,
+                    monitor=record.monitor, **record.state(),
+                    scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                    scaler=None if self.scaler is None else self.scaler.state_dict(),
+                    rng=rng, rng_ranks=ranks, step=step,
+                    meter=None if meter is None else meter.state_dict(),
+                    **({} if start is None else start.state()))
+            self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
 
     def resume(self, record, epochs):
         """Continue from last.pt if it exists: check all of it first, then load the model,
@@ -1192,7 +1208,36 @@ def _unwrap(model):
 
 
 def _atomic_write(path, write):
-    """Write ``path`` through a temp file beside it and os.replace: a crash leaves the old file."""
+    """Write ``path`` through a temp file beside it and os.replace: a crash leaves the old
+    file. A Ctrl-C during the write waits for it to end (see _ctrl_c_after)."""
+    with _ctrl_c_after():
+        _write_replace(path, write)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) back until the block ends, then raise its KeyboardInterrupt.
+
+    torch's zip writer turns a KeyboardInterrupt raised inside it into a RuntimeError
+    ("unexpected pos"), so a Ctrl-C landing in a write would end fit with the wrong
+    error; a write takes a moment, and the file is then complete. Only in the main
+    thread, and only while Python's own handler is installed (a program's own
+    SIGINT handler is left alone)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _write_replace(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _new_temp(os.path.join(folder, os.path.basename(path)))
     try:
@@ -1374,11 +1419,85 @@ def _prepare_dir(path):
     except OSError as e:
         raise ValueError(f"checkpoint directory {path!r} cannot be written: {e.strerror or e}; "
                          "expected a writable directory path") from None
-    for name in os.listdir(path):  # temp files left by a run killed while writing
-        if name.endswith(".tmp") and name.split(".")[0] in ("best", "last", "history"):
+    return path
+
+
+# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
+_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
+
+
+def _remove_own_temps(path):
+    """Remove the temp files a run killed while writing left behind (``last.pt.<12 hex>.tmp``),
+    and only those: a user's ``best.weights.tmp`` stays."""
+    for name in os.listdir(path):
+        if _OWN_TEMP.fullmatch(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(path, name))
-    return path
+
+
+class _DirLock:
+    """One run per checkpoint directory: an exclusive lock on ``DIR/.lock``, held while
+    fit runs, so that a second fit on the directory gets a ValueError instead of
+    deleting the first's temp files or adopting its half-finished run.
+
+    The lock is the operating system's (flock; msvcrt on Windows): it goes with the
+    process however the process ends, so a run killed with -9 never leaves the
+    directory locked (a stale ``.lock`` file is just a file). The file names the
+    holder, for the error message, and is removed at release. On file systems
+    without locks (some network mounts) the lock is not taken and nothing is said.
+    """
+    NAME = ".lock"
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, self.NAME)
+        while True:
+            f = open(self.path, "a+")
+            if not _try_lock(f):
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise ValueError(
+                    f"checkpoint directory {directory!r} is in use by another run ({holder}, "
+                    f"holding {self.path}); one directory holds one run at a time: wait for "
+                    "it to end, or choose another directory")
+            try:  # locked: but is it still the file at that name (not one just removed)?
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+            except OSError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.file = f
+
+    def release(self):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # still locked here: no other run can have it open and locked
+        self.file.close()  # closing drops the lock
+
+
+def _try_lock(f):
+    """Take an exclusive lock on open file ``f`` without waiting; False if another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # no locks on this file system: go on unlocked
+        return True
 
 
 def _write_csv(path, history):
@@ -2172,6 +2291,18 @@ def _hook_stops(on_epoch_end, epoch, logs, world):
     return stop if world == 1 else _agree(stop)
 
 
+def _hook_again(on_epoch_end, record, store, world):
+    """On resuming from the end of epoch N with epochs still to train: call the hook of
+    epoch N again (the run may have been killed inside it, and last.pt, written before
+    the hook runs, cannot tell), and stop there if it asks to. A hook that had returned
+    True was saved as the run's stop, so this never undoes a stop."""
+    logs = {k: v[-1] for k, v in record.history.items()}
+    logs["epoch"] = int(logs["epoch"])
+    if _hook_stops(on_epoch_end, record.epoch, logs, world):
+        record.stopped = "on_epoch_end"
+        store.save_last(record)
+
+
 def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
         metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
@@ -2184,6 +2315,10 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
 
     ``drop_last=True`` skips the short last batch of (X, y) training tensors, as a
     loop over ``len(X) // batch_size`` batches does (validation keeps every row).
+
+    ``on_epoch_end(epoch, logs)`` runs after the epoch's files are written; True stops
+    training. It runs at least once per epoch: resuming from the end of epoch N calls
+    the hook of epoch N again first (the run may have died inside it).
 
     ``save_every=s`` also refreshes ``last.pt`` at a batch boundary every s seconds
     during an epoch, so a kill loses at most s seconds of work. Tensor validation
@@ -2211,13 +2346,16 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best)
     store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world,
-                   scaler=stepper.scaler)
-    snapshot = store.resume(record, epochs) if resume else None
+                   scaler=stepper.scaler)  # holds the directory's lock until fit returns
     printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
 
-    epoch = record.epoch + 1
+    epoch = 1
     try:
+        snapshot = store.resume(record, epochs) if resume else None
+        epoch = record.epoch + 1
+        if snapshot is None and record.epoch and record.epochs_to_run(epochs):
+            _hook_again(on_epoch_end, record, store, world)  # it may not have returned
         if not record.epochs_to_run(epochs):
             printer.line(f"nothing to do: {record.epoch} epochs done"
                          + (" (training had stopped early)" if record.stopped else ""))
@@ -2255,6 +2393,8 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         # Nothing is written here: the weights are from the middle of an unsaved
         # stretch, and last.pt already holds the last consistent point.
         return _interrupted(stop, epoch, record, store, printer)
+    finally:
+        store.release()
     if restore_best:
         record.restore_best(model, store.best_path)
     return record.history

@@ -4,6 +4,7 @@ import errno
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +22,23 @@ from test_loops import DEVICE, HERE, Quiet, binary_data, mlp, regression_data, s
 # shuffling (the batch generator), Adam's moments, a StepLR schedule, and
 # mid-epoch snapshots at every progress tick (save_every=0).
 CHILD = r"""
-import os, sys, time, torch, loops
+import io, os, sys, time, torch, loops
 run, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "sigint-write":  # slow the bytes torch.save writes, so that a Ctrl-C lands inside
+    class SlowFile(io.FileIO):
+        def write(self, b):
+            print("writing", flush=True)
+            time.sleep(0.003)
+            return super().write(b)
+    os.fdopen = lambda fd, *a, **k: SlowFile(fd, "wb")
+hook = None
+if mode == "hook":  # the hook of epoch 3 asks to stop; the first time, it is killed inside
+    def hook(epoch, logs):
+        print("hook", epoch, flush=True)
+        if epoch == 3 and not os.path.exists(out + ".hooked"):
+            open(out + ".hooked", "w").close()
+            time.sleep(60)
+        return epoch == 3
 if mode == "slow-write":  # widen the window between writing a temp file and renaming it
     real_replace = os.replace
     def slow_replace(src, dst):
@@ -51,7 +67,8 @@ sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
 print("started", flush=True)
 h = loops.fit(model, (X[:240], y[:240]), torch.nn.MSELoss(), opt, epochs=6,
               val=(X[240:], y[240:]), batch_size=8, metrics={"mae": "mae", "max": "max_error"},
-              checkpoint=run, resume=True, save_every=0, scheduler=sched, seed=1, verbose=0,
+              checkpoint=run, resume=True, save_every=0, scheduler=sched, seed=1,
+              verbose=2 if mode == "sigint-write" else 0, on_epoch_end=hook,
               precision="fp16" if mode == "fp16" else None, accumulate=3 if mode == "fp16" else 1)
 torch.save({"model": model.state_dict(), "history": h}, out)
 print("done", flush=True)
@@ -75,13 +92,30 @@ def without_time(h):
     return {k: v for k, v in h.items() if k != "time"}
 
 
+_REFERENCE = {}
+
+
+def reference_run(test):
+    """CHILD's result when never interrupted (run once, kept for the tests that need it)."""
+    if "plain" not in _REFERENCE:
+        ref_dir, ref_out = test.tmpdir(), os.path.join(test.tmpdir(), "ref.pt")
+        p = child(ref_dir, ref_out)
+        test.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+        p.stdout.close(), p.stderr.close()
+        _REFERENCE["plain"] = torch.load(ref_out, weights_only=True)
+    return _REFERENCE["plain"]
+
+
+def assert_same_run(test, got, ref, what=""):
+    """CHILD's saved results equal bit for bit (the history but its time column, the weights)."""
+    test.assertEqual(without_time(got["history"]), without_time(ref["history"]), what)
+    for k, v in ref["model"].items():
+        test.assertTrue(torch.equal(v, got["model"][k]), f"{what}: {k} differs")
+
+
 class KillTest(Quiet):
     def test_kill_9_anywhere_then_resume_is_bit_identical(self):
-        ref_dir, ref_out = self.tmpdir(), os.path.join(self.tmpdir(), "ref.pt")
-        p = child(ref_dir, ref_out)
-        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
-        p.stdout.close(), p.stderr.close()
-        ref = torch.load(ref_out, weights_only=True)
+        ref = reference_run(self)
 
         rng = random.Random(1234)
         killed_at = []
@@ -105,13 +139,109 @@ class KillTest(Quiet):
             p = child(run, out)
             self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
             p.stdout.close(), p.stderr.close()
-            got = torch.load(out, weights_only=True)
-            self.assertEqual(without_time(got["history"]), without_time(ref["history"]), trial)
-            for k, v in ref["model"].items():
-                self.assertTrue(torch.equal(v, got["model"][k]), f"{trial}: {k} differs")
+            assert_same_run(self, torch.load(out, weights_only=True), ref, trial)
             self.assertEqual([f for f in os.listdir(run) if f.endswith(".tmp")], [])
         # the kills did land inside epochs, so mid-epoch snapshots were resumed from
         self.assertTrue(any(step > 0 for _, _, step in killed_at), killed_at)
+
+
+class CtrlCDuringWriteTest(Quiet):
+    def test_ctrl_c_inside_a_checkpoint_write_ends_as_any_ctrl_c(self):
+        # torch's zip writer turned a KeyboardInterrupt raised inside it into RuntimeError
+        ref = reference_run(self)
+        run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
+        for skip in (15, 60):  # two moments inside writes; the second in the resumed run
+            p = child(run, out, "sigint-write")
+            self.assertTrue(wait_for(p, "started"))
+            for _ in range(skip):
+                self.assertTrue(wait_for(p, "writing"))
+            p.send_signal(signal.SIGINT)
+            said, err = p.communicate(timeout=60)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("KeyboardInterrupt", err)
+            self.assertNotIn("RuntimeError", err)
+            holds = re.search(r"interrupted during epoch \d+: stopping after \d+ completed "
+                              r"epochs; last.pt holds epoch (\d+)(?: \+ (\d+) steps)?", said)
+            self.assertIsNotNone(holds, said)
+            ck = loops.load_checkpoint(os.path.join(run, "last.pt"))
+            self.assertEqual((ck["epoch"], ck["step"]), (int(holds[1]), int(holds[2] or 0)))
+        p = child(run, out)
+        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+        p.stdout.close(), p.stderr.close()
+        assert_same_run(self, torch.load(out, weights_only=True), ref)
+
+
+class HookKillTest(Quiet):
+    def test_a_stop_asked_by_a_hook_killed_inside_it_is_kept(self):
+        ref = reference_run(self)
+        run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
+        p = child(run, out, "hook")
+        self.assertTrue(wait_for(p, "hook 3"))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        p.stdout.close(), p.stderr.close()
+        p = child(run, out, "hook")
+        said, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(said.split(), ["started", "hook", "3", "done"])  # again, then stop
+        got = torch.load(out, weights_only=True)["history"]
+        self.assertEqual(without_time(got), {k: v[:3] for k, v in without_time(
+            ref["history"]).items()})
+
+
+class ChildNet(torch.nn.Module):
+    """CHILD's model, without its sleep."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.2), torch.nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class OneRunPerDirectoryTest(Quiet):
+    def test_a_second_fit_on_a_directory_in_use_is_refused_and_a_kill_frees_it(self):
+        ref = reference_run(self)
+        run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
+        p = child(run, out)
+        self.addCleanup(p.kill)
+        self.assertTrue(wait_for(p, "started"))
+        while not os.path.exists(os.path.join(run, "last.pt")):
+            time.sleep(0.01)
+        X, y = torch.randn(64, 6), torch.randn(64, 1)
+        model = ChildNet()  # the child's setup, so that nothing else would refuse it
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        with self.assertRaisesRegex(ValueError, rf"{re.escape(run)}.* is in use by another "
+                                                rf"run \(pid {p.pid} on "):  # not adopted
+            self.fit(model, (X, y), torch.nn.MSELoss(), opt, epochs=6, val=(X, y),
+                     metrics={"mae": "mae", "max": "max_error"}, checkpoint=run, resume=True,
+                     scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7))
+        self.assertTrue(os.path.exists(os.path.join(run, ".lock")))
+        p.send_signal(signal.SIGKILL)  # the kernel drops the lock with the process
+        p.wait(timeout=60)
+        p.stdout.close(), p.stderr.close()
+        p = child(run, out)
+        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+        p.stdout.close(), p.stderr.close()
+        assert_same_run(self, torch.load(out, weights_only=True), ref)
+        self.assertEqual(sorted(os.listdir(run)), ["best.pt", "history.csv", "last.pt"])
+
+    def test_the_clean_up_removes_only_the_temp_files_fit_makes(self):
+        d = self.tmpdir()
+        own = ["last.pt.0123456789ab.tmp", "best.pt.a1b2c3d4e5f6.tmp",
+               "history.csv.00ff00ff00ff.tmp"]
+        users = ["best.weights.tmp", "history.notes.tmp", "last.pt.mine.tmp", "last.tmp"]
+        for name in own + users:
+            with open(os.path.join(d, name), "w") as f:
+                f.write("keep me")
+        X, y = binary_data(40)
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                 epochs=1, checkpoint=d)
+        self.assertEqual(sorted(os.listdir(d)), sorted(["best.pt", "history.csv", "last.pt",
+                                                        *users]))
 
 
 class MixedPrecisionKillTest(Quiet):
