@@ -1378,9 +1378,20 @@ class FrontDoorTest(unittest.TestCase):
                 if script.endswith(".py") and not script.startswith("_"):
                     self.assertIn(f"== examples/{script} --quick --epochs 1", p.stdout)
             self.assertIn("== all examples passed", p.stdout)
-            # a failing example is reported, the others still run, and the exit code says so
-            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--no-such-flag"],
-                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                               timeout=300)
-            self.assertNotEqual(p.returncode, 0)
-            self.assertIn("example(s) failed", p.stdout)
+            # a failing example is reported, the others still run, and the exit code says
+            # so: a stand-in python (the real one for run_all's own check) fails linear.py
+            fake = os.path.join(d, "python")
+            with open(fake, "w") as f:
+                f.write('#!/bin/sh\ncase "$1" in\n  -c) exec "%s" "$@" ;;\n'
+                        '  *linear.py) exit 3 ;;\n  *) echo "ran $1" ;;\nesac\n'
+                        % sys.executable)
+            os.chmod(fake, 0o755)
+            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")],
+                               env={**os.environ, "PYTHON": fake}, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=60)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("!! examples/linear.py failed", p.stdout)
+            self.assertIn("== 1 example(s) failed: examples/linear.py", p.stdout)
+            for script in sorted(os.listdir(os.path.join(HERE, "examples"))):
+                if script.endswith(".py") and not script.startswith("_") and script != "linear.py":
+                    self.assertIn(f"ran examples/{script}", p.stdout)

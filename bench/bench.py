@@ -1,6 +1,6 @@
 """Speed benchmark: loops.fit against the hand-written tutorial loop, in one process.
 
-    python bench/bench.py [--quick] [--device cuda] [--rounds N] [--out results.json]
+    python bench/bench.py [--quick] [--device cuda] [--rounds N] [--only pima] [--out F]
     python bench/bench.py --instructions     (needs valgrind: counts instead of timing)
 
 For each workload it times, interleaved (A B C A B C ...) after a warm-up and
@@ -291,7 +291,7 @@ def overhead(device, quick):
     out = {}
     for name, (wl, train, test, count, repeats) in cases.items():
         diffs = []
-        for r in range(5 if quick else repeats):
+        for r in range(3 if quick else repeats):
             times = {}
             for who, fn in (("hand", hand_loop), ("fit", fit_call(0))):
                 gc.collect()
@@ -443,6 +443,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer epochs and rounds (< 1 minute)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--only", default="", metavar="TEXT",
+                   help="time only the workloads whose name holds TEXT (e.g. pima)")
     p.add_argument("--out", default=None, help="where the JSON goes (default: bench/"
                    "results.json, or bench/instructions.json with --instructions)")
     p.add_argument("--instructions", action="store_true",
@@ -479,7 +481,11 @@ def main():
     header = f"{'workload':<56}" + "".join(f"{n:>12}" for n in names) + f"{'hand s':>9}"
     print(header)
     print("-" * len(header))
-    for wname, w in workloads(args.quick).items():
+    chosen = {k: w for k, w in workloads(args.quick).items() if args.only in k}
+    if not chosen:
+        p.error(f"--only {args.only!r} names no workload; they are: "
+                + ", ".join(workloads(args.quick)))
+    for wname, w in chosen.items():
         ratios, spread, seconds = compare(w, contenders, rounds, device)
         results["workloads"][wname] = {"epochs": w["epochs"], "ratios": ratios,
                                        "middle_half": spread, "seconds": seconds}
@@ -492,8 +498,7 @@ def main():
     print(f"\nthe same technique written by hand is the unit ({rounds} rounds):")
     results["techniques"] = {}
     for tname, contenders in TECHNIQUES.items():
-        chosen = list(workloads(args.quick).items())[:1 if args.quick else None]  # quick: pima
-        for wname, w in chosen:
+        for wname, w in list(chosen.items())[:1 if args.quick else None]:  # quick: the first
             ratios, spread, seconds = compare(w, contenders, rounds, device)
             results["techniques"].setdefault(tname, {})[wname] = {
                 "ratios": ratios, "middle_half": spread, "seconds": seconds}
@@ -502,7 +507,7 @@ def main():
     if device.type == "cuda":
         print("\nfit in bf16 against fit in fp32, the same workloads (time ratio):")
         results["bf16_vs_fp32"] = {}
-        for wname, w in workloads(args.quick).items():
+        for wname, w in chosen.items():
             ratios, _, seconds = compare(w, {"hand": fit_call(0), "bf16": fit_call(
                 0, precision="bf16")}, rounds, device)
             results["bf16_vs_fp32"][wname] = {"ratio": ratios["bf16"], "seconds": seconds}
@@ -525,7 +530,7 @@ def main():
           + (f"; CUDA {mem['cuda_epoch_2_mb']:.1f} -> {mem['cuda_last_mb']:.1f} MB"
              if device.type == "cuda" else ""))
     plot_ms = plot_speed()
-    n = 2 if args.quick else 5
+    n = 1 if args.quick else 5
     imports = {"plots_ascii": import_ms("plots_ascii", runs=n),
                "loops (torch already imported)": import_ms("loops", after="torch", runs=n),
                "torch": import_ms("torch", runs=n)}
