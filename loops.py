@@ -65,6 +65,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -151,6 +152,7 @@ class _TensorSource:
         self.X, self.y = X.to(device), y.to(device)  # a no-op when already there
         self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
         self.sharded, self.drop_last = sharded, drop_last
+        self.generators = []  # the order is drawn from fit's own generator
         step = world * batch_size
         short = 0 if drop_last else (1 if len(self.X) % step // world else 0)
         self.steps = len(self.X) // step + short
@@ -171,6 +173,7 @@ class _LoaderSource:
 
     def __init__(self, loader, *, device, sharded=False, what="data"):
         self.loader, self.device, self.sharded, self.what = loader, device, sharded, what
+        self.generators = _loader_generators(loader)
         try:
             self.steps = len(loader)
         except TypeError:
@@ -186,6 +189,18 @@ class _LoaderSource:
         for _ in range(start):
             next(it)
         return _pairs(it, self.device, self.what)
+
+
+def _loader_generators(loader):
+    """The torch.Generators a DataLoader draws from (its own, its sampler's, its batch
+    sampler's sampler's), once each: their states are part of a run, as the global one."""
+    found = []
+    for owner in (loader, getattr(loader, "sampler", None),
+                  getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
 
 
 def _pairs(batches, device, what):
@@ -240,7 +255,8 @@ def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_ro
     if not hasattr(data, "__iter__"):
         raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
                         f"(a list, a DataLoader), got {type(data).__name__}")
-    if reused and iter(data) is data:
+    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
+        # start a DataLoader's workers and draw its seed from the random state)
         raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
                         "be empty after the first epoch; pass a list or a DataLoader instead")
     source = _LoaderSource(data, device=device, what=what)
@@ -599,6 +615,7 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val
                    on_epoch_end=on_epoch_end, save_every=save_every)
     _Store.check(checkpoint, resume=resume, save_every=save_every)
     _check_savable_scheduler(scheduler, checkpoint)
+    _warn_unsaved_workers(train, checkpoint)
     if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             and scheduler_interval == "step"):
         raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
@@ -697,6 +714,20 @@ def _check_savable_scheduler(scheduler, checkpoint):
                         "of the scheduler's attributes, or train without checkpoint=") from None
 
 
+def _warn_unsaved_workers(train, checkpoint):
+    """A RuntimeWarning when a resume could not be exact: persistent DataLoader workers
+    keep random state (augmentations) across epochs in their own processes, where no
+    checkpoint can reach it."""
+    if (checkpoint is not None and getattr(train, "persistent_workers", False)
+            and getattr(train, "num_workers", 0) > 0):
+        warnings.warn("the training DataLoader has persistent_workers=True: its workers' "
+                      "random state lives in their processes and cannot go into last.pt, so "
+                      "a resumed run draws other augmentations than the first run would have. "
+                      "For an exact resume, use persistent_workers=False (the workers' seeds "
+                      "are then drawn each epoch from state that is saved)",
+                      RuntimeWarning, stacklevel=4)
+
+
 def _check_val_batch(model, val, loss_fn, stats, cast):
     """Run the first batch of validation tensors through the model, the loss and the
     metrics before training, so that data of the wrong shape fails now rather than
@@ -769,17 +800,21 @@ def _check_int(name, value, low):
 
 # --- setup: seeds and the optimizer's side of a step -------------------------------
 
-def _shuffle_generator(seed, device, rank=0, world=1):
+def _shuffle_generator(seed, device, rank=0, world=1, drawn=True):
     """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too.
 
     Every rank draws the same permutations (one generator seed) and its own dropout
     masks (torch's global RNG seeded with seed + rank). Without a seed the generator
     follows torch.manual_seed, so seeding torch makes the shuffles repeatable too.
+    When no order is ``drawn`` from it (a DataLoader draws its own), it takes nothing
+    from torch's random state, so a DataLoader's shuffles are those of a plain loop.
     """
     gen = torch.Generator()
     if seed is not None:
         _seed_all(seed + rank)
         return gen.manual_seed(seed)
+    if not drawn:
+        return gen
     draw = torch.randint(0, 2**62, (1,)).to(device)
     if world > 1:
         torch.distributed.broadcast(draw, src=0)
@@ -1029,8 +1064,9 @@ class _Store:
                              "to continue it, or choose another directory (nothing is overwritten)")
 
     def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1,
-                 scaler=None):
+                 scaler=None, loaders=()):
         self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
+        self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
         self.rank, self.world, self.writer = rank, world, rank == 0
         self.dir = None if directory is None else _prepare_dir(directory)
@@ -1084,7 +1120,7 @@ class _Store:
             return
         if start is not None:  # at the epoch's end, save_epoch has looked already
             self._refuse_nonfinite("")  # fit names the epoch
-        rng = _rng_state(self.gen)
+        rng = _rng_state(self.gen, self.loaders)
         ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
         with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
             if self.writer:
@@ -1116,7 +1152,7 @@ class _Store:
             _write_csv(self.csv_path, record.history)
         ranks = ck.get("rng_ranks")
         _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
-                       self.gen)
+                       self.gen, self.loaders)
         self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
         return ck if ck["step"] else None
 
@@ -1377,8 +1413,9 @@ def _check_optimizer_fits(optimizer, ckpt, path):
                          f"this one has {[len(g['params']) for g in optimizer.param_groups]}")
 
 
-def _rng_state(generator):
-    """Every random state training draws on, as tensors and plain values (weights_only-safe)."""
+def _rng_state(generator, loaders=()):
+    """Every random state training draws on, as tensors and plain values (weights_only-safe):
+    the global ones, fit's shuffling ``generator`` and the ``loaders``' generators."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -1388,10 +1425,12 @@ def _rng_state(generator):
         state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     if generator is not None:
         state["batches"] = generator.get_state()
+    if loaders:
+        state["loaders"] = [g.get_state() for g in loaders]
     return state
 
 
-def _set_rng_state(state, generator):
+def _set_rng_state(state, generator, loaders=()):
     torch.set_rng_state(state["torch"])
     random.setstate(_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -1402,6 +1441,8 @@ def _set_rng_state(state, generator):
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if generator is not None and "batches" in state:
         generator.set_state(state["batches"])
+    for g, saved in zip(loaders, state.get("loaders", ())):
+        g.set_state(saved)
 
 
 def _tuples(x):
@@ -1662,13 +1703,14 @@ def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snaps
     batches come again. The meter's sums come back beside them (no randomness in them).
     """
     if snapshot is None:
-        start = _EpochStart(epoch, stepper.lr(), _rng_state(gen) if keep_rng else None)
+        start = _EpochStart(epoch, stepper.lr(),
+                            _rng_state(gen, source.generators) if keep_rng else None)
         return start, source.epoch(gen, shuffle, 0, epoch)
     start = _EpochStart.resumed(epoch, snapshot)
-    _set_rng_state(start.rng, gen)                                # 1
+    _set_rng_state(start.rng, gen, source.generators)             # 1
     batches = source.epoch(gen, shuffle, snapshot["step"], epoch)  # 2
     meter.load_state_dict(snapshot["meter"], snapshot["step"])
-    _set_rng_state(snapshot["rng"], gen)                          # 3
+    _set_rng_state(snapshot["rng"], gen, source.generators)       # 3
     return start, batches
 
 
@@ -2339,14 +2381,15 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
     # the run's record, the checkpoint directory (and last.pt to continue from), printing.
-    gen = _shuffle_generator(seed, device, rank, world)
+    gen = _shuffle_generator(seed, device, rank, world,
+                             drawn=shuffle and isinstance(plan.train, _TensorSource))
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
                        clip_grad_norm=clip_grad_norm, precision=precision,
                        accumulate=accumulate, device=device, loss_fn=loss_fn)
     record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best)
     store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world,
-                   scaler=stepper.scaler)  # holds the directory's lock until fit returns
+                   scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
     printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
 
@@ -2438,7 +2481,7 @@ def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps
     _check_int("steps", steps, 2)
     source = _source(train, what="train", batch_size=batch_size, device=device, reused=True)
     stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn)
-    kept = _Kept(model, optimizer)
+    kept = _Kept(model, optimizer, source.generators)
     try:
         return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
     finally:
@@ -2498,14 +2541,14 @@ class _Kept:
     """What lr_find changes, kept to be put back: the model's weights, buffers, gradients
     and modes, the optimizer's state and rates, every random state."""
 
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, optimizer, loaders=()):
+        self.model, self.optimizer, self.loaders = model, optimizer, loaders
         self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.grads = [None if p.grad is None else p.grad.detach().clone()
                       for p in model.parameters()]
         self.modes = [m.training for m in model.modules()]
         self.optimizer_state = copy.deepcopy(optimizer.state_dict())
-        self.rng = _rng_state(None)
+        self.rng = _rng_state(None, loaders)
 
     def restore(self):
         self.model.load_state_dict(self.weights)
@@ -2514,4 +2557,4 @@ class _Kept:
         for m, training in zip(self.model.modules(), self.modes):
             m.training = training
         self.optimizer.load_state_dict(self.optimizer_state)
-        _set_rng_state(self.rng, None)
+        _set_rng_state(self.rng, None, self.loaders)

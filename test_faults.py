@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import unittest
+import warnings
 from unittest import mock
 
 import numpy  # noqa: F401  (imported so that snapshots carry numpy's RNG state too)
@@ -244,6 +245,17 @@ class OneRunPerDirectoryTest(Quiet):
                                                         *users]))
 
 
+def kill_after_a_new_snapshot(p, last):
+    """SIGKILL ``p`` as soon as it has replaced ``last`` (progress, however fast the machine)."""
+    def stamp():
+        with contextlib.suppress(FileNotFoundError):
+            return os.stat(last).st_mtime_ns, os.stat(last).st_ino
+    before = stamp()
+    while stamp() == before and p.poll() is None:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+
+
 class MixedPrecisionKillTest(Quiet):
     def test_fp16_with_accumulation_killed_and_resumed_is_bit_identical(self):
         ref_dir, ref_out = self.tmpdir(), os.path.join(self.tmpdir(), "ref.pt")
@@ -254,11 +266,10 @@ class MixedPrecisionKillTest(Quiet):
         scaler = loops.load_checkpoint(os.path.join(ref_dir, "last.pt"))["scaler"]
         self.assertLess(scaler["scale"], 65536.0)  # overflowing steps were skipped: it matters
         run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
-        for delay in (0.3, 0.5):  # killed, resumed, killed again
+        for _ in range(2):  # killed, resumed, killed again: each time just after a snapshot
             p = child(run, out, "fp16")
             self.assertTrue(wait_for(p, "started"))
-            time.sleep(delay)
-            p.send_signal(signal.SIGKILL)
+            kill_after_a_new_snapshot(p, os.path.join(run, "last.pt"))
             p.wait(timeout=60)
             p.stdout.close(), p.stderr.close()
         ck = loops.load_checkpoint(os.path.join(run, "last.pt"))
@@ -375,6 +386,48 @@ class SnapshotTest(Quiet):
             h = go(resumed, d, save_every=0)
         self.assertEqual(without_time(h), without_time(h_ref))
         self.assertTrue(same_weights(resumed, ref))
+
+    def test_a_dataloaders_own_generator_resumes_where_it_was(self):
+        # PyTorch's reproducibility recipe: the loader draws its order from its own generator
+        X, y = self.train
+        ds = torch.utils.data.TensorDataset(X, y)
+        makers = {
+            "DataLoader(shuffle=True, generator=g)": lambda: torch.utils.data.DataLoader(
+                ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(42)),
+            "RandomSampler(generator=g)": lambda: torch.utils.data.DataLoader(
+                ds, batch_size=8, sampler=torch.utils.data.RandomSampler(
+                    ds, generator=torch.Generator().manual_seed(42)))}
+
+        def go(model, d, make, **kw):  # each call builds its loader afresh, as a program does
+            opt = torch.optim.Adam(model.parameters(), 1e-2)
+            return self.fit(model, make(), torch.nn.BCELoss(), opt, epochs=4, checkpoint=d,
+                            resume=True, seed=5, **kw)
+        for name, make in makers.items():
+            ref = mlp(dropout=0.2)
+            h_ref = go(ref, self.tmpdir(), make)
+            for save_every in (None, 0):  # from the end of epoch 2, or from inside epoch 3
+                with self.subTest(name, save_every=save_every), \
+                        mock.patch.object(loops, "_TICK_SECONDS", 0.0):
+                    d = self.tmpdir()
+                    until_interrupted(lambda: go(interrupting(mlp(dropout=0.2), 2 * 20 + 7), d,
+                                                 make, save_every=save_every))
+                    resumed = mlp(dropout=0.2, seed=4)
+                    h = go(resumed, d, make, save_every=save_every)
+                    self.assertEqual(without_time(h), without_time(h_ref))
+                    self.assertTrue(same_weights(resumed, ref))
+
+    def test_persistent_workers_are_said_to_resume_inexactly(self):
+        X, y = self.train
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8,
+                                             num_workers=1, persistent_workers=True)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        with self.assertWarnsRegex(RuntimeWarning, "persistent_workers=True.*cannot go into "
+                                                   "last.pt"):
+            self.fit(model, loader, torch.nn.BCELoss(), opt, epochs=0, checkpoint=self.tmpdir())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # without a checkpoint there is nothing to resume
+            self.fit(model, loader, torch.nn.BCELoss(), opt, epochs=0)
 
     def test_every_file_fit_writes_loads_with_weights_only(self):
         d = self.tmpdir()

@@ -152,6 +152,20 @@ class HandLoopTest(Quiet):
         self.assertTrue(same_weights(a, b))
         self.assertEqual(ha["loss"], hb["loss"])
 
+    def test_a_shuffling_dataloader_draws_what_it_draws_in_the_tutorial_loop(self):
+        # fit takes nothing from torch's random state that the loop would not: no iter()
+        # to probe the loader, no seed drawn for an order the loader draws itself
+        X, y = binary_data()
+        ds = torch.utils.data.TensorDataset(X, y)
+        ref, model = mlp(dropout=0.3), mlp(dropout=0.3)
+        torch.manual_seed(7)
+        hand_loop(ref, torch.utils.data.DataLoader(ds, batch_size=9, shuffle=True),
+                  torch.nn.BCELoss(), torch.optim.Adam(ref.parameters()), 3)
+        torch.manual_seed(7)
+        self.fit(model, torch.utils.data.DataLoader(ds, batch_size=9, shuffle=True),
+                 torch.nn.BCELoss(), torch.optim.Adam(model.parameters()), epochs=3)
+        self.assertTrue(same_weights(model, ref))
+
     def test_train_epoch_alone_with_progress_and_scheduler(self):
         X, y = binary_data()
         ref = mlp()
@@ -734,6 +748,12 @@ class LrFindTest(Quiet):
         self.assertEqual(opt.param_groups[0]["lr"], 1e-3)
         self.assertEqual(repr(opt.state_dict()), repr(opt_state))
         self.assertTrue(torch.equal(torch.get_rng_state(), rng))
+        g = torch.Generator().manual_seed(42)  # a DataLoader's own generator is put back too
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
+                                             batch_size=16, shuffle=True, generator=g)
+        state = g.get_state()
+        loops.lr_find(model, loader, loss_fn, opt, steps=30)
+        self.assertTrue(torch.equal(g.get_state(), state))
 
     def test_a_fit_after_lr_find_is_the_fit_without_it(self):
         X, y, model, opt = self.setup()
