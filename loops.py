@@ -2208,7 +2208,19 @@ def _leave_group():
     # gloo's threads ("terminate called without an active exception").
     dist = torch.distributed
     if dist.is_initialized():
-        dist.barrier()
+        with contextlib.suppress(RuntimeError):  # raised when another rank left already
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _abandon_group():
+    """After a Ctrl-C on this rank: take the process group down now, with no barrier
+    (the other ranks are not coming to one). Ranks waiting for this one in a
+    collective then fail at once with a connection error, and torchrun, seeing a
+    rank fail, stops the job, instead of every rank waiting for the backend's
+    timeout (30 minutes)."""
+    dist = torch.distributed
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -2310,13 +2322,16 @@ def _nan_stops_training(epoch, printer, model, store):
             "gradients (clip_grad_norm=1.0) or look for NaN/inf in the data") from None
 
 
-def _interrupted(stop, epoch, record, store, printer):
+def _interrupted(stop, epoch, record, store, printer, world=1):
     """Ctrl-C: say what is kept; in a program, re-raise (one Ctrl-C ends it) with the
     completed epochs' history as ``stop.history``; at an interactive prompt (Python,
-    IPython, Jupyter), return that history so that the session goes on."""
+    IPython, Jupyter), return that history so that the session goes on. Under
+    torch.distributed the group is taken down first (see _abandon_group)."""
     kept = (f"; last.pt holds {store.holds}" if store.holds else
             "; nothing saved yet" if store.dir else "")
-    interactive = hasattr(sys, "ps1") or getattr(builtins, "__IPYTHON__", False)
+    interactive = world == 1 and (hasattr(sys, "ps1") or getattr(builtins, "__IPYTHON__", False))
+    if world > 1:
+        _abandon_group()
     what = "returning the history of" if interactive else "stopping after"
     printer.line(f"interrupted during epoch {epoch}: {what} {record.epoch} completed "
                  f"epochs{kept}")
@@ -2435,7 +2450,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     except KeyboardInterrupt as stop:
         # Nothing is written here: the weights are from the middle of an unsaved
         # stretch, and last.pt already holds the last consistent point.
-        return _interrupted(stop, epoch, record, store, printer)
+        return _interrupted(stop, epoch, record, store, printer, world)
     finally:
         store.release()
     if restore_best:

@@ -142,6 +142,30 @@ def kill_job(p):
     p.communicate(timeout=60)
 
 
+def wait_for_epoch(last, epoch, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= epoch:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{last} did not reach epoch {epoch} in {timeout} s")
+
+
+def worker_of_rank(p, rank):
+    """The pid of the torchrun worker of ``rank`` (its environment says RANK=rank)."""
+    for pid in descendants(p.pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+_REFERENCE = []
+
+
 def without_time(h):
     return {k: v for k, v in h.items() if k != "time"}
 
@@ -235,28 +259,51 @@ class DistributedTest(unittest.TestCase):
                       metrics={"acc": "binary_accuracy"})
         single = self.assertFollows(model, h, r0)
 
-    def test_a_killed_run_resumes_on_every_rank(self):
-        ref_out, ref_ck = self.tmp(), os.path.join(self.tmp(), "run")
-        rc, _, err = torchrun("resume", ref_out, ref_ck, 5, 8)
-        self.assertEqual(rc, 0, err[-3000:])
-        out, ck = self.tmp(), os.path.join(self.tmp(), "run")
-        p = torchrun("resume", out, ck, 5, 8, wait=False)
-        last = os.path.join(ck, "last.pt")
-        deadline = time.time() + 120
-        while time.time() < deadline:  # kill the whole job once epoch 2 is on disk
-            if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= 2:
-                break
-            time.sleep(0.05)
-        kill_job(p)
-        self.assertLess(loops.load_checkpoint(last)["epoch"], 5)  # killed before the end
+    def reference(self):
+        """Each rank's result of the "resume" run when nothing stops it (run once)."""
+        if not _REFERENCE:
+            ref_out, ref_ck = self.tmp(), os.path.join(self.tmp(), "run")
+            rc, _, err = torchrun("resume", ref_out, ref_ck, 5, 8)
+            self.assertEqual(rc, 0, err[-3000:])
+            _REFERENCE.extend(torch.load(os.path.join(ref_out, f"rank{r}.pt"),
+                                         weights_only=True) for r in (0, 1))
+        return _REFERENCE
+
+    def resume_and_compare(self, out, ck):
         rc, _, err = torchrun("resume", out, ck, 5, 8)
         self.assertEqual(rc, 0, err[-3000:])
-        for r in (0, 1):
-            ref = torch.load(os.path.join(ref_out, f"rank{r}.pt"), weights_only=True)
+        for r, ref in enumerate(self.reference()):
             got = torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True)
             self.assertEqual(without_time(got["history"]), without_time(ref["history"]))
             for k in ref["model"]:
                 self.assertTrue(torch.equal(ref["model"][k], got["model"][k]), k)
+
+    def test_a_ctrl_c_on_one_rank_brings_the_job_down_at_once(self):
+        # it hung every rank for gloo's 30 minutes: rank 1 in the exit barrier, rank 0 in
+        # an all-reduce
+        self.reference()
+        out, ck = self.tmp(), os.path.join(self.tmp(), "run")
+        p = torchrun("resume", out, ck, 5, 8, wait=False)
+        self.addCleanup(lambda: p.poll() is None and kill_job(p))
+        wait_for_epoch(os.path.join(ck, "last.pt"), 1)
+        os.kill(worker_of_rank(p, 1), signal.SIGINT)
+        t0 = time.time()
+        _, err = p.communicate(timeout=60)
+        self.assertLess(time.time() - t0, 30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertRegex(err, r"\[rank1\]: KeyboardInterrupt")
+        self.assertLess(loops.load_checkpoint(os.path.join(ck, "last.pt"))["epoch"], 5)
+        self.resume_and_compare(out, ck)
+
+    def test_a_killed_run_resumes_on_every_rank(self):
+        self.reference()
+        out, ck = self.tmp(), os.path.join(self.tmp(), "run")
+        p = torchrun("resume", out, ck, 5, 8, wait=False)
+        last = os.path.join(ck, "last.pt")
+        wait_for_epoch(last, 2)  # kill the whole job once epoch 2 is on disk
+        kill_job(p)
+        self.assertLess(loops.load_checkpoint(last)["epoch"], 5)  # killed before the end
+        self.resume_and_compare(out, ck)
 
     def test_nan_on_one_rank_stops_every_rank_and_a_plain_model_is_refused(self):
         out = self.tmp()
