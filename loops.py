@@ -38,12 +38,14 @@ the order in which ``fit`` calls them:
                  of a step (autocast and GradScaler, accumulation, clipping, the
                  scheduler); _Record, the run so far
                  (history, best, patience, why it stopped); _Store, the checkpoint
-                 directory (best.pt, last.pt, history.csv, resume); _Printer
+                 directory (best.pt, last.pt, history.csv, resume; its _DirLock
+                 keeps it to one run at a time); _Printer
     one epoch    _begin_epoch   its batches, or where a mid-epoch snapshot stopped
                  _train_loop    a _Stepper.step per batch (or group), summed by a _Meter and
                                 looked at now and then (_Ticker, _Look)
     evaluation   _epoch_logs    training and validation values in one host read
     then         record.add, store.save_epoch, printer.summary, _hook_stops
+    at the end   store.release (the lock), on any exit; a Ctrl-C goes to _interrupted
 
 A per-batch log line goes in ``_Look`` (or ``_train_loop``); a change to the
 step itself in ``_Stepper.step``, beside mixed precision and accumulation.

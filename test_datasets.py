@@ -215,6 +215,27 @@ def run_example(name, *args, timeout=120):
     return p, files
 
 
+_RUN_ALL = {}
+
+
+def run_all_quick():
+    """``./run_all.sh --quick --runs DIR``, the README's main job, run once for the suite:
+    (exit code, whole stdout, {example: (its part of stdout, the files of its run)})."""
+    if not _RUN_ALL:
+        with tempfile.TemporaryDirectory() as runs:
+            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--quick",
+                                "--runs", runs], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=600)
+            parts = re.split(r"^== examples/(\S+\.py) --quick --runs \S+\n", p.stdout,
+                             flags=re.M)
+            each = {}
+            for name, text in zip(parts[1::2], parts[2::2]):
+                d = os.path.join(runs, name[:-3])
+                each[name] = (text, sorted(os.listdir(d)) if os.path.isdir(d) else [])
+        _RUN_ALL.update(rc=p.returncode, out=p.stdout, err=p.stderr, each=each)
+    return _RUN_ALL
+
+
 def example(name, *args, runs, timeout=120, **kw):
     return subprocess.run([sys.executable, os.path.join(HERE, "examples", name), "--runs", runs,
                            *args], capture_output=True, text=True, timeout=timeout,
@@ -287,16 +308,33 @@ class RunsAreKeptTest(unittest.TestCase):
 
 
 class RecipesTest(unittest.TestCase):
-    """Each recipe with --quick in a subprocess: exit code, key lines, its run directory."""
+    """Each recipe with --quick in a subprocess: exit code, key lines, its run directory.
+    Without arguments of its own, a recipe is checked on its part of ./run_all.sh --quick."""
+
+    def test_run_all_runs_every_example(self):
+        ran = run_all_quick()
+        self.assertEqual(ran["rc"], 0, ran["out"][-2000:] + ran["err"][-2000:])
+        self.assertNotIn("\r", ran["out"])
+        scripts = sorted(f for f in os.listdir(os.path.join(HERE, "examples"))
+                         if f.endswith(".py") and not f.startswith("_"))
+        self.assertEqual(sorted(ran["each"]), scripts)
+        self.assertTrue(ran["out"].rstrip().endswith("== all examples passed"))
 
     def check(self, name, *patterns, args=()):
-        p, files = run_example(name, *args)
-        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
-        self.assertNotIn("\r", p.stdout)
+        if args:
+            p, files = run_example(name, *args)
+            self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+            out = p.stdout
+        else:
+            ran = run_all_quick()
+            self.assertIn(name, ran["each"], ran["out"][-2000:] + ran["err"][-2000:])
+            out, files = ran["each"][name]
+            self.assertNotIn(f"!! examples/{name} failed", out, ran["err"][-3000:])
+        self.assertNotIn("\r", out)
         for pattern in patterns:
-            self.assertRegex(p.stdout, pattern)
+            self.assertRegex(out, pattern)
         self.assertEqual(files, ["best.pt", "history.csv", "last.pt"])
-        return p.stdout
+        return out
 
     def test_linear(self):
         out = self.check("linear.py", r"data: y = 0.7 x \+ 0.3",

@@ -120,7 +120,7 @@ class KillTest(Quiet):
 
         rng = random.Random(1234)
         killed_at = []
-        for trial in ("random", "random", "during-write"):
+        for trial in ("random", "during-write"):
             run = self.tmpdir()
             out = os.path.join(self.tmpdir(), "out.pt")
             for _ in range(2):  # the resumed run is killed once more

@@ -1387,19 +1387,12 @@ class FrontDoorTest(unittest.TestCase):
             self.assertIn("nothing to do: 41 epochs done (training had stopped early)",
                           again.stdout)
 
-    def test_run_all_runs_every_example_and_reports_failures(self):
+    def test_run_all_reports_failures_and_runs_every_example_still(self):
+        # run_all itself is run over every example by test_datasets.RecipesTest, whose
+        # recipe checks read its output; here, a failing example is reported, the others
+        # still run, and the exit code says so: a stand-in python (the real one for
+        # run_all's own check) fails linear.py
         with tempfile.TemporaryDirectory() as d:
-            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--quick",
-                                "--epochs", "1", "--runs", d], stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=300)
-            self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
-            self.assertNotIn("\r", p.stdout)
-            for script in sorted(os.listdir(os.path.join(HERE, "examples"))):
-                if script.endswith(".py") and not script.startswith("_"):
-                    self.assertIn(f"== examples/{script} --quick --epochs 1", p.stdout)
-            self.assertIn("== all examples passed", p.stdout)
-            # a failing example is reported, the others still run, and the exit code says
-            # so: a stand-in python (the real one for run_all's own check) fails linear.py
             fake = os.path.join(d, "python")
             with open(fake, "w") as f:
                 f.write('#!/bin/sh\ncase "$1" in\n  -c) exec "%s" "$@" ;;\n'
@@ -1413,5 +1406,5 @@ class FrontDoorTest(unittest.TestCase):
             self.assertIn("!! examples/linear.py failed", p.stdout)
             self.assertIn("== 1 example(s) failed: examples/linear.py", p.stdout)
             for script in sorted(os.listdir(os.path.join(HERE, "examples"))):
-                if script.endswith(".py") and not script.startswith("_") and script != "linear.py":
+                if script.endswith(".py") and script[0] != "_" and script != "linear.py":
                     self.assertIn(f"ran examples/{script}", p.stdout)
