@@ -1496,8 +1496,11 @@ class _DirLock:
         while True:
             f = open(self.path, "a+")
             if not _try_lock(f):
-                f.seek(0)
-                holder = f.read().strip() or "another process"
+                holder = ""
+                with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
+                    f.seek(0)
+                    holder = f.read().strip()
+                holder = holder or "another process"
                 f.close()
                 raise ValueError(
                     f"checkpoint directory {directory!r} is in use by another run ({holder}, "
