@@ -80,7 +80,184 @@ __all__ = [
 ]
 
 
-# --- batching ---------------------------------------------------------------
+# --- entry points -------------------------------------------------------------
+
+def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
+        metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
+        min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
+        clip_grad_norm=None, device=None, seed=None, verbose=1, on_epoch_end=None,
+        save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1):
+    """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
+
+    ``precision="bf16"`` or ``"fp16"`` runs forward and loss under autocast (fp16
+    through a GradScaler); ``accumulate=k`` steps the optimizer once per k batches.
+
+    ``drop_last=True`` skips the short last batch of (X, y) training tensors, as a
+    loop over ``len(X) // batch_size`` batches does (validation keeps every row).
+
+    ``on_epoch_end(epoch, logs)`` runs after the epoch's files are written; True stops
+    training. It runs at least once per epoch: resuming from the end of epoch N calls
+    the hook of epoch N again first (the run may have died inside it).
+
+    ``save_every=s`` also refreshes ``last.pt`` at a batch boundary every s seconds
+    during an epoch, so a kill loses at most s seconds of work. Tensor validation
+    data is evaluated in batches of ``val_batch_size`` (default: the larger of
+    ``batch_size`` and 256, as ``evaluate``; no graph is kept, so it costs less
+    memory per row than training).
+    """
+    # Checks: every argument, before any work and before any file is written.
+    plan = _check_fit(model, train, loss_fn, optimizer, epochs=epochs, val=val,
+                      batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
+                      monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
+                      scheduler=scheduler, scheduler_interval=scheduler_interval,
+                      clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
+                      on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
+                      save_every=save_every, drop_last=drop_last, precision=precision,
+                      accumulate=accumulate, shuffle=shuffle, seed=seed)
+    device, rank, world = plan.device, plan.rank, plan.world
+
+    # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
+    # the run's record, the checkpoint directory (and last.pt to continue from), printing.
+    gen = _shuffle_generator(seed, device, rank, world,
+                             drawn=shuffle and isinstance(plan.train, _TensorSource))
+    stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
+                       clip_grad_norm=clip_grad_norm, precision=precision,
+                       accumulate=accumulate, device=device, loss_fn=loss_fn)
+    record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
+                     patience=patience, keep_best=restore_best)
+    store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world,
+                   scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
+    printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
+    look_seconds = _look_seconds(printer.live, save_every, device)
+
+    epoch = 1
+    try:
+        snapshot = store.resume(record, epochs) if resume else None
+        epoch = record.epoch + 1
+        if snapshot is None and record.epoch and record.epochs_to_run(epochs):
+            _hook_again(on_epoch_end, record, store, world)  # it may not have returned
+        if not record.epochs_to_run(epochs):
+            printer.line(f"nothing to do: {record.epoch} epochs done"
+                         + (" (training had stopped early)" if record.stopped else ""))
+        for epoch in record.epochs_to_run(epochs):
+            # Train: the epoch's batches (where a mid-epoch snapshot stopped, when
+            # resuming one), then a step on each, looked at now and then.
+            meter = _Meter(plan.stats, device, loss_fn, sharded=plan.train.sharded)
+            start, batches = _begin_epoch(epoch, plan.train, gen, meter, stepper,
+                                          shuffle=shuffle, keep_rng=save_every is not None,
+                                          snapshot=snapshot)
+            snapshot = None  # only the first epoch of a resumed run continues a snapshot
+            ticker = None if look_seconds is None else _Ticker(
+                look_seconds, plan.train.steps, _Look(printer, store, record, start, save_every),
+                at_once=printer.live)
+            with _nan_stops_training(epoch, printer, model, store):
+                _train_loop(model, batches, loss_fn, stepper, meter, ticker)
+                # Evaluate: training and validation values, in one host read.
+                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
+                                                      plan.stats, stepper.cast)}
+            logs["lr"], logs["time"] = start.lr, start.elapsed()
+            # Record: the scheduler's epoch step, the history, the best value, patience.
+            stepper.end_epoch(logs[plan.monitor])
+            improved = record.add(logs, model)
+            # Save before the epoch is announced or the hook runs; then report it.
+            store.save_epoch(record, improved)
+            printer.summary(epoch, logs, best=improved)
+            # Stop? Patience ran out, or the hook asked (saved, so a resume stops too).
+            if _hook_stops(on_epoch_end, epoch, logs, world):
+                record.stopped = "on_epoch_end"
+                store.save_last(record)
+            if record.stopped:
+                printer.line(record.why_stopped())
+                break
+    except KeyboardInterrupt as stop:
+        # Nothing is written here: the weights are from the middle of an unsaved
+        # stretch, and last.pt already holds the last consistent point.
+        return _interrupted(stop, epoch, record, store, printer, world)
+    finally:
+        store.release()
+    if restore_best:
+        record.restore_best(model, store.best_path)
+    return record.history
+
+
+def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
+                generator=None, device=None, scheduler=None, scheduler_interval="epoch",
+                clip_grad_norm=None, progress=None, drop_last=False, precision=None,
+                accumulate=1):
+    """Train one epoch (train mode) and return its exact loss and metrics as floats.
+
+    ``progress(step, steps, logs)``, if given, is called at most ten times a
+    second with the running values (``steps`` is None for unsized data). An epoch
+    scheduler is stepped once at the end (ReduceLROnPlateau with the epoch's loss).
+    ``drop_last=True`` skips the short last batch of (X, y) tensors, as a loop over
+    ``len(X) // batch_size`` batches does. ``precision`` and ``accumulate`` as in
+    fit; an fp16 GradScaler starts afresh with each call (fit keeps one per run).
+    """
+    device = _check_model(model, device)
+    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
+    _check_optimizer_params(model, optimizer, loss_fn)
+    _check_precision(precision, accumulate, device)
+    _check_shuffle(shuffle)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
+    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
+                     drop_last=drop_last)
+    stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
+                       clip_grad_norm=clip_grad_norm, precision=precision,
+                       accumulate=accumulate, device=device, loss_fn=loss_fn)
+    meter = _Meter(stats, device, loss_fn)
+    ticker = None if progress is None else _Ticker(_TICK_SECONDS, source.steps,
+                                                   _ProgressLook(progress))
+    _train_loop(model, source.epoch(generator, shuffle), loss_fn, stepper, meter, ticker)
+    logs = _read([meter])[0]
+    stepper.end_epoch(logs["loss"])
+    return logs
+
+
+def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None,
+             precision=None):
+    """Loss and metrics over a whole set, in eval mode without grad; model mode restored.
+    ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64)."""
+    device = _check_model(model, device)
+    _check_precision(precision, 1, device)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
+    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
+    logs = _read([_evaluate_pass(model, source, loss_fn, stats, _autocast(precision, device))])[0]
+    if loss_fn is None:
+        del logs["loss"]
+    return logs
+
+
+def predict(model, X_or_data, *, batch_size=256, device=None, precision=None):
+    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad);
+    with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32."""
+    device = _check_model(model, device)
+    _check_precision(precision, 1, device)
+    cast = _autocast(precision, device)
+    _check_batch_size(batch_size)
+    data = X_or_data
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        data = data[0]
+    if torch.is_tensor(data):
+        if data.dim() == 0 or len(data) == 0:
+            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
+                             f"{tuple(data.shape)}")
+        X = data.to(device)
+        inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
+    elif hasattr(data, "__iter__"):
+        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
+    else:
+        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
+                        f"batches, got {type(data).__name__}")
+    with _eval_mode(model), cast():
+        outs = [_full(model(xb)) for xb in inputs]  # on the device: one transfer at the end
+    if not outs:
+        raise ValueError("predict: the data yielded no batches; expected at least one")
+    return torch.cat(outs).cpu()
+
 
 def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None):
     """Yield ``(xb, yb)`` slices of two tensors; keeps the last partial batch unless drop_last."""
@@ -89,6 +266,1248 @@ def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None)
     order = torch.randperm(len(X), generator=generator).to(X.device) if shuffle else None
     yield from _slices(X, y, batch_size, order, drop_last=drop_last)
 
+
+def save_checkpoint(path, model, optimizer=None, **state):
+    """Atomically write the model's (unwrapped) weights, the optimizer state and ``state``."""
+    ckpt = {"model": _unwrap(model).state_dict(), **state}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["optimizer_type"] = type(optimizer).__name__
+    _check_plain(ckpt, "checkpoint")
+    _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
+    """Read a checkpoint with ``weights_only=True`` and load it into model/optimizer if given."""
+    path = os.fspath(path)
+    ckpt = _read_checkpoint(path, map_location=map_location)
+    _load_into(ckpt, path, model, optimizer)
+    return ckpt
+
+
+# --- the step -----------------------------------------------------------------
+
+class _Stepper:
+    """The optimizer's side of training: the step itself, mixed precision, gradient
+    accumulation, clipping, and the scheduler, stepped after every optimizer step
+    (interval "step") or after validation ("epoch").
+
+    ``precision`` "bf16"/"fp16": forward and loss run under ``torch.autocast`` for
+    the device (weights stay fp32); "fp16" scales the loss through a GradScaler,
+    whose state last.pt keeps. ``accumulate=k``: one optimizer step per group of k
+    batches (``groups``), each batch's loss weighted by its share of the group's
+    rows, so that k batches of b step as one batch of k * b.
+    """
+
+    def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
+                 precision=None, accumulate=1, device=None, loss_fn=None):
+        self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
+        self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
+        self.per_step = scheduler if interval == "step" else None
+        self.cast = _autocast(precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.weigh = _target_weights(loss_fn)  # as the meter weighs a batch, for the shares
+
+    def groups(self, batches):
+        """The batches in groups of ``accumulate`` (the last may be shorter): one
+        optimizer step each. A group never spans two epochs."""
+        if self.accumulate == 1:
+            return ([b] for b in batches)
+        it = iter(batches)
+        return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
+
+    def step(self, model, group, loss_fn, keep_out):
+        """One optimizer step over a group of batches; [(loss, output or None)] per batch.
+
+        The textbook five lines, with the options as guarded one-liners. Under DDP
+        the gradients are all-reduced once, on the group's last batch (``no_sync``
+        for the others).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        shares = self._shares(group)
+        done = []
+        for i, (xb, yb) in enumerate(group):
+            quiet = i < len(group) - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if quiet else contextlib.nullcontext():
+                done.append(self._backward(model, xb, yb, loss_fn, shares[i], keep_out))
+        self._update(model)
+        return done
+
+    def _shares(self, group):
+        """Each batch's weight in the group's mean loss: its rows (or its targets'
+        weights, for CrossEntropyLoss/NLLLoss) over the group's."""
+        if len(group) == 1:
+            return [None]
+        if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
+            w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
+            return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
+        rows = [_batch_rows(yb) for _, yb in group]
+        return [n / sum(rows) for n in rows]
+
+    def _backward(self, model, xb, yb, loss_fn, share, keep_out):
+        """Forward and loss (under autocast), backward of the loss times its share.
+
+        A function of its own so that the graph, the output and the loss die on
+        return: nothing with a grad_fn survives into the next batch.
+        """
+        with self.cast():
+            out = model(xb)
+            loss = _scalar(loss_fn(out, yb))
+        scaled = loss if share is None else loss * share
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+        return loss.detach(), (_full(out.detach()) if keep_out else None)
+
+    def _update(self, model):
+        if self.scaler is None:
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+            self.optimizer.step()
+        else:  # the scaler skips a step whose gradients overflowed, and lowers its scale
+            if self.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if self.per_step is not None:
+            self.per_step.step()
+
+    def lr(self):
+        """The rate the next step trains with (the first parameter group's)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def end_epoch(self, value):
+        """The once-an-epoch scheduler step; ReduceLROnPlateau receives ``value``."""
+        if self.scheduler is None or self.interval != "epoch":
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        else:
+            self.scheduler.step()
+
+
+def _scalar(loss):
+    """``loss``, once known to be a scalar tensor (checked at every step: no host read)."""
+    if not torch.is_tensor(loss):
+        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
+                        "(a Python number has no gradient: compute the loss with torch "
+                        "operations, e.g. torch.nn.functional.mse_loss)")
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                         "a scalar (use reduction='mean', the default of torch.nn losses)")
+    return loss
+
+
+# --- one epoch ----------------------------------------------------------------
+
+_TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
+_CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
+
+
+class _EpochStart:
+    """How an epoch began: its number, the rate it trains with, the RNG state before its
+    order was drawn (kept only when a mid-epoch snapshot may need it) and its clock.
+
+    ``state`` gives what a mid-epoch snapshot saves of it; ``resumed`` takes it back.
+    """
+
+    def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
+        self.epoch, self.lr, self.rng = epoch, lr, rng
+        self.elapsed_before, self.t0 = elapsed_before, time.perf_counter()
+
+    def state(self):
+        return {"rng_epoch": self.rng, "epoch_lr": self.lr, "epoch_time": self.elapsed()}
+
+    @classmethod
+    def resumed(cls, epoch, state):
+        return cls(epoch, state["epoch_lr"], state["rng_epoch"], state["epoch_time"])
+
+    def elapsed(self):
+        """Seconds spent on this epoch, including those before a resume."""
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+
+def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snapshot=None):
+    """Start epoch ``epoch``: how it began (an _EpochStart) and its batches; continuing a
+    mid-epoch ``snapshot`` (last.pt's dict) where it stopped, when one is given.
+
+    Bit-exact resume rests on the order of these lines:
+      1. restore the RNG state the epoch began with, so that
+      2. drawing the epoch's order, and passing over the batches done, gives the same
+         order as the first time (a DataLoader redraws its own from the same state);
+      3. then restore the RNG state of the snapshot's batch boundary, so that dropout
+         and anything else random goes on from there, not from the epoch's start.
+    Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
+    batches come again. The meter's sums come back beside them (no randomness in them).
+    """
+    if snapshot is None:
+        start = _EpochStart(epoch, stepper.lr(),
+                            _rng_state(gen, source.generators) if keep_rng else None)
+        return start, source.epoch(gen, shuffle, 0, epoch)
+    start = _EpochStart.resumed(epoch, snapshot)
+    _set_rng_state(start.rng, gen, source.generators)             # 1
+    batches = source.epoch(gen, shuffle, snapshot["step"], epoch)  # 2
+    meter.load_state_dict(snapshot["meter"], snapshot["step"])
+    _set_rng_state(snapshot["rng"], gen, source.generators)       # 3
+    return start, batches
+
+
+def _train_loop(model, batches, loss_fn, stepper, meter, ticker=None):
+    """Train on ``batches``, an optimizer step per batch (or per group of ``accumulate``),
+    each batch summed by ``meter``; ``ticker`` looks now and then, between steps."""
+    model.train()
+    step = start = meter.steps
+    next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
+    for group in stepper.groups(batches):  # a batch, or ``accumulate`` of them: one step
+        for (xb, yb), (loss, out) in zip(group, stepper.step(model, group, loss_fn, keep_out)):
+            meter.add(loss, out, yb, _batch_rows(yb))
+        step += len(group)
+        if step >= next_tick and ticker is not None:  # at a step's end, never inside a group
+            next_tick = ticker(step, meter)
+    if step == start == 0:
+        raise ValueError("the training data yielded no batches; expected at least one")
+
+
+def _epoch_logs(meter, model, val, loss_fn, stats, cast=contextlib.nullcontext):
+    """The epoch's training values and, with ``val``, its validation values (``val_``
+    keys), in one host read after one all-reduce of each under torch.distributed."""
+    if val is None:
+        return _read([meter], across_ranks=True)[0]
+    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats, cast)],
+                           across_ranks=True)
+    return {**logs, **{"val_" + k: v for k, v in val_logs.items()}}
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_pass(model, source, loss_fn, stats, cast=contextlib.nullcontext):
+    """One pass over ``source`` in eval mode without grad (forward and loss under
+    ``cast()``, autocast or nothing); its sums in a _Meter, unread."""
+    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded)
+    meter.evaluating = True
+    zero = torch.zeros((), device=source.device)
+    with _eval_mode(model):
+        for xb, yb in source.epoch():
+            with cast():
+                out = model(xb)
+                loss = _scalar(loss_fn(out, yb)) if loss_fn is not None else zero
+            meter.add(loss, _full(out), yb, _batch_rows(yb))
+    if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
+        raise ValueError("the evaluation data yielded no batches; expected at least one")
+    return meter
+
+
+class _Ticker:
+    """Calls ``look`` at most every ``seconds`` without reading the clock each step.
+
+    It predicts from the rate so far how many steps make ``seconds`` and only
+    then reads the clock; each look is one host read (a CUDA sync).
+    """
+
+    def __init__(self, seconds, steps, look, *, at_once=True):
+        self.seconds, self.steps, self.look = seconds, steps, look
+        self.t0, self.start = time.perf_counter(), None
+        self.last = None if at_once else self.t0  # a live line shows the first step at once
+
+    def __call__(self, step, meter):
+        """Look now if it is time; return the step at which to ask again."""
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = step - 1
+        if self.last is None or now - self.last >= self.seconds:
+            self.last = now
+            self.look(step, self.steps, meter, now - self.t0, step - self.start)
+        rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps per second so far
+        return step + max(1, int(rate * (self.seconds - (now - self.last))))
+
+
+def _look_seconds(live, save_every, device):
+    """How often fit looks at the running values inside an epoch, or None for never.
+
+    A live line or mid-epoch snapshots: ten times a second (save_every is weighed
+    at each look). A silent CPU run: once a second, to stop early on a NaN (a read
+    costs nothing there). A silent CUDA run: never, since a read waits for the GPU.
+    """
+    if live or save_every is not None:
+        return _TICK_SECONDS
+    return _CPU_CHECK_SECONDS if device.type == "cpu" else None
+
+
+class _Look:
+    """What fit does when its ticker says so: read the running values (a NaN loss stops
+    here), refresh the live line, and write a mid-epoch snapshot into last.pt once
+    ``save_every`` seconds have passed since the last one."""
+
+    def __init__(self, printer, store, record, start, save_every):
+        self.printer, self.store, self.record, self.start = printer, store, record, start
+        self.save_every, self.last_save = save_every, time.perf_counter()
+
+    def __call__(self, step, steps, meter, elapsed, done):
+        logs = _read([meter])[0]
+        self.printer.progress(self.start.epoch, step, steps, logs, elapsed, done)
+        if self.save_every is not None and time.perf_counter() - self.last_save >= self.save_every:
+            self.store.save_last(self.record, self.start, step, meter)
+            self.last_save = time.perf_counter()
+
+
+class _ProgressLook:
+    """train_epoch's look: the running values handed to its ``progress(step, steps, logs)``."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def __call__(self, step, steps, meter, elapsed, done):
+        self.progress(step, steps, _read([meter])[0])
+
+
+# --- exact sums ---------------------------------------------------------------
+
+class _Totals(NamedTuple):
+    """A meter's sums on the device, not yet read back."""
+    flat: torch.Tensor  # [loss sum, its denominator, *each metric's sums]
+    counts: list        # each metric's count
+    sizes: list         # how many numbers each metric has in ``flat``
+    maxima: list        # positions in ``flat`` that hold maxima (max_error)
+
+
+class _Meter:
+    """Sums of the loss and the metrics over one pass (an epoch's training or its
+    validation), kept on the device.
+
+    ``add`` runs every step and only appends detached tensors to lists: no host
+    read, no arithmetic (but for the first step, whose metrics are tried at once
+    so that a failing metric names itself there). Every ``_FOLD_STEPS`` steps (or
+    when the outputs held pass ``_PENDING`` values) what is pending is folded into
+    the sums with a few vectorised ops on the device. Fold points depend only on
+    the step count, so the sums, down to the last bit, do not depend on when anyone
+    looked: ``totals`` adds the pending part without folding it. ``check`` is told
+    the loss sum once it is read, and finds the first non-finite loss when that sum
+    is not finite.
+
+    The loss of the pass is the whole set's: each batch value (a mean) counts for
+    its rows -- or, for CrossEntropyLoss/NLLLoss with class indices, for the weight
+    of its targets (``weight[y]``, 0 for ``ignore_index``), which is how torch
+    averages such a batch. A batch whose targets are all ignored counts for nothing.
+    """
+    _FOLD_STEPS = 128
+    _PENDING = 1 << 22
+
+    def __init__(self, stats, device, loss_fn=None, *, sharded=False):
+        self.stats, self.device, self.sharded = stats, device, sharded
+        # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
+        self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
+        self.weigh = _target_weights(loss_fn)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
+        self.loss_den = torch.zeros((), dtype=self.dtype, device=device)
+        self.steps = 0
+        self.sums = {k: None for k in stats}
+        self.counts = {k: 0 for k in stats}
+        self.evaluating = False  # an evaluation pass: its steps are batches, not steps
+        self.checked = 0    # steps whose loss is known to be finite
+        self.unchecked = []  # folded losses not yet known to be finite, in step order
+        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+
+    def add(self, loss, out, y, n):
+        self._losses.append(loss)
+        self._ns.append(n)
+        self.steps += 1
+        if self.stats:
+            self._outs.append(out)
+            self._numel += out.numel()
+            if self.steps == 1:
+                _metric_sums(self.stats, [out], [y], self.dtype)  # fail here, not at a fold
+        if self.stats or self.weigh:
+            self._ys.append(y)
+        if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
+            self._fold()
+
+    def _pending(self):
+        """(loss sum, its denominator, metric sums, metric counts, losses) of the steps
+        not yet folded; the losses of batches that count for nothing are zeroed."""
+        losses = torch.stack(self._losses)
+        if self.weigh is None:
+            weights = None
+            den = sum(self._ns)
+            total = _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
+        else:
+            weights = _batch_weights(self.weigh, self._ys, self.dtype)
+            losses = torch.where(weights > 0, losses, 0)
+            den, total = weights.sum(), (losses.to(self.dtype) * weights).sum()
+        sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
+        return total, den, sums, counts, losses
+
+    def _fold(self):
+        if not self._losses:
+            return
+        total, den, sums, counts, losses = self._pending()
+        self.loss_sum, self.loss_den = self.loss_sum + total, self.loss_den + den
+        for k, st in self.stats.items():
+            self.sums[k] = _combine(st, self.sums[k], sums[k])
+            self.counts[k] += counts[k]
+        self.unchecked.append(losses)
+        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+
+    def totals(self):
+        """The sums so far, the pending steps' included, as a _Totals (nothing is read)."""
+        loss_sum, den = self.loss_sum, self.loss_den
+        sums, counts = dict(self.sums), dict(self.counts)
+        if self._losses:  # counted, but not folded: fold points stay where they are
+            total, p_den, p_sums, p_counts, _ = self._pending()
+            loss_sum, den = loss_sum + total, den + p_den
+            for k, st in self.stats.items():
+                sums[k] = _combine(st, sums[k], p_sums[k])
+                counts[k] += p_counts[k]
+        parts, sizes, maxima, i = [loss_sum.reshape(1), den.reshape(1)], [], [], 2
+        for k, st in self.stats.items():
+            part = sums[k] if sums[k] is not None else torch.zeros(
+                st.size, dtype=self.dtype, device=self.device)
+            parts.append(part)
+            sizes.append(part.numel())
+            if st.reduce == "max":
+                maxima += range(i, i + part.numel())
+            i += part.numel()
+        return _Totals(torch.cat(parts), list(counts.values()), sizes, maxima)
+
+    def losses(self):
+        """Every loss not yet known to be finite, in step order (from step checked + 1)."""
+        chunks = self.unchecked + ([self._pending()[4]] if self._losses else [])
+        return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
+
+    def check(self, loss_sum, *, across_ranks=False, world=1):
+        """Given the loss sum read back: FloatingPointError at the first non-finite loss.
+
+        A finite sum means every loss was finite: the search for the first bad step
+        happens only when it was not. Under torch.distributed only the reduced sum
+        decides (``across_ranks``), so that every rank stops at the same point.
+        """
+        if math.isfinite(loss_sum):
+            self.checked += sum(len(u) for u in self.unchecked)
+            self.unchecked = []
+            return
+        unit = "batch" if self.evaluating else "step"
+        if across_ranks:
+            where = _first_bad_across_ranks(self.losses(), self.checked, self.device, unit)
+        elif world == 1:
+            where = _first_bad(self.losses(), self.checked, loss_sum, unit)
+        else:
+            return
+        raise (_EvaluationLossError if self.evaluating else FloatingPointError)(where)
+
+    def state_dict(self):
+        """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
+        cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
+        return {"loss_sum": self.loss_sum.cpu(), "loss_den": self.loss_den.cpu(),
+                "counts": dict(self.counts),
+                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
+                "losses": torch.stack(self._losses).cpu() if self._losses else None,
+                "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
+
+    def load_state_dict(self, state, step):
+        dev = self.device
+        self.loss_sum, self.loss_den = state["loss_sum"].to(dev), state["loss_den"].to(dev)
+        self.counts = dict(state["counts"])
+        self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
+        losses = state["losses"]
+        self._losses = [] if losses is None else list(losses.to(dev))
+        self._ns = list(state["ns"])
+        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
+        self._numel = sum(t.numel() for t in self._outs)
+        self.steps, self.checked = step, step - len(self._losses)
+
+
+def _target_weights(loss_fn):
+    """For CrossEntropyLoss/NLLLoss averaging over class indices: y -> each target's
+    weight in torch's batch mean (``weight[y]``; 0 where ``y == ignore_index``).
+    None for any other loss, whose batch mean counts each row once."""
+    if not isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) or (
+            loss_fn.reduction != "mean"):
+        return None
+    ignore, weight = loss_fn.ignore_index, loss_fn.weight
+
+    def weigh(y):  # y: (steps, *target shape) of class indices
+        if y.is_floating_point():  # probability targets: torch divides by the rows
+            return torch.full(y.shape[:1], y.shape[1], dtype=torch.float64, device=y.device)
+        keep = y != ignore
+        w = keep if weight is None else weight[torch.where(keep, y, 0)] * keep
+        return w.reshape(len(y), -1).sum(1, dtype=torch.float64)
+    return weigh
+
+
+def _batch_weights(weigh, ys, dtype):
+    """The weight of each batch's targets, as one tensor (one op for equal shapes)."""
+    if all(y.shape == ys[0].shape for y in ys):
+        w = weigh(torch.stack(ys))
+    else:
+        w = torch.cat([weigh(y.unsqueeze(0)) for y in ys])
+    return w.to(dtype)
+
+
+def _loss_sum(losses, ns, loss_is_sum, dtype):
+    """The rows' loss sum from batch losses: each batch mean counts for its rows."""
+    total, start = 0, 0
+    for size, run in _runs(ns):  # usually one run of equal batches, two at the end
+        weight = 1 if loss_is_sum else size
+        part = losses if run == len(losses) else losses[start:start + run]
+        total = total + part.sum(dtype=dtype) * weight
+        start += run
+    return total
+
+
+def _metric_sums(stats, outs, ys, dtype):
+    """({name: sums}, {name: count}) of the metrics over the outputs of several steps."""
+    sums, counts = {k: None for k in stats}, {k: 0 for k in stats}
+    if not stats:
+        return sums, counts
+    groups = [(outs[0], ys[0])] if len(outs) == 1 else None
+    if groups is None:
+        try:
+            groups = [(torch.cat(outs), torch.cat(ys))]
+        except RuntimeError:  # outputs of varying shapes (sequences): batch by batch
+            groups = list(zip(outs, ys))
+    for p, y in groups:
+        for k, st in stats.items():
+            try:
+                s = st.stat(p, y).reshape(-1)
+            except Exception as e:
+                raise ValueError(f"metric {k!r} failed on a batch (outputs: {_describe(p)}; "
+                                 f"targets: {_describe(y)}): {e}") from e
+            s = s if s.dtype == dtype else s.to(dtype)
+            sums[k] = _combine(st, sums[k], s)
+            counts[k] += st.count(p, y)
+    return sums, counts
+
+
+def _combine(st, acc, s):
+    if acc is None or s is None:
+        return s if acc is None else acc
+    return acc + s if st.reduce == "sum" else torch.maximum(acc, s)
+
+
+def _runs(values):
+    """[(value, length)] of consecutive equal values: [10, 10, 10, 4] -> [(10, 3), (4, 1)]."""
+    out = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+def _read(meters, *, across_ranks=False):
+    """The logs of several meters, in one host read.
+
+    A non-finite loss raises FloatingPointError naming its step. ``across_ranks``:
+    the sums of sharded meters are all-reduced over the process group first (every
+    rank must call), so that every rank gets the whole-set values.
+    """
+    totals = [m.totals() for m in meters]
+    reduced = [across_ranks and m.sharded for m in meters]
+    flats = [_all_reduce_totals(t) if r else t.flat for t, r in zip(totals, reduced)]
+    vals = (torch.cat(flats) if len(flats) > 1 else flats[0]).tolist()  # the one host read
+    out, i = [], 0
+    for m, t, r, flat in zip(meters, totals, reduced, flats):  # in order: a NaN in training
+        v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
+        counts = v[len(t.flat):] if r else t.counts
+        m.check(v[0], across_ranks=r, world=_world()[1])
+        out.append(_finish(m.stats, v, counts, t.sizes))
+    return out
+
+
+def _finish(stats, vals, counts, sizes):
+    """The logs from a meter's sums read back as floats: [loss sum, its denominator, ...]."""
+    logs, i = {"loss": vals[0] / vals[1] if vals[1] else math.nan}, 2
+    for (k, st), count, size in zip(stats.items(), counts, sizes):
+        logs[k] = float(st.finish(vals[i:i + size], count))
+        i += size
+    return logs
+
+
+class _EvaluationLossError(FloatingPointError):
+    """A loss that is not finite in an evaluation pass (fit's validation, evaluate)."""
+
+
+def _first_bad(losses, checked, total, unit):
+    """Where the first non-finite loss is: 'loss is nan at step 7'."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad) == 0:  # every loss finite, their weighted sum overflowed
+        return f"the sum of the losses overflowed to {total}"
+    j = int(bad[0])
+    return f"loss is {losses[j].item()} at {unit} {checked + j + 1}"
+
+
+# --- the run's record ---------------------------------------------------------
+
+class _Record:
+    """The run so far: the history, the best value and its epoch, the patience count,
+    why training stopped, and (for restore_best) the best weights.
+
+    ``state`` gives what last.pt saves of it and ``load`` takes it back, under the
+    same keys.
+    """
+    _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped")
+
+    def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False):
+        self.history = {k: [] for k in keys}
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.patience, self.keep_best = patience, keep_best
+        self.epoch, self.best, self.best_epoch, self.wait = 0, None, None, 0
+        self.stopped = None  # why training stopped: "patience", "on_epoch_end", or None
+        self.best_weights = None
+
+    def state(self):
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    def load(self, state):
+        for k in self._SAVED:
+            setattr(self, k, state[k])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+
+    def improves(self, value):
+        """Whether ``value`` beats the best so far by more than min_delta (NaN never does)."""
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def add(self, logs, model):
+        """Append one epoch's values; return whether the monitored value improved."""
+        for k in self.history:
+            self.history[k].append(float(logs[k]))
+        self.epoch = int(logs["epoch"])
+        value = logs[self.monitor]
+        improved = self.improves(value)
+        if improved:
+            self.best, self.best_epoch, self.wait = value, self.epoch, 0
+            if self.keep_best:
+                self.best_weights = {k: v.detach().clone()
+                                     for k, v in _unwrap(model).state_dict().items()}
+        else:
+            self.wait += 1
+        if self.patience is not None and self.wait >= self.patience:
+            self.stopped = "patience"
+        return improved
+
+    def epochs_to_run(self, epochs):
+        """The epoch numbers still to train, out of ``epochs`` in all."""
+        return range(self.epoch + 1, (self.epoch if self.stopped else epochs) + 1)
+
+    def why_stopped(self):
+        """The line that says why training stopped early, or None."""
+        if self.stopped == "patience":
+            return (f"early stop: {self.monitor} did not improve for {self.patience} epochs "
+                    f"(best {_num(self.best)} at epoch {self.best_epoch})")
+        return None
+
+    def restore_best(self, model, best_path):
+        """Put the best epoch's weights back into the model (kept in memory, or best.pt)."""
+        if self.best_epoch is None:
+            return
+        if self.best_weights is not None:
+            _unwrap(model).load_state_dict(self.best_weights)
+        elif best_path is not None and os.path.exists(best_path):
+            load_checkpoint(best_path, model)
+
+
+@contextlib.contextmanager
+def _nan_stops_training(epoch, printer, model, store):
+    """A FloatingPointError (a non-finite loss) stops training with a message naming the
+    epoch, what is kept, and whether it came from a validation batch (with finite
+    weights, then, the validation data is the suspect)."""
+    def kept():
+        return (f"last.pt holds {store.holds}" if store.holds else "nothing was saved"
+                if store.dir else "nothing is saved without checkpoint=")
+    try:
+        yield
+    except _EvaluationLossError as e:
+        printer.close()
+        bad = _nonfinite_weights(model)
+        why = (f"The weights hold NaN or inf ({', '.join(bad[:3])}): a gradient of the last "
+               "steps was not finite although their losses were" if bad else
+               "Every training loss was finite and every weight is: look for NaN/inf in "
+               "the validation data, or inputs the model overflows on")
+        raise FloatingPointError(f"epoch {epoch}: validation {e}; training stopped ({kept()}). "
+                                 f"{why}") from None
+    except FloatingPointError as e:
+        printer.close()
+        raise FloatingPointError(
+            f"epoch {epoch}: {e}; training stopped ({kept()}). Lower the learning rate, clip "
+            "gradients (clip_grad_norm=1.0) or look for NaN/inf in the data") from None
+
+
+def _interrupted(stop, epoch, record, store, printer, world=1):
+    """Ctrl-C: say what is kept; in a program, re-raise (one Ctrl-C ends it) with the
+    completed epochs' history as ``stop.history``; at an interactive prompt (Python,
+    IPython, Jupyter), return that history so that the session goes on. Under
+    torch.distributed the group is taken down first (see _abandon_group)."""
+    kept = (f"; last.pt holds {store.holds}" if store.holds else
+            "; nothing saved yet" if store.dir else "")
+    interactive = world == 1 and (hasattr(sys, "ps1") or getattr(builtins, "__IPYTHON__", False))
+    if world > 1:
+        _abandon_group()
+    what = "returning the history of" if interactive else "stopping after"
+    printer.line(f"interrupted during epoch {epoch}: {what} {record.epoch} completed "
+                 f"epochs{kept}")
+    if not interactive:
+        stop.history = record.history
+        raise stop
+    return record.history
+
+
+def _hook_stops(on_epoch_end, epoch, logs, world):
+    """Whether ``on_epoch_end`` asks to stop; under torch.distributed every rank stops if
+    any rank's hook asked, so that none waits for another that left."""
+    stop = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
+    return stop if world == 1 else _agree(stop)
+
+
+def _hook_again(on_epoch_end, record, store, world):
+    """On resuming from the end of epoch N with epochs still to train: call the hook of
+    epoch N again (the run may have been killed inside it, and last.pt, written before
+    the hook runs, cannot tell), and stop there if it asks to. A hook that had returned
+    True was saved as the run's stop, so this never undoes a stop."""
+    logs = {k: v[-1] for k, v in record.history.items()}
+    logs["epoch"] = int(logs["epoch"])
+    if _hook_stops(on_epoch_end, record.epoch, logs, world):
+        record.stopped = "on_epoch_end"
+        store.save_last(record)
+
+
+# --- checkpoints --------------------------------------------------------------
+
+class _Store:
+    """A run's checkpoint directory: best.pt, last.pt and history.csv.
+
+    Rank 0 is the only writer (every rank takes part in gathering the random
+    states). What last.pt holds is written by ``save_last`` and read back by
+    ``resume``, next to each other below; the parts with a state of their own
+    (_Record, _EpochStart, _Meter) save and load it under the same keys. Without a
+    directory, nothing is written and there is nothing to resume.
+    """
+    FORMAT = "loops/1"
+
+    @staticmethod
+    def check(directory, *, resume, save_every):
+        """Refuse what would lose or mix up a run, before anything is written."""
+        if (resume or save_every is not None) and directory is None:
+            raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
+                             "last.pt is")
+        last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
+        if last is not None and not resume and os.path.exists(last):
+            raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
+                             "to continue it, or choose another directory (nothing is overwritten)")
+
+    def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1,
+                 scaler=None, loaders=()):
+        self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
+        self.loaders = loaders  # the training DataLoader's generators
+        self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
+        self.rank, self.world, self.writer = rank, world, rank == 0
+        self.dir = None if directory is None else _prepare_dir(directory)
+        # one run at a time in a directory; rank 0, the writer, holds the lock
+        self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
+        if self.lock is not None:
+            _remove_own_temps(self.dir)  # only now: another run's would be in flight
+        self.last_path = self.best_path = self.csv_path = None
+        if self.dir is not None:
+            self.last_path, self.best_path, self.csv_path = (
+                os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
+        self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
+
+    def release(self):
+        """Let another run use the directory (fit's end, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _refuse_nonfinite(self, where):
+        """FloatingPointError, before anything is written, if a weight is NaN or inf: a
+        gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
+        such weights must never replace a good checkpoint. One host read."""
+        bad = _nonfinite_weights(self.model)
+        if not bad:
+            return
+        kept = f"last.pt still holds {self.holds}" if self.holds else "nothing was saved"
+        raise FloatingPointError(
+            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
+            f"was not finite. Nothing was written from them ({kept}); look for an operation "
+            "whose gradient is undefined where it is used (sqrt or log at 0, a norm of zeros)")
+
+    def save_epoch(self, record, improved):
+        """After an epoch: best.pt if it improved, then last.pt and history.csv."""
+        if self.dir is None:
+            return
+        self._refuse_nonfinite(f"epoch {record.epoch}: ")
+        with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
+            if improved and self.writer:
+                save_checkpoint(self.best_path, self.model, format=self.FORMAT,
+                                epoch=record.epoch, monitor=record.monitor, value=record.best)
+            self.save_last(record)
+            if self.writer:
+                _write_csv(self.csv_path, record.history)
+
+    def save_last(self, record, start=None, step=0, meter=None):
+        """last.pt at the end of an epoch or, given the epoch's start, its meter and the
+        step, at a batch boundary inside it (a mid-epoch snapshot)."""
+        if self.dir is None:
+            return
+        if start is not None:  # at the epoch's end, save_epoch has looked already
+            self._refuse_nonfinite("")  # fit names the epoch
+        rng = _rng_state(self.gen, self.loaders)
+        ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
+        with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
+            if self.writer:
+                save_checkpoint(
+                    self.last_path, self.model, self.optimizer, format=self.FORMAT,
+                    monitor=record.monitor, **record.state(),
+                    scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                    scaler=None if self.scaler is None else self.scaler.state_dict(),
+                    rng=rng, rng_ranks=ranks, step=step,
+                    meter=None if meter is None else meter.state_dict(),
+                    **({} if start is None else start.state()))
+            self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
+
+    def resume(self, record, epochs):
+        """Continue from last.pt if it exists: check all of it first, then load the model,
+        the optimizer, the scheduler, the record and every random state as they were.
+        Returns last.pt's dict when it is a mid-epoch snapshot (for _begin_epoch), else None."""
+        if self.dir is None or not os.path.exists(self.last_path):
+            return None
+        ck = _read_checkpoint(self.last_path)
+        self._check_resumable(ck, record, epochs)
+        _load_into(ck, self.last_path, self.model, self.optimizer)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ck["scaler"])
+        record.load(ck)
+        if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
+            _write_csv(self.csv_path, record.history)
+        ranks = ck.get("rng_ranks")
+        _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
+                       self.gen, self.loaders)
+        self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
+        return ck if ck["step"] else None
+
+    def _check_resumable(self, ck, record, epochs):
+        path = self.last_path
+        if ck.get("format") != self.FORMAT:
+            raise ValueError(f"{path} was not written by fit (no 'format': '{self.FORMAT}'); "
+                             "cannot resume")
+        wrong = _damage(ck)
+        if wrong:
+            raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
+                             "from a copy, or move it away to start afresh")
+        if list(ck["history"]) != list(record.history):
+            raise ValueError(f"{path} recorded {list(ck['history'])}, this run records "
+                             f"{list(record.history)}; resume with the same metrics and val")
+        done = ck["epoch"] + (1 if ck["step"] else 0)
+        if epochs < done:
+            raise ValueError(f"{path} already trained {ck['epoch']} epochs"
+                             + (f" and part of epoch {done}" if ck["step"] else "")
+                             + f"; epochs={epochs} is the total, counting those: pass epochs >= "
+                               f"{done}")
+        if (ck["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
+                             "scheduler; resume with the same setup")
+        if (ck.get("scaler") is None) != (self.scaler is None):
+            raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
+                             "precision='fp16' (its GradScaler); resume with the same precision")
+
+
+_NUMBER, _NONE = (int, float), type(None)
+
+
+# What save_last writes, by key: the types a resume can work with.
+_LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
+            "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
+            "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
+            "rng_ranks": (list, _NONE)}
+
+
+_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": _NUMBER, "epoch_time": _NUMBER,
+                      "rng_epoch": (dict, _NONE)}
+
+
+def _damage(ck):
+    """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
+    history that does not add up), or None when a resume can trust it."""
+    def wrong_type(keys):
+        for key, kind in keys.items():
+            if key not in ck:
+                return f"'{key}' is missing"
+            v = ck[key]
+            if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, _NUMBER)):
+                return f"'{key}' is a {type(v).__name__} ({v!r:.40})"
+        return None
+    wrong = wrong_type(_LAST_PT)
+    if wrong:
+        return wrong
+    epoch, step, history = ck["epoch"], ck["step"], ck["history"]
+    if epoch < 0 or step < 0 or ck["wait"] < 0:
+        return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
+    if step and wrong_type(_LAST_PT_MID_EPOCH):
+        return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
+    if not isinstance(ck["rng"].get("torch"), torch.Tensor):
+        return "'rng' holds no torch random state"
+    if not {"state", "param_groups"} <= set(ck["optimizer"]):
+        return "'optimizer' is not an optimizer's state_dict"
+    lengths = {k: len(v) if isinstance(v, list) else None for k, v in history.items()}
+    if any(n != epoch for n in lengths.values()):
+        return f"its history has columns of lengths {lengths} for epoch {epoch}"
+    if not all(isinstance(x, _NUMBER) for v in history.values() for x in v):
+        return "its history holds values other than numbers"
+    if [float(e) for e in history.get("epoch", [])] != [float(e) for e in range(1, epoch + 1)]:
+        return f"its history's epochs are not 1..{epoch}"
+    if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
+        return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
+    return None
+
+
+def _nonfinite_weights(model):
+    """The names of the parameters holding NaN or inf; one host read when there are none."""
+    params = list(_unwrap(model).named_parameters())
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return []
+    return [name for name, p in params if not bool(torch.isfinite(p).all())]
+
+
+def _atomic_write(path, write):
+    """Write ``path`` through a temp file beside it and os.replace: a crash leaves the old
+    file. A Ctrl-C during the write waits for it to end (see _ctrl_c_after)."""
+    with _ctrl_c_after():
+        _write_replace(path, write)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) back until the block ends, then raise its KeyboardInterrupt.
+
+    torch's zip writer turns a KeyboardInterrupt raised inside it into a RuntimeError
+    ("unexpected pos"), so a Ctrl-C landing in a write would end fit with the wrong
+    error; a write takes a moment, and the file is then complete. Only in the main
+    thread, and only while Python's own handler is installed (a program's own
+    SIGINT handler is left alone)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _write_replace(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _new_temp(os.path.join(folder, os.path.basename(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = _os_error_in(e)
+        if cause is not None and cause is not e:  # torch's zip writer wraps a full disk's
+            raise cause from e                     # OSError in a RuntimeError: unwrap it
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _os_error_in(e):
+    """The OSError ``e`` is, or was raised while handling (its cause or context), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _new_temp(path):
+    """A new, empty ``path.<random>.tmp``, open for writing, with the mode any new file
+    gets (0666 less the umask; tempfile.mkstemp's would be 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = f"{path}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(value, where):
+    if torch.is_tensor(value) or isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    else:
+        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
+                        "only tensors and plain Python values, so that load_checkpoint can load "
+                        "them with weights_only=True")
+
+
+def _read_checkpoint(path, *, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on content
+        raise ValueError(f"{path} is not a plain checkpoint: it holds something other than "
+                         "tensors and plain values (refused: unpickling it could run code), "
+                         f"or it is damaged. torch said: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
+    return ckpt
+
+
+def _load_into(ckpt, path, model, optimizer):
+    """Load a checkpoint's weights and optimizer state, after checking that both fit:
+    torch's load_state_dict copies the matching tensors before it raises on the
+    rest, which would leave a half-loaded model."""
+    if model is not None:
+        _check_fits(_unwrap(model), ckpt["model"], path)
+    if optimizer is not None:
+        _check_optimizer_fits(optimizer, ckpt, path)
+    if model is not None:
+        _unwrap(model).load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def _check_fits(model, state, path):
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} saved vs {tuple(v.shape)} here"
+              for k, v in own.items() if k in state and torch.is_tensor(state[k])
+              and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "",
+                 f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
+        raise ValueError(f"{path} was saved from a different model architecture: "
+                         + "; ".join(p for p in parts if p))
+
+
+def _check_optimizer_fits(optimizer, ckpt, path):
+    saved = ckpt.get("optimizer_type")
+    if "optimizer" not in ckpt:
+        raise ValueError(f"{path} holds no optimizer state")
+    if saved is not None and saved != type(optimizer).__name__:
+        raise ValueError(f"{path} was saved with optimizer {saved}, but "
+                         f"{type(optimizer).__name__} was given; use the same optimizer type")
+    sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"{path}: the saved optimizer has parameter groups of sizes {sizes}, "
+                         f"this one has {[len(g['params']) for g in optimizer.param_groups]}")
+
+
+def _prepare_dir(path):
+    """Create the checkpoint directory and prove it writable with a probe file."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"checkpoint directory {path!r} cannot be written: {e.strerror or e}; "
+                         "expected a writable directory path") from None
+    return path
+
+
+# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
+_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
+
+
+def _remove_own_temps(path):
+    """Remove the temp files a run killed while writing left behind (``last.pt.<12 hex>.tmp``),
+    and only those: a user's ``best.weights.tmp`` stays."""
+    for name in os.listdir(path):
+        if _OWN_TEMP.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+
+
+class _DirLock:
+    """One run per checkpoint directory: an exclusive lock on ``DIR/.lock``, held while
+    fit runs, so that a second fit on the directory gets a ValueError instead of
+    deleting the first's temp files or adopting its half-finished run.
+
+    The lock is the operating system's (flock; msvcrt on Windows): it goes with the
+    process however the process ends, so a run killed with -9 never leaves the
+    directory locked (a stale ``.lock`` file is just a file). The file names the
+    holder, for the error message, and is removed at release. On file systems
+    without locks (some network mounts) the lock is not taken and nothing is said.
+    """
+    NAME = ".lock"
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, self.NAME)
+        while True:
+            f = open(self.path, "a+")
+            if not _try_lock(f):
+                holder = ""
+                with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
+                    f.seek(0)
+                    holder = f.read().strip()
+                holder = holder or "another process"
+                f.close()
+                raise ValueError(
+                    f"checkpoint directory {directory!r} is in use by another run ({holder}, "
+                    f"holding {self.path}); one directory holds one run at a time: wait for "
+                    "it to end, or choose another directory")
+            try:  # locked: but is it still the file at that name (not one just removed)?
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+            except OSError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.file = f
+
+    def release(self):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # still locked here: no other run can have it open and locked
+        self.file.close()  # closing drops the lock
+
+
+def _try_lock(f):
+    """Take an exclusive lock on open file ``f`` without waiting; False if another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # no locks on this file system: go on unlocked
+        return True
+
+
+def _write_csv(path, history):
+    keys = list(history)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(keys)
+    for row in zip(*(history[k] for k in keys)):
+        w.writerow([int(v) if k == "epoch" else repr(v) for k, v in zip(keys, row)])
+    _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def _shuffle_generator(seed, device, rank=0, world=1, drawn=True):
+    """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too.
+
+    Every rank draws the same permutations (one generator seed) and its own dropout
+    masks (torch's global RNG seeded with seed + rank). Without a seed the generator
+    follows torch.manual_seed, so seeding torch makes the shuffles repeatable too.
+    When no order is ``drawn`` from it (a DataLoader draws its own), it takes nothing
+    from torch's random state, so a DataLoader's shuffles are those of a plain loop.
+    """
+    gen = torch.Generator()
+    if seed is not None:
+        _seed_all(seed + rank)
+        return gen.manual_seed(seed)
+    if not drawn:
+        return gen
+    draw = torch.randint(0, 2**62, (1,)).to(device)
+    if world > 1:
+        torch.distributed.broadcast(draw, src=0)
+    return gen.manual_seed(int(draw.item()))
+
+
+def _seed_all(seed):
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % 2**32)
+
+
+def _rng_state(generator, loaders=()):
+    """Every random state training draws on, as tensors and plain values (weights_only-safe):
+    the global ones, fit's shuffling ``generator`` and the ``loaders``' generators."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np = sys.modules.get("numpy")  # saved only if the program uses numpy; never imported here
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    if generator is not None:
+        state["batches"] = generator.get_state()
+    if loaders:
+        state["loaders"] = [g.get_state() for g in loaders]
+    return state
+
+
+def _set_rng_state(state, generator, loaders=()):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np = sys.modules.get("numpy")
+    if np is not None and "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if generator is not None and "batches" in state:
+        generator.set_state(state["batches"])
+    for g, saved in zip(loaders, state.get("loaders", ())):
+        g.set_state(saved)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# --- data sources -------------------------------------------------------------
 
 def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, world=1):
     """An iterator of this rank's batches, beginning after ``start`` of them.
@@ -122,26 +1541,9 @@ def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, world=
     return zip(map(X.index_select, dim0, idx), map(y.index_select, dim0, idx))
 
 
-def _check_tensors(X, y, what):
-    if not (torch.is_tensor(X) and torch.is_tensor(y)):
-        raise TypeError(f"{what}: expected two tensors (X, y), got "
-                        f"({type(X).__name__}, {type(y).__name__})")
-    if X.dim() == 0 or y.dim() == 0 or len(X) != len(y):
-        raise ValueError(f"{what}: X and y must have the same first dimension, got shapes "
-                         f"{tuple(X.shape)} and {tuple(y.shape)}")
-    if len(X) == 0:
-        raise ValueError(f"{what}: the dataset is empty (0 rows); expected at least one row")
-
-
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-
-
 # Two kinds of data source, with the same face: ``steps`` (batches an epoch, or
 # None when unknown), ``device``, ``sharded`` (each rank sees its own rows, so the
 # epoch's sums are all-reduced) and ``epoch(...)``, the batches of one epoch.
-
 class _TensorSource:
     """(X, y) tensors, moved to the device once and cut into batches here each epoch.
 
@@ -220,60 +1622,6 @@ def _pairs(batches, device, what):
         yield _to(xb, device), _to(yb, device)
 
 
-def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False,
-            drop_last=False):
-    """``data`` as a batch source, checked: tensors or a loader.
-
-    Under a process group of ``world`` ranks, training tensors are cut per global
-    batch; with ``split_rows`` (validation) each rank takes a contiguous part of
-    the rows instead. Either way the sums are then all-reduced (``sharded``).
-    ``drop_last``: tensors skip the short last batch (a DataLoader has its own).
-    """
-    _check_batch_size(batch_size)
-    if not isinstance(drop_last, bool):
-        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        _check_tensors(*data, what)
-        X, y = data
-        if drop_last and len(X) < world * batch_size:
-            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
-                             f"{batch_size} leaves no batch; expected at least "
-                             f"{world * batch_size} rows")
-        if split_rows and world > 1:
-            lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
-            return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
-                                 sharded=True)
-        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
-                             world=world, sharded=world > 1, drop_last=drop_last)
-    if torch.is_tensor(data) or isinstance(data, tuple):
-        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
-                        f"(xb, yb) batches, got {_describe(data)}")
-    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
-                        "(X, y) (a list is read as a list of (xb, yb) batches)")
-    if drop_last:
-        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
-                         "its short last batch with DataLoader(..., drop_last=True)")
-    if not hasattr(data, "__iter__"):
-        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
-                        f"(a list, a DataLoader), got {type(data).__name__}")
-    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
-        # start a DataLoader's workers and draw its seed from the random state)
-        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
-                        "be empty after the first epoch; pass a list or a DataLoader instead")
-    source = _LoaderSource(data, device=device, what=what)
-    if source.steps == 0:
-        raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
-    if world > 1:
-        sampler = getattr(data, "sampler", None)
-        source.sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
-        if what == "train" and not source.sharded:
-            raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
-                             "DistributedSampler, or every rank trains on every batch; pass "
-                             "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
-    return source
-
-
 def _to(x, device):
     if torch.is_tensor(x):
         return x.to(device, non_blocking=True)
@@ -299,7 +1647,135 @@ def _describe(x):
         if isinstance(x, tuple) else type(x).__name__)
 
 
-# --- metrics ----------------------------------------------------------------
+def _model_device(model):
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _unwrap(model):
+    """The plain module under torch.compile and (Distributed)DataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+# --- progress -----------------------------------------------------------------
+
+# Formatting is pure functions returning strings (tested with golden strings);
+# _Printer only writes them.
+
+def _num(v):
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and abs(v) < 1e-3:
+        return f"{v:.3e}"
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.1f}"
+
+
+def _format_value(key, v, percent):
+    return f"{key} {v * 100:.1f}%" if percent and math.isfinite(v) else f"{key} {_num(v)}"
+
+
+def _seconds(s):
+    if s < 60:
+        return f"{s:.2f}s" if s < 10 else f"{s:.0f}s"
+    m, s = divmod(int(s), 60)
+    return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False):
+    """One epoch's summary line, e.g. 'epoch 7/50  loss 0.4821  acc 77.3%  0.41s  * best'."""
+    parts = [f"epoch {epoch}/{epochs}"]
+    for k, v in logs.items():
+        if k not in ("epoch", "lr", "time"):
+            parts.append(_format_value(k, v, k.removeprefix("val_") in percent))
+    if seconds is not None:
+        parts.append(_seconds(seconds))
+    if best:
+        parts.append("* best")
+    return "  ".join(parts)
+
+
+def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent=(),
+                     columns=None):
+    """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821'.
+
+    With ``columns``, the line fits in that many characters: fields go in the order
+    rate, the metrics from the last, ETA, the loss, and what is left is cut.
+    """
+    rate = done / elapsed if elapsed > 0 else 0.0
+    head = [f"epoch {epoch}/{epochs}", f"{step}/{steps if steps else '?'}"]
+    eta = [f"ETA {_seconds((steps - step) / rate)}"] if steps and rate > 0 else []
+    values = [_format_value(k, v, k in percent) for k, v in logs.items()]
+    rate_text = [f"{rate:.0f} it/s" if rate >= 10 else f"{rate:.2f} it/s"]
+    parts = head + rate_text + eta + values
+    text = "  ".join(parts)
+    drop = rate_text + values[:0:-1] + eta + values[:1]  # the order in which fields go
+    for gone in range(1, len(drop) + 1):
+        if columns is None or len(text) <= columns:
+            return text
+        text = "  ".join(p for p in parts if p not in drop[:gone])
+    return text if columns is None else text[:max(0, columns)]
+
+
+def _terminal_columns(stream):
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 80
+
+
+class _Printer:
+    """What fit prints. verbose=1 on a terminal: a live line per epoch that ends as the
+    epoch's summary; verbose=1 elsewhere (a pipe, a file) and verbose=2: summary lines
+    only, with no carriage return; verbose=0: nothing."""
+
+    def __init__(self, verbose, epochs, percent=(), stream=None):
+        self.verbose, self.epochs, self.percent = verbose, epochs, percent
+        self.stream = stream or sys.stdout
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = verbose == 1 and bool(isatty and isatty())
+        self.width = 0  # of the live line on the screen, to be blanked by the next
+
+    def progress(self, epoch, step, steps, logs, elapsed, done):
+        """Refresh the live line (a terminal only), fitted to the terminal's width now:
+        a line that wrapped could not be overwritten by the next."""
+        if self.live:
+            columns = _terminal_columns(self.stream) - 1  # the last column wraps on some
+            text = _format_progress(epoch, self.epochs, step, steps, logs, elapsed, done,
+                                    percent=self.percent, columns=columns)
+            self.stream.write("\r" + text.ljust(min(self.width, columns)))
+            self.width = len(text)
+            self.stream.flush()
+
+    def summary(self, epoch, logs, *, best):
+        if self.verbose:
+            self.line(_format_summary(epoch, self.epochs, logs, percent=self.percent,
+                                      seconds=logs["time"], best=best))
+
+    def line(self, text):
+        """A whole line, replacing the live line if there is one."""
+        if self.verbose and text:
+            pad = " " * max(0, self.width - len(text)) if self.live else ""
+            self.stream.write(("\r" if self.live and self.width else "") + text + pad + "\n")
+            self.width = 0
+            self.stream.flush()
+
+    def close(self):
+        """End a live line that no summary will replace (an error is on its way)."""
+        if self.live and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+
+
+# --- metrics ------------------------------------------------------------------
+
+
 # Each metric is a plain function (y_pred, y) -> scalar tensor over the whole set.
 # For exact epoch values the loop does not average batch values: it keeps each
 # metric's sufficient statistic (a sum, a maximum, or confusion counts) on the
@@ -569,9 +2045,258 @@ def _user_value(fn, p, y):
     return v.detach().double().reshape(())
 
 
-# --- checks ---------------------------------------------------------------------
-# Everything fit is given is checked here, before the first step and before any
-# file is written, with errors that say what came and what was expected.
+# --- mixed precision ----------------------------------------------------------
+
+_CAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(precision, device):
+    """A factory of the context that forward and loss run under: autocast to the
+    precision's dtype on the device's type, or nothing for fp32."""
+    dtype = _CAST[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _check_precision(precision, accumulate, device):
+    """ValueError for a precision or accumulate fit cannot use on this device."""
+    if precision not in _CAST:
+        raise ValueError(f"precision must be None (fp32), 'bf16' or 'fp16', got {precision!r}")
+    _check_int("accumulate", accumulate, 1)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16': {torch.cuda.get_device_name(device)} cannot run "
+                         "bfloat16; use precision='fp16' (with its GradScaler) or None")
+    if precision is not None and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision={precision!r} is for CPU and CUDA devices; on "
+                         f"{device.type} use precision=None")
+
+
+# --- distributed --------------------------------------------------------------
+
+def _world():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(model, *, backend=None):
+    """Under torchrun: join its process group and wrap the model in DistributedDataParallel.
+
+    With ``WORLD_SIZE`` > 1 in the environment (torchrun sets it), the default
+    group is initialised once (nccl when CUDA is there, else gloo), the model is
+    moved to this rank's device (``cuda:LOCAL_RANK``, or the CPU) and wrapped.
+    Anywhere else the model comes back as it is, so one script runs both ways.
+    Returns ``(model, device)``; create the optimizer after this call.
+    """
+    dist = torch.distributed
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return model, _model_device(model)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        atexit.register(_leave_group)
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    model = model.to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, device
+
+
+def _leave_group():
+    # The group made by setup_distributed is taken down at exit, once every rank is
+    # there: a rank that leaves while another still uses the connection can abort in
+    # gloo's threads ("terminate called without an active exception").
+    dist = torch.distributed
+    if dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # raised when another rank left already
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _abandon_group():
+    """After a Ctrl-C on this rank: take the process group down now, with no barrier
+    (the other ranks are not coming to one). Ranks waiting for this one in a
+    collective then fail at once with a connection error, and torchrun, seeing a
+    rank fail, stops the job, instead of every rank waiting for the backend's
+    timeout (30 minutes)."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_reduce_totals(totals):
+    """A meter's sums and counts summed over the ranks (maxima: the largest): the layout
+    [loss sum, its denominator, *metric sums, *counts], so that the counts travel with
+    the sums."""
+    flat = totals.flat
+    counts = torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)
+    flat = torch.cat([flat, counts])
+    dist = torch.distributed
+    total = flat.clone()
+    dist.all_reduce(total)
+    if totals.maxima:
+        top = flat.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        total[totals.maxima] = top[totals.maxima]
+    return total
+
+
+def _gather(obj, world):
+    """Every rank's ``obj`` as a list (on every rank), or None without a process group."""
+    if world == 1:
+        return None
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _agree(flag):
+    """True on every rank if it is True on any (a stop asked for by one rank's hook)."""
+    t = torch.tensor([float(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _first_bad_across_ranks(losses, checked, device, unit):
+    """The same answer on every rank: the first bad step of any rank."""
+    dist = torch.distributed
+    rank, world = _world()
+    bad = (~torch.isfinite(losses)).nonzero()
+    j = int(bad[0]) if len(bad) else 2**40
+    key = torch.tensor([(checked + j) * world + rank], dtype=torch.float64, device=device)
+    dist.all_reduce(key, op=dist.ReduceOp.MIN)
+    step, owner = divmod(int(key.item()), world)
+    mine = losses[j].double().reshape(1) if owner == rank else torch.zeros(
+        1, dtype=torch.float64, device=device)
+    dist.all_reduce(mine)
+    return f"loss is {mine.item()} at {unit} {step + 1} on rank {owner}"
+
+
+# --- lr_find ------------------------------------------------------------------
+
+_LR_BETA = 0.98    # the smoothing of the loss curve (an exponential moving average)
+_LR_DIVERGE = 4.0  # the search stops once the smoothed loss passes this many times its best
+
+
+def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps=100,
+            batch_size=32, device=None, precision=None):
+    """The learning-rate range test: train one batch per step while the rate rises
+    geometrically from ``start_lr`` to ``end_lr``; return ``{"lr": [...], "loss": [...],
+    "suggestion": float}``.
+
+    ``loss`` is the smoothed training loss (a moving average with factor 0.98,
+    corrected for its start), one value per rate tried. The data (tensors or a
+    DataLoader, as for fit) is cycled if it runs out. The search stops early once
+    the smoothed loss is not finite or above 4 times its best: the rates after
+    that point are not tried. The suggestion is a tenth of the rate at the lowest
+    smoothed loss (as fastai's lr_min), taken as the nearest rate tried, so it
+    always lies inside the tested range.
+
+    Afterwards the model (weights, buffers, gradients, each module's train/eval
+    mode), the optimizer (its state and every group's rate) and every random state
+    are exactly as they were, so a fit that follows trains as it would have
+    without lr_find.
+    """
+    device = _check_model(model, device)
+    _check_training_parts(loss_fn, optimizer, None, "epoch", None)
+    _check_optimizer_params(model, optimizer, loss_fn)
+    _check_precision(precision, 1, device)
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
+    if end_lr <= start_lr:
+        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
+    _check_int("steps", steps, 2)
+    source = _source(train, what="train", batch_size=batch_size, device=device, reused=True)
+    stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn)
+    kept = _Kept(model, optimizer, source.generators)
+    try:
+        return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
+    finally:
+        kept.restore()
+
+
+def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
+    batches = _cycled(source, torch.Generator().manual_seed(0))
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    model.train()
+    for i in range(steps):
+        lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+        for group in stepper.optimizer.param_groups:
+            group["lr"] = lr
+        [(loss, _)] = stepper.step(model, [next(batches)], loss_fn, False)
+        value = loss.item()  # a host read per step: the test is short and needs each loss
+        avg = _LR_BETA * avg + (1 - _LR_BETA) * value
+        smooth = avg / (1 - _LR_BETA ** (i + 1))
+        if not math.isfinite(smooth) or smooth > _LR_DIVERGE * best:
+            break
+        lrs.append(lr)
+        losses.append(smooth)
+        best = min(best, smooth)
+    if not lrs:
+        raise FloatingPointError(f"lr_find: the loss is {value} at the first rate "
+                                 f"({start_lr:g}); check the data, the model and the loss")
+    return {"lr": lrs, "loss": losses, "suggestion": _suggestion(lrs, losses)}
+
+
+def _cycled(source, gen):
+    """The source's batches, epoch after epoch (reshuffled), for as long as asked."""
+    number = 0
+    while True:
+        empty = True
+        for batch in source.epoch(gen, True, 0, number):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("lr_find: the training data yielded no batches")
+        number += 1
+
+
+def _suggestion(lrs, losses):
+    """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss.
+
+    At the lowest point the rate is already about to be too high (the average lags the
+    loss), so a tenth of it is the usual choice (fastai's lr_min); the steepest descent
+    of the smoothed curve, the other usual rule, lands on that lag and on each batch's
+    noise, and proved too high on problems whose stable range is known.
+    """
+    low = min(range(len(lrs)), key=losses.__getitem__)
+    target = math.log(lrs[low] / 10)
+    return min(lrs[:low + 1], key=lambda v: abs(math.log(v) - target))
+
+
+class _Kept:
+    """What lr_find changes, kept to be put back: the model's weights, buffers, gradients
+    and modes, the optimizer's state and rates, every random state."""
+
+    def __init__(self, model, optimizer, loaders=()):
+        self.model, self.optimizer, self.loaders = model, optimizer, loaders
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.grads = [None if p.grad is None else p.grad.detach().clone()
+                      for p in model.parameters()]
+        self.modes = [m.training for m in model.modules()]
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        self.rng = _rng_state(None, loaders)
+
+    def restore(self):
+        self.model.load_state_dict(self.weights)
+        for p, g in zip(self.model.parameters(), self.grads):
+            p.grad = g
+        for m, training in zip(self.model.modules(), self.modes):
+            m.training = training
+        self.optimizer.load_state_dict(self.optimizer_state)
+        _set_rng_state(self.rng, None, self.loaders)
+
+
+# --- building what fit runs on ------------------------------------------------
 
 class _Plan(NamedTuple):
     """What the checks of fit's arguments found: what fit works with."""
@@ -628,12 +2353,79 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val
     return _Plan(device, rank, world, stats, train_data, val_data, keys, monitor, percent)
 
 
-def _model_device(model):
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False,
+            drop_last=False):
+    """``data`` as a batch source, checked: tensors or a loader.
+
+    Under a process group of ``world`` ranks, training tensors are cut per global
+    batch; with ``split_rows`` (validation) each rank takes a contiguous part of
+    the rows instead. Either way the sums are then all-reduced (``sharded``).
+    ``drop_last``: tensors skip the short last batch (a DataLoader has its own).
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(drop_last, bool):
+        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        _check_tensors(*data, what)
+        X, y = data
+        if drop_last and len(X) < world * batch_size:
+            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
+                             f"{batch_size} leaves no batch; expected at least "
+                             f"{world * batch_size} rows")
+        if split_rows and world > 1:
+            lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
+            return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
+                                 sharded=True)
+        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
+                             world=world, sharded=world > 1, drop_last=drop_last)
+    if torch.is_tensor(data) or isinstance(data, tuple):
+        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
+                        f"(xb, yb) batches, got {_describe(data)}")
+    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
+                        "(X, y) (a list is read as a list of (xb, yb) batches)")
+    if drop_last:
+        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
+                         "its short last batch with DataLoader(..., drop_last=True)")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
+                        f"(a list, a DataLoader), got {type(data).__name__}")
+    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
+        # start a DataLoader's workers and draw its seed from the random state)
+        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
+                        "be empty after the first epoch; pass a list or a DataLoader instead")
+    source = _LoaderSource(data, device=device, what=what)
+    if source.steps == 0:
+        raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
+    if world > 1:
+        sampler = getattr(data, "sampler", None)
+        source.sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+        if what == "train" and not source.sharded:
+            raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
+                             "DistributedSampler, or every rank trains on every batch; pass "
+                             "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
+    return source
+
+
+# --- argument checks ----------------------------------------------------------
+
+# Everything fit is given is checked here, before the first step and before any
+# file is written, with errors that say what came and what was expected.
+
+def _check_tensors(X, y, what):
+    if not (torch.is_tensor(X) and torch.is_tensor(y)):
+        raise TypeError(f"{what}: expected two tensors (X, y), got "
+                        f"({type(X).__name__}, {type(y).__name__})")
+    if X.dim() == 0 or y.dim() == 0 or len(X) != len(y):
+        raise ValueError(f"{what}: X and y must have the same first dimension, got shapes "
+                         f"{tuple(X.shape)} and {tuple(y.shape)}")
+    if len(X) == 0:
+        raise ValueError(f"{what}: the dataset is empty (0 rows); expected at least one row")
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 def _check_model(model, device):
@@ -798,1783 +2590,3 @@ def _check_seed(seed):
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-# --- setup: seeds and the optimizer's side of a step -------------------------------
-
-def _shuffle_generator(seed, device, rank=0, world=1, drawn=True):
-    """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too.
-
-    Every rank draws the same permutations (one generator seed) and its own dropout
-    masks (torch's global RNG seeded with seed + rank). Without a seed the generator
-    follows torch.manual_seed, so seeding torch makes the shuffles repeatable too.
-    When no order is ``drawn`` from it (a DataLoader draws its own), it takes nothing
-    from torch's random state, so a DataLoader's shuffles are those of a plain loop.
-    """
-    gen = torch.Generator()
-    if seed is not None:
-        _seed_all(seed + rank)
-        return gen.manual_seed(seed)
-    if not drawn:
-        return gen
-    draw = torch.randint(0, 2**62, (1,)).to(device)
-    if world > 1:
-        torch.distributed.broadcast(draw, src=0)
-    return gen.manual_seed(int(draw.item()))
-
-
-def _seed_all(seed):
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    random.seed(seed)
-    np = sys.modules.get("numpy")
-    if np is not None:
-        np.random.seed(seed % 2**32)
-
-
-class _Stepper:
-    """The optimizer's side of training: the step itself, mixed precision, gradient
-    accumulation, clipping, and the scheduler, stepped after every optimizer step
-    (interval "step") or after validation ("epoch").
-
-    ``precision`` "bf16"/"fp16": forward and loss run under ``torch.autocast`` for
-    the device (weights stay fp32); "fp16" scales the loss through a GradScaler,
-    whose state last.pt keeps. ``accumulate=k``: one optimizer step per group of k
-    batches (``groups``), each batch's loss weighted by its share of the group's
-    rows, so that k batches of b step as one batch of k * b.
-    """
-
-    def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
-                 precision=None, accumulate=1, device=None, loss_fn=None):
-        self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
-        self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
-        self.per_step = scheduler if interval == "step" else None
-        self.cast = _autocast(precision, device)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.weigh = _target_weights(loss_fn)  # as the meter weighs a batch, for the shares
-
-    def groups(self, batches):
-        """The batches in groups of ``accumulate`` (the last may be shorter): one
-        optimizer step each. A group never spans two epochs."""
-        if self.accumulate == 1:
-            return ([b] for b in batches)
-        it = iter(batches)
-        return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
-
-    def step(self, model, group, loss_fn, keep_out):
-        """One optimizer step over a group of batches; [(loss, output or None)] per batch.
-
-        The textbook five lines, with the options as guarded one-liners. Under DDP
-        the gradients are all-reduced once, on the group's last batch (``no_sync``
-        for the others).
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        shares = self._shares(group)
-        done = []
-        for i, (xb, yb) in enumerate(group):
-            quiet = i < len(group) - 1 and hasattr(model, "no_sync")
-            with model.no_sync() if quiet else contextlib.nullcontext():
-                done.append(self._backward(model, xb, yb, loss_fn, shares[i], keep_out))
-        self._update(model)
-        return done
-
-    def _shares(self, group):
-        """Each batch's weight in the group's mean loss: its rows (or its targets'
-        weights, for CrossEntropyLoss/NLLLoss) over the group's."""
-        if len(group) == 1:
-            return [None]
-        if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
-            w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
-            return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
-        rows = [_batch_rows(yb) for _, yb in group]
-        return [n / sum(rows) for n in rows]
-
-    def _backward(self, model, xb, yb, loss_fn, share, keep_out):
-        """Forward and loss (under autocast), backward of the loss times its share.
-
-        A function of its own so that the graph, the output and the loss die on
-        return: nothing with a grad_fn survives into the next batch.
-        """
-        with self.cast():
-            out = model(xb)
-            loss = _scalar(loss_fn(out, yb))
-        scaled = loss if share is None else loss * share
-        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-        return loss.detach(), (_full(out.detach()) if keep_out else None)
-
-    def _update(self, model):
-        if self.scaler is None:
-            if self.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
-            self.optimizer.step()
-        else:  # the scaler skips a step whose gradients overflowed, and lowers its scale
-            if self.clip_grad_norm:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        if self.per_step is not None:
-            self.per_step.step()
-
-    def lr(self):
-        """The rate the next step trains with (the first parameter group's)."""
-        return self.optimizer.param_groups[0]["lr"]
-
-    def end_epoch(self, value):
-        """The once-an-epoch scheduler step; ReduceLROnPlateau receives ``value``."""
-        if self.scheduler is None or self.interval != "epoch":
-            return
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(value)
-        else:
-            self.scheduler.step()
-
-
-_CAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _scalar(loss):
-    """``loss``, once known to be a scalar tensor (checked at every step: no host read)."""
-    if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
-                        "(a Python number has no gradient: compute the loss with torch "
-                        "operations, e.g. torch.nn.functional.mse_loss)")
-    if loss.dim() != 0:
-        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
-                         "a scalar (use reduction='mean', the default of torch.nn losses)")
-    return loss
-
-
-def _autocast(precision, device):
-    """A factory of the context that forward and loss run under: autocast to the
-    precision's dtype on the device's type, or nothing for fp32."""
-    dtype = _CAST[precision]
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def _check_precision(precision, accumulate, device):
-    """ValueError for a precision or accumulate fit cannot use on this device."""
-    if precision not in _CAST:
-        raise ValueError(f"precision must be None (fp32), 'bf16' or 'fp16', got {precision!r}")
-    _check_int("accumulate", accumulate, 1)
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision='bf16': {torch.cuda.get_device_name(device)} cannot run "
-                         "bfloat16; use precision='fp16' (with its GradScaler) or None")
-    if precision is not None and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"precision={precision!r} is for CPU and CUDA devices; on "
-                         f"{device.type} use precision=None")
-
-# --- the run's record ------------------------------------------------------------
-
-class _Record:
-    """The run so far: the history, the best value and its epoch, the patience count,
-    why training stopped, and (for restore_best) the best weights.
-
-    ``state`` gives what last.pt saves of it and ``load`` takes it back, under the
-    same keys.
-    """
-    _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped")
-
-    def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False):
-        self.history = {k: [] for k in keys}
-        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
-        self.patience, self.keep_best = patience, keep_best
-        self.epoch, self.best, self.best_epoch, self.wait = 0, None, None, 0
-        self.stopped = None  # why training stopped: "patience", "on_epoch_end", or None
-        self.best_weights = None
-
-    def state(self):
-        return {k: getattr(self, k) for k in self._SAVED}
-
-    def load(self, state):
-        for k in self._SAVED:
-            setattr(self, k, state[k])
-        self.history = {k: list(v) for k, v in state["history"].items()}
-
-    def improves(self, value):
-        """Whether ``value`` beats the best so far by more than min_delta (NaN never does)."""
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
-    def add(self, logs, model):
-        """Append one epoch's values; return whether the monitored value improved."""
-        for k in self.history:
-            self.history[k].append(float(logs[k]))
-        self.epoch = int(logs["epoch"])
-        value = logs[self.monitor]
-        improved = self.improves(value)
-        if improved:
-            self.best, self.best_epoch, self.wait = value, self.epoch, 0
-            if self.keep_best:
-                self.best_weights = {k: v.detach().clone()
-                                     for k, v in _unwrap(model).state_dict().items()}
-        else:
-            self.wait += 1
-        if self.patience is not None and self.wait >= self.patience:
-            self.stopped = "patience"
-        return improved
-
-    def epochs_to_run(self, epochs):
-        """The epoch numbers still to train, out of ``epochs`` in all."""
-        return range(self.epoch + 1, (self.epoch if self.stopped else epochs) + 1)
-
-    def why_stopped(self):
-        """The line that says why training stopped early, or None."""
-        if self.stopped == "patience":
-            return (f"early stop: {self.monitor} did not improve for {self.patience} epochs "
-                    f"(best {_num(self.best)} at epoch {self.best_epoch})")
-        return None
-
-    def restore_best(self, model, best_path):
-        """Put the best epoch's weights back into the model (kept in memory, or best.pt)."""
-        if self.best_epoch is None:
-            return
-        if self.best_weights is not None:
-            _unwrap(model).load_state_dict(self.best_weights)
-        elif best_path is not None and os.path.exists(best_path):
-            load_checkpoint(best_path, model)
-
-
-# --- checkpoints ----------------------------------------------------------------
-
-class _Store:
-    """A run's checkpoint directory: best.pt, last.pt and history.csv.
-
-    Rank 0 is the only writer (every rank takes part in gathering the random
-    states). What last.pt holds is written by ``save_last`` and read back by
-    ``resume``, next to each other below; the parts with a state of their own
-    (_Record, _EpochStart, _Meter) save and load it under the same keys. Without a
-    directory, nothing is written and there is nothing to resume.
-    """
-    FORMAT = "loops/1"
-
-    @staticmethod
-    def check(directory, *, resume, save_every):
-        """Refuse what would lose or mix up a run, before anything is written."""
-        if (resume or save_every is not None) and directory is None:
-            raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
-                             "last.pt is")
-        last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
-        if last is not None and not resume and os.path.exists(last):
-            raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
-                             "to continue it, or choose another directory (nothing is overwritten)")
-
-    def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1,
-                 scaler=None, loaders=()):
-        self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
-        self.loaders = loaders  # the training DataLoader's generators
-        self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
-        self.rank, self.world, self.writer = rank, world, rank == 0
-        self.dir = None if directory is None else _prepare_dir(directory)
-        # one run at a time in a directory; rank 0, the writer, holds the lock
-        self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
-        if self.lock is not None:
-            _remove_own_temps(self.dir)  # only now: another run's would be in flight
-        self.last_path = self.best_path = self.csv_path = None
-        if self.dir is not None:
-            self.last_path, self.best_path, self.csv_path = (
-                os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
-        self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
-
-    def release(self):
-        """Let another run use the directory (fit's end, however it ends)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def _refuse_nonfinite(self, where):
-        """FloatingPointError, before anything is written, if a weight is NaN or inf: a
-        gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
-        such weights must never replace a good checkpoint. One host read."""
-        bad = _nonfinite_weights(self.model)
-        if not bad:
-            return
-        kept = f"last.pt still holds {self.holds}" if self.holds else "nothing was saved"
-        raise FloatingPointError(
-            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
-            f"was not finite. Nothing was written from them ({kept}); look for an operation "
-            "whose gradient is undefined where it is used (sqrt or log at 0, a norm of zeros)")
-
-    def save_epoch(self, record, improved):
-        """After an epoch: best.pt if it improved, then last.pt and history.csv."""
-        if self.dir is None:
-            return
-        self._refuse_nonfinite(f"epoch {record.epoch}: ")
-        with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
-            if improved and self.writer:
-                save_checkpoint(self.best_path, self.model, format=self.FORMAT,
-                                epoch=record.epoch, monitor=record.monitor, value=record.best)
-            self.save_last(record)
-            if self.writer:
-                _write_csv(self.csv_path, record.history)
-
-    def save_last(self, record, start=None, step=0, meter=None):
-        """last.pt at the end of an epoch or, given the epoch's start, its meter and the
-        step, at a batch boundary inside it (a mid-epoch snapshot)."""
-        if self.dir is None:
-            return
-        if start is not None:  # at the epoch's end, save_epoch has looked already
-            self._refuse_nonfinite("")  # fit names the epoch
-        rng = _rng_state(self.gen, self.loaders)
-        ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
-        with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
-            if self.writer:
-                save_checkpoint(
-                    self.last_path, self.model, self.optimizer, format=self.FORMAT,
-                    monitor=record.monitor, **record.state(),
-                    scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
-                    scaler=None if self.scaler is None else self.scaler.state_dict(),
-                    rng=rng, rng_ranks=ranks, step=step,
-                    meter=None if meter is None else meter.state_dict(),
-                    **({} if start is None else start.state()))
-            self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
-
-    def resume(self, record, epochs):
-        """Continue from last.pt if it exists: check all of it first, then load the model,
-        the optimizer, the scheduler, the record and every random state as they were.
-        Returns last.pt's dict when it is a mid-epoch snapshot (for _begin_epoch), else None."""
-        if self.dir is None or not os.path.exists(self.last_path):
-            return None
-        ck = _read_checkpoint(self.last_path)
-        self._check_resumable(ck, record, epochs)
-        _load_into(ck, self.last_path, self.model, self.optimizer)
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(ck["scheduler"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(ck["scaler"])
-        record.load(ck)
-        if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
-            _write_csv(self.csv_path, record.history)
-        ranks = ck.get("rng_ranks")
-        _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
-                       self.gen, self.loaders)
-        self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
-        return ck if ck["step"] else None
-
-    def _check_resumable(self, ck, record, epochs):
-        path = self.last_path
-        if ck.get("format") != self.FORMAT:
-            raise ValueError(f"{path} was not written by fit (no 'format': '{self.FORMAT}'); "
-                             "cannot resume")
-        wrong = _damage(ck)
-        if wrong:
-            raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
-                             "from a copy, or move it away to start afresh")
-        if list(ck["history"]) != list(record.history):
-            raise ValueError(f"{path} recorded {list(ck['history'])}, this run records "
-                             f"{list(record.history)}; resume with the same metrics and val")
-        done = ck["epoch"] + (1 if ck["step"] else 0)
-        if epochs < done:
-            raise ValueError(f"{path} already trained {ck['epoch']} epochs"
-                             + (f" and part of epoch {done}" if ck["step"] else "")
-                             + f"; epochs={epochs} is the total, counting those: pass epochs >= "
-                               f"{done}")
-        if (ck["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
-                             "scheduler; resume with the same setup")
-        if (ck.get("scaler") is None) != (self.scaler is None):
-            raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
-                             "precision='fp16' (its GradScaler); resume with the same precision")
-
-
-_NUMBER, _NONE = (int, float), type(None)
-# What save_last writes, by key: the types a resume can work with.
-_LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
-            "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
-            "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
-            "rng_ranks": (list, _NONE)}
-_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": _NUMBER, "epoch_time": _NUMBER,
-                      "rng_epoch": (dict, _NONE)}
-
-
-def _damage(ck):
-    """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
-    history that does not add up), or None when a resume can trust it."""
-    def wrong_type(keys):
-        for key, kind in keys.items():
-            if key not in ck:
-                return f"'{key}' is missing"
-            v = ck[key]
-            if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, _NUMBER)):
-                return f"'{key}' is a {type(v).__name__} ({v!r:.40})"
-        return None
-    wrong = wrong_type(_LAST_PT)
-    if wrong:
-        return wrong
-    epoch, step, history = ck["epoch"], ck["step"], ck["history"]
-    if epoch < 0 or step < 0 or ck["wait"] < 0:
-        return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
-    if step and wrong_type(_LAST_PT_MID_EPOCH):
-        return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
-    if not isinstance(ck["rng"].get("torch"), torch.Tensor):
-        return "'rng' holds no torch random state"
-    if not {"state", "param_groups"} <= set(ck["optimizer"]):
-        return "'optimizer' is not an optimizer's state_dict"
-    lengths = {k: len(v) if isinstance(v, list) else None for k, v in history.items()}
-    if any(n != epoch for n in lengths.values()):
-        return f"its history has columns of lengths {lengths} for epoch {epoch}"
-    if not all(isinstance(x, _NUMBER) for v in history.values() for x in v):
-        return "its history holds values other than numbers"
-    if [float(e) for e in history.get("epoch", [])] != [float(e) for e in range(1, epoch + 1)]:
-        return f"its history's epochs are not 1..{epoch}"
-    if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
-        return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
-    return None
-
-
-def _nonfinite_weights(model):
-    """The names of the parameters holding NaN or inf; one host read when there are none."""
-    params = list(_unwrap(model).named_parameters())
-    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
-        return []
-    return [name for name, p in params if not bool(torch.isfinite(p).all())]
-
-
-def _unwrap(model):
-    """The plain module under torch.compile and (Distributed)DataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def _atomic_write(path, write):
-    """Write ``path`` through a temp file beside it and os.replace: a crash leaves the old
-    file. A Ctrl-C during the write waits for it to end (see _ctrl_c_after)."""
-    with _ctrl_c_after():
-        _write_replace(path, write)
-
-
-@contextlib.contextmanager
-def _ctrl_c_after():
-    """Hold a Ctrl-C (SIGINT) back until the block ends, then raise its KeyboardInterrupt.
-
-    torch's zip writer turns a KeyboardInterrupt raised inside it into a RuntimeError
-    ("unexpected pos"), so a Ctrl-C landing in a write would end fit with the wrong
-    error; a write takes a moment, and the file is then complete. Only in the main
-    thread, and only while Python's own handler is installed (a program's own
-    SIGINT handler is left alone)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def _write_replace(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _new_temp(os.path.join(folder, os.path.basename(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = _os_error_in(e)
-        if cause is not None and cause is not e:  # torch's zip writer wraps a full disk's
-            raise cause from e                     # OSError in a RuntimeError: unwrap it
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _os_error_in(e):
-    """The OSError ``e`` is, or was raised while handling (its cause or context), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _new_temp(path):
-    """A new, empty ``path.<random>.tmp``, open for writing, with the mode any new file
-    gets (0666 less the umask; tempfile.mkstemp's would be 0600)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = f"{path}.{os.urandom(6).hex()}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-_PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
-
-
-def _check_plain(value, where):
-    if torch.is_tensor(value) or isinstance(value, _PLAIN):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_plain(k, f"{where} key {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
-    else:
-        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
-                        "only tensors and plain Python values, so that load_checkpoint can load "
-                        "them with weights_only=True")
-
-
-def save_checkpoint(path, model, optimizer=None, **state):
-    """Atomically write the model's (unwrapped) weights, the optimizer state and ``state``."""
-    ckpt = {"model": _unwrap(model).state_dict(), **state}
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-        ckpt["optimizer_type"] = type(optimizer).__name__
-    _check_plain(ckpt, "checkpoint")
-    _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
-    """Read a checkpoint with ``weights_only=True`` and load it into model/optimizer if given."""
-    path = os.fspath(path)
-    ckpt = _read_checkpoint(path, map_location=map_location)
-    _load_into(ckpt, path, model, optimizer)
-    return ckpt
-
-
-def _read_checkpoint(path, *, map_location="cpu"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on content
-        raise ValueError(f"{path} is not a plain checkpoint: it holds something other than "
-                         "tensors and plain values (refused: unpickling it could run code), "
-                         f"or it is damaged. torch said: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
-    return ckpt
-
-
-def _load_into(ckpt, path, model, optimizer):
-    """Load a checkpoint's weights and optimizer state, after checking that both fit:
-    torch's load_state_dict copies the matching tensors before it raises on the
-    rest, which would leave a half-loaded model."""
-    if model is not None:
-        _check_fits(_unwrap(model), ckpt["model"], path)
-    if optimizer is not None:
-        _check_optimizer_fits(optimizer, ckpt, path)
-    if model is not None:
-        _unwrap(model).load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-
-
-def _check_fits(model, state, path):
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} saved vs {tuple(v.shape)} here"
-              for k, v in own.items() if k in state and torch.is_tensor(state[k])
-              and state[k].shape != v.shape]
-    if missing or extra or shapes:
-        parts = [f"missing {missing[:3]}" if missing else "",
-                 f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
-        raise ValueError(f"{path} was saved from a different model architecture: "
-                         + "; ".join(p for p in parts if p))
-
-
-def _check_optimizer_fits(optimizer, ckpt, path):
-    saved = ckpt.get("optimizer_type")
-    if "optimizer" not in ckpt:
-        raise ValueError(f"{path} holds no optimizer state")
-    if saved is not None and saved != type(optimizer).__name__:
-        raise ValueError(f"{path} was saved with optimizer {saved}, but "
-                         f"{type(optimizer).__name__} was given; use the same optimizer type")
-    sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
-    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
-        raise ValueError(f"{path}: the saved optimizer has parameter groups of sizes {sizes}, "
-                         f"this one has {[len(g['params']) for g in optimizer.param_groups]}")
-
-
-def _rng_state(generator, loaders=()):
-    """Every random state training draws on, as tensors and plain values (weights_only-safe):
-    the global ones, fit's shuffling ``generator`` and the ``loaders``' generators."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np = sys.modules.get("numpy")  # saved only if the program uses numpy; never imported here
-    if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    if generator is not None:
-        state["batches"] = generator.get_state()
-    if loaders:
-        state["loaders"] = [g.get_state() for g in loaders]
-    return state
-
-
-def _set_rng_state(state, generator, loaders=()):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np = sys.modules.get("numpy")
-    if np is not None and "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if generator is not None and "batches" in state:
-        generator.set_state(state["batches"])
-    for g, saved in zip(loaders, state.get("loaders", ())):
-        g.set_state(saved)
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _prepare_dir(path):
-    """Create the checkpoint directory and prove it writable with a probe file."""
-    path = os.fspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"checkpoint directory {path!r} cannot be written: {e.strerror or e}; "
-                         "expected a writable directory path") from None
-    return path
-
-
-# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
-_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
-
-
-def _remove_own_temps(path):
-    """Remove the temp files a run killed while writing left behind (``last.pt.<12 hex>.tmp``),
-    and only those: a user's ``best.weights.tmp`` stays."""
-    for name in os.listdir(path):
-        if _OWN_TEMP.fullmatch(name):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(path, name))
-
-
-class _DirLock:
-    """One run per checkpoint directory: an exclusive lock on ``DIR/.lock``, held while
-    fit runs, so that a second fit on the directory gets a ValueError instead of
-    deleting the first's temp files or adopting its half-finished run.
-
-    The lock is the operating system's (flock; msvcrt on Windows): it goes with the
-    process however the process ends, so a run killed with -9 never leaves the
-    directory locked (a stale ``.lock`` file is just a file). The file names the
-    holder, for the error message, and is removed at release. On file systems
-    without locks (some network mounts) the lock is not taken and nothing is said.
-    """
-    NAME = ".lock"
-
-    def __init__(self, directory):
-        self.path = os.path.join(directory, self.NAME)
-        while True:
-            f = open(self.path, "a+")
-            if not _try_lock(f):
-                holder = ""
-                with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
-                    f.seek(0)
-                    holder = f.read().strip()
-                holder = holder or "another process"
-                f.close()
-                raise ValueError(
-                    f"checkpoint directory {directory!r} is in use by another run ({holder}, "
-                    f"holding {self.path}); one directory holds one run at a time: wait for "
-                    "it to end, or choose another directory")
-            try:  # locked: but is it still the file at that name (not one just removed)?
-                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
-            except OSError:
-                same = False
-            if same:
-                break
-            f.close()
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self.file = f
-
-    def release(self):
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # still locked here: no other run can have it open and locked
-        self.file.close()  # closing drops the lock
-
-
-def _try_lock(f):
-    """Take an exclusive lock on open file ``f`` without waiting; False if another holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-        try:
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:  # no locks on this file system: go on unlocked
-        return True
-
-
-def _write_csv(path, history):
-    keys = list(history)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(keys)
-    for row in zip(*(history[k] for k in keys)):
-        w.writerow([int(v) if k == "epoch" else repr(v) for k, v in zip(keys, row)])
-    _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-# --- progress -------------------------------------------------------------------
-# Formatting is pure functions returning strings (tested with golden strings);
-# _Printer only writes them.
-
-def _num(v):
-    if not math.isfinite(v):
-        return str(v)
-    if v != 0 and abs(v) < 1e-3:
-        return f"{v:.3e}"
-    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.1f}"
-
-
-def _format_value(key, v, percent):
-    return f"{key} {v * 100:.1f}%" if percent and math.isfinite(v) else f"{key} {_num(v)}"
-
-
-def _seconds(s):
-    if s < 60:
-        return f"{s:.2f}s" if s < 10 else f"{s:.0f}s"
-    m, s = divmod(int(s), 60)
-    return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False):
-    """One epoch's summary line, e.g. 'epoch 7/50  loss 0.4821  acc 77.3%  0.41s  * best'."""
-    parts = [f"epoch {epoch}/{epochs}"]
-    for k, v in logs.items():
-        if k not in ("epoch", "lr", "time"):
-            parts.append(_format_value(k, v, k.removeprefix("val_") in percent))
-    if seconds is not None:
-        parts.append(_seconds(seconds))
-    if best:
-        parts.append("* best")
-    return "  ".join(parts)
-
-
-def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent=(),
-                     columns=None):
-    """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821'.
-
-    With ``columns``, the line fits in that many characters: fields go in the order
-    rate, the metrics from the last, ETA, the loss, and what is left is cut.
-    """
-    rate = done / elapsed if elapsed > 0 else 0.0
-    head = [f"epoch {epoch}/{epochs}", f"{step}/{steps if steps else '?'}"]
-    eta = [f"ETA {_seconds((steps - step) / rate)}"] if steps and rate > 0 else []
-    values = [_format_value(k, v, k in percent) for k, v in logs.items()]
-    rate_text = [f"{rate:.0f} it/s" if rate >= 10 else f"{rate:.2f} it/s"]
-    parts = head + rate_text + eta + values
-    text = "  ".join(parts)
-    drop = rate_text + values[:0:-1] + eta + values[:1]  # the order in which fields go
-    for gone in range(1, len(drop) + 1):
-        if columns is None or len(text) <= columns:
-            return text
-        text = "  ".join(p for p in parts if p not in drop[:gone])
-    return text if columns is None else text[:max(0, columns)]
-
-
-def _terminal_columns(stream):
-    try:
-        return os.get_terminal_size(stream.fileno()).columns or 80
-    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
-        return 80
-
-
-class _Printer:
-    """What fit prints. verbose=1 on a terminal: a live line per epoch that ends as the
-    epoch's summary; verbose=1 elsewhere (a pipe, a file) and verbose=2: summary lines
-    only, with no carriage return; verbose=0: nothing."""
-
-    def __init__(self, verbose, epochs, percent=(), stream=None):
-        self.verbose, self.epochs, self.percent = verbose, epochs, percent
-        self.stream = stream or sys.stdout
-        isatty = getattr(self.stream, "isatty", None)
-        self.live = verbose == 1 and bool(isatty and isatty())
-        self.width = 0  # of the live line on the screen, to be blanked by the next
-
-    def progress(self, epoch, step, steps, logs, elapsed, done):
-        """Refresh the live line (a terminal only), fitted to the terminal's width now:
-        a line that wrapped could not be overwritten by the next."""
-        if self.live:
-            columns = _terminal_columns(self.stream) - 1  # the last column wraps on some
-            text = _format_progress(epoch, self.epochs, step, steps, logs, elapsed, done,
-                                    percent=self.percent, columns=columns)
-            self.stream.write("\r" + text.ljust(min(self.width, columns)))
-            self.width = len(text)
-            self.stream.flush()
-
-    def summary(self, epoch, logs, *, best):
-        if self.verbose:
-            self.line(_format_summary(epoch, self.epochs, logs, percent=self.percent,
-                                      seconds=logs["time"], best=best))
-
-    def line(self, text):
-        """A whole line, replacing the live line if there is one."""
-        if self.verbose and text:
-            pad = " " * max(0, self.width - len(text)) if self.live else ""
-            self.stream.write(("\r" if self.live and self.width else "") + text + pad + "\n")
-            self.width = 0
-            self.stream.flush()
-
-    def close(self):
-        """End a live line that no summary will replace (an error is on its way)."""
-        if self.live and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
-
-
-# --- one epoch ------------------------------------------------------------------
-
-_TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
-_CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
-
-
-class _EpochStart:
-    """How an epoch began: its number, the rate it trains with, the RNG state before its
-    order was drawn (kept only when a mid-epoch snapshot may need it) and its clock.
-
-    ``state`` gives what a mid-epoch snapshot saves of it; ``resumed`` takes it back.
-    """
-
-    def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
-        self.epoch, self.lr, self.rng = epoch, lr, rng
-        self.elapsed_before, self.t0 = elapsed_before, time.perf_counter()
-
-    def state(self):
-        return {"rng_epoch": self.rng, "epoch_lr": self.lr, "epoch_time": self.elapsed()}
-
-    @classmethod
-    def resumed(cls, epoch, state):
-        return cls(epoch, state["epoch_lr"], state["rng_epoch"], state["epoch_time"])
-
-    def elapsed(self):
-        """Seconds spent on this epoch, including those before a resume."""
-        return self.elapsed_before + time.perf_counter() - self.t0
-
-
-def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snapshot=None):
-    """Start epoch ``epoch``: how it began (an _EpochStart) and its batches; continuing a
-    mid-epoch ``snapshot`` (last.pt's dict) where it stopped, when one is given.
-
-    Bit-exact resume rests on the order of these lines:
-      1. restore the RNG state the epoch began with, so that
-      2. drawing the epoch's order, and passing over the batches done, gives the same
-         order as the first time (a DataLoader redraws its own from the same state);
-      3. then restore the RNG state of the snapshot's batch boundary, so that dropout
-         and anything else random goes on from there, not from the epoch's start.
-    Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
-    batches come again. The meter's sums come back beside them (no randomness in them).
-    """
-    if snapshot is None:
-        start = _EpochStart(epoch, stepper.lr(),
-                            _rng_state(gen, source.generators) if keep_rng else None)
-        return start, source.epoch(gen, shuffle, 0, epoch)
-    start = _EpochStart.resumed(epoch, snapshot)
-    _set_rng_state(start.rng, gen, source.generators)             # 1
-    batches = source.epoch(gen, shuffle, snapshot["step"], epoch)  # 2
-    meter.load_state_dict(snapshot["meter"], snapshot["step"])
-    _set_rng_state(snapshot["rng"], gen, source.generators)       # 3
-    return start, batches
-
-
-def _train_loop(model, batches, loss_fn, stepper, meter, ticker=None):
-    """Train on ``batches``, an optimizer step per batch (or per group of ``accumulate``),
-    each batch summed by ``meter``; ``ticker`` looks now and then, between steps."""
-    model.train()
-    step = start = meter.steps
-    next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
-    for group in stepper.groups(batches):  # a batch, or ``accumulate`` of them: one step
-        for (xb, yb), (loss, out) in zip(group, stepper.step(model, group, loss_fn, keep_out)):
-            meter.add(loss, out, yb, _batch_rows(yb))
-        step += len(group)
-        if step >= next_tick and ticker is not None:  # at a step's end, never inside a group
-            next_tick = ticker(step, meter)
-    if step == start == 0:
-        raise ValueError("the training data yielded no batches; expected at least one")
-
-
-class _Totals(NamedTuple):
-    """A meter's sums on the device, not yet read back."""
-    flat: torch.Tensor  # [loss sum, its denominator, *each metric's sums]
-    counts: list        # each metric's count
-    sizes: list         # how many numbers each metric has in ``flat``
-    maxima: list        # positions in ``flat`` that hold maxima (max_error)
-
-
-class _Meter:
-    """Sums of the loss and the metrics over one pass (an epoch's training or its
-    validation), kept on the device.
-
-    ``add`` runs every step and only appends detached tensors to lists: no host
-    read, no arithmetic (but for the first step, whose metrics are tried at once
-    so that a failing metric names itself there). Every ``_FOLD_STEPS`` steps (or
-    when the outputs held pass ``_PENDING`` values) what is pending is folded into
-    the sums with a few vectorised ops on the device. Fold points depend only on
-    the step count, so the sums, down to the last bit, do not depend on when anyone
-    looked: ``totals`` adds the pending part without folding it. ``check`` is told
-    the loss sum once it is read, and finds the first non-finite loss when that sum
-    is not finite.
-
-    The loss of the pass is the whole set's: each batch value (a mean) counts for
-    its rows -- or, for CrossEntropyLoss/NLLLoss with class indices, for the weight
-    of its targets (``weight[y]``, 0 for ``ignore_index``), which is how torch
-    averages such a batch. A batch whose targets are all ignored counts for nothing.
-    """
-    _FOLD_STEPS = 128
-    _PENDING = 1 << 22
-
-    def __init__(self, stats, device, loss_fn=None, *, sharded=False):
-        self.stats, self.device, self.sharded = stats, device, sharded
-        # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
-        self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
-        self.weigh = _target_weights(loss_fn)
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
-        self.loss_den = torch.zeros((), dtype=self.dtype, device=device)
-        self.steps = 0
-        self.sums = {k: None for k in stats}
-        self.counts = {k: 0 for k in stats}
-        self.evaluating = False  # an evaluation pass: its steps are batches, not steps
-        self.checked = 0    # steps whose loss is known to be finite
-        self.unchecked = []  # folded losses not yet known to be finite, in step order
-        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
-
-    def add(self, loss, out, y, n):
-        self._losses.append(loss)
-        self._ns.append(n)
-        self.steps += 1
-        if self.stats:
-            self._outs.append(out)
-            self._numel += out.numel()
-            if self.steps == 1:
-                _metric_sums(self.stats, [out], [y], self.dtype)  # fail here, not at a fold
-        if self.stats or self.weigh:
-            self._ys.append(y)
-        if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
-            self._fold()
-
-    def _pending(self):
-        """(loss sum, its denominator, metric sums, metric counts, losses) of the steps
-        not yet folded; the losses of batches that count for nothing are zeroed."""
-        losses = torch.stack(self._losses)
-        if self.weigh is None:
-            weights = None
-            den = sum(self._ns)
-            total = _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
-        else:
-            weights = _batch_weights(self.weigh, self._ys, self.dtype)
-            losses = torch.where(weights > 0, losses, 0)
-            den, total = weights.sum(), (losses.to(self.dtype) * weights).sum()
-        sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
-        return total, den, sums, counts, losses
-
-    def _fold(self):
-        if not self._losses:
-            return
-        total, den, sums, counts, losses = self._pending()
-        self.loss_sum, self.loss_den = self.loss_sum + total, self.loss_den + den
-        for k, st in self.stats.items():
-            self.sums[k] = _combine(st, self.sums[k], sums[k])
-            self.counts[k] += counts[k]
-        self.unchecked.append(losses)
-        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
-
-    def totals(self):
-        """The sums so far, the pending steps' included, as a _Totals (nothing is read)."""
-        loss_sum, den = self.loss_sum, self.loss_den
-        sums, counts = dict(self.sums), dict(self.counts)
-        if self._losses:  # counted, but not folded: fold points stay where they are
-            total, p_den, p_sums, p_counts, _ = self._pending()
-            loss_sum, den = loss_sum + total, den + p_den
-            for k, st in self.stats.items():
-                sums[k] = _combine(st, sums[k], p_sums[k])
-                counts[k] += p_counts[k]
-        parts, sizes, maxima, i = [loss_sum.reshape(1), den.reshape(1)], [], [], 2
-        for k, st in self.stats.items():
-            part = sums[k] if sums[k] is not None else torch.zeros(
-                st.size, dtype=self.dtype, device=self.device)
-            parts.append(part)
-            sizes.append(part.numel())
-            if st.reduce == "max":
-                maxima += range(i, i + part.numel())
-            i += part.numel()
-        return _Totals(torch.cat(parts), list(counts.values()), sizes, maxima)
-
-    def losses(self):
-        """Every loss not yet known to be finite, in step order (from step checked + 1)."""
-        chunks = self.unchecked + ([self._pending()[4]] if self._losses else [])
-        return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
-
-    def check(self, loss_sum, *, across_ranks=False, world=1):
-        """Given the loss sum read back: FloatingPointError at the first non-finite loss.
-
-        A finite sum means every loss was finite: the search for the first bad step
-        happens only when it was not. Under torch.distributed only the reduced sum
-        decides (``across_ranks``), so that every rank stops at the same point.
-        """
-        if math.isfinite(loss_sum):
-            self.checked += sum(len(u) for u in self.unchecked)
-            self.unchecked = []
-            return
-        unit = "batch" if self.evaluating else "step"
-        if across_ranks:
-            where = _first_bad_across_ranks(self.losses(), self.checked, self.device, unit)
-        elif world == 1:
-            where = _first_bad(self.losses(), self.checked, loss_sum, unit)
-        else:
-            return
-        raise (_EvaluationLossError if self.evaluating else FloatingPointError)(where)
-
-    def state_dict(self):
-        """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
-        cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
-        return {"loss_sum": self.loss_sum.cpu(), "loss_den": self.loss_den.cpu(),
-                "counts": dict(self.counts),
-                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
-                "losses": torch.stack(self._losses).cpu() if self._losses else None,
-                "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
-
-    def load_state_dict(self, state, step):
-        dev = self.device
-        self.loss_sum, self.loss_den = state["loss_sum"].to(dev), state["loss_den"].to(dev)
-        self.counts = dict(state["counts"])
-        self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
-        losses = state["losses"]
-        self._losses = [] if losses is None else list(losses.to(dev))
-        self._ns = list(state["ns"])
-        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
-        self._numel = sum(t.numel() for t in self._outs)
-        self.steps, self.checked = step, step - len(self._losses)
-
-
-def _target_weights(loss_fn):
-    """For CrossEntropyLoss/NLLLoss averaging over class indices: y -> each target's
-    weight in torch's batch mean (``weight[y]``; 0 where ``y == ignore_index``).
-    None for any other loss, whose batch mean counts each row once."""
-    if not isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) or (
-            loss_fn.reduction != "mean"):
-        return None
-    ignore, weight = loss_fn.ignore_index, loss_fn.weight
-
-    def weigh(y):  # y: (steps, *target shape) of class indices
-        if y.is_floating_point():  # probability targets: torch divides by the rows
-            return torch.full(y.shape[:1], y.shape[1], dtype=torch.float64, device=y.device)
-        keep = y != ignore
-        w = keep if weight is None else weight[torch.where(keep, y, 0)] * keep
-        return w.reshape(len(y), -1).sum(1, dtype=torch.float64)
-    return weigh
-
-
-def _batch_weights(weigh, ys, dtype):
-    """The weight of each batch's targets, as one tensor (one op for equal shapes)."""
-    if all(y.shape == ys[0].shape for y in ys):
-        w = weigh(torch.stack(ys))
-    else:
-        w = torch.cat([weigh(y.unsqueeze(0)) for y in ys])
-    return w.to(dtype)
-
-
-def _loss_sum(losses, ns, loss_is_sum, dtype):
-    """The rows' loss sum from batch losses: each batch mean counts for its rows."""
-    total, start = 0, 0
-    for size, run in _runs(ns):  # usually one run of equal batches, two at the end
-        weight = 1 if loss_is_sum else size
-        part = losses if run == len(losses) else losses[start:start + run]
-        total = total + part.sum(dtype=dtype) * weight
-        start += run
-    return total
-
-
-def _metric_sums(stats, outs, ys, dtype):
-    """({name: sums}, {name: count}) of the metrics over the outputs of several steps."""
-    sums, counts = {k: None for k in stats}, {k: 0 for k in stats}
-    if not stats:
-        return sums, counts
-    groups = [(outs[0], ys[0])] if len(outs) == 1 else None
-    if groups is None:
-        try:
-            groups = [(torch.cat(outs), torch.cat(ys))]
-        except RuntimeError:  # outputs of varying shapes (sequences): batch by batch
-            groups = list(zip(outs, ys))
-    for p, y in groups:
-        for k, st in stats.items():
-            try:
-                s = st.stat(p, y).reshape(-1)
-            except Exception as e:
-                raise ValueError(f"metric {k!r} failed on a batch (outputs: {_describe(p)}; "
-                                 f"targets: {_describe(y)}): {e}") from e
-            s = s if s.dtype == dtype else s.to(dtype)
-            sums[k] = _combine(st, sums[k], s)
-            counts[k] += st.count(p, y)
-    return sums, counts
-
-
-def _combine(st, acc, s):
-    if acc is None or s is None:
-        return s if acc is None else acc
-    return acc + s if st.reduce == "sum" else torch.maximum(acc, s)
-
-
-def _runs(values):
-    """[(value, length)] of consecutive equal values: [10, 10, 10, 4] -> [(10, 3), (4, 1)]."""
-    out = []
-    for v in values:
-        if out and out[-1][0] == v:
-            out[-1][1] += 1
-        else:
-            out.append([v, 1])
-    return out
-
-
-class _EvaluationLossError(FloatingPointError):
-    """A loss that is not finite in an evaluation pass (fit's validation, evaluate)."""
-
-
-def _first_bad(losses, checked, total, unit):
-    """Where the first non-finite loss is: 'loss is nan at step 7'."""
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad) == 0:  # every loss finite, their weighted sum overflowed
-        return f"the sum of the losses overflowed to {total}"
-    j = int(bad[0])
-    return f"loss is {losses[j].item()} at {unit} {checked + j + 1}"
-
-
-def _first_bad_across_ranks(losses, checked, device, unit):
-    """The same answer on every rank: the first bad step of any rank."""
-    dist = torch.distributed
-    rank, world = _world()
-    bad = (~torch.isfinite(losses)).nonzero()
-    j = int(bad[0]) if len(bad) else 2**40
-    key = torch.tensor([(checked + j) * world + rank], dtype=torch.float64, device=device)
-    dist.all_reduce(key, op=dist.ReduceOp.MIN)
-    step, owner = divmod(int(key.item()), world)
-    mine = losses[j].double().reshape(1) if owner == rank else torch.zeros(
-        1, dtype=torch.float64, device=device)
-    dist.all_reduce(mine)
-    return f"loss is {mine.item()} at {unit} {step + 1} on rank {owner}"
-
-
-class _Ticker:
-    """Calls ``look`` at most every ``seconds`` without reading the clock each step.
-
-    It predicts from the rate so far how many steps make ``seconds`` and only
-    then reads the clock; each look is one host read (a CUDA sync).
-    """
-
-    def __init__(self, seconds, steps, look, *, at_once=True):
-        self.seconds, self.steps, self.look = seconds, steps, look
-        self.t0, self.start = time.perf_counter(), None
-        self.last = None if at_once else self.t0  # a live line shows the first step at once
-
-    def __call__(self, step, meter):
-        """Look now if it is time; return the step at which to ask again."""
-        now = time.perf_counter()
-        if self.start is None:
-            self.start = step - 1
-        if self.last is None or now - self.last >= self.seconds:
-            self.last = now
-            self.look(step, self.steps, meter, now - self.t0, step - self.start)
-        rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps per second so far
-        return step + max(1, int(rate * (self.seconds - (now - self.last))))
-
-
-def _look_seconds(live, save_every, device):
-    """How often fit looks at the running values inside an epoch, or None for never.
-
-    A live line or mid-epoch snapshots: ten times a second (save_every is weighed
-    at each look). A silent CPU run: once a second, to stop early on a NaN (a read
-    costs nothing there). A silent CUDA run: never, since a read waits for the GPU.
-    """
-    if live or save_every is not None:
-        return _TICK_SECONDS
-    return _CPU_CHECK_SECONDS if device.type == "cpu" else None
-
-
-class _Look:
-    """What fit does when its ticker says so: read the running values (a NaN loss stops
-    here), refresh the live line, and write a mid-epoch snapshot into last.pt once
-    ``save_every`` seconds have passed since the last one."""
-
-    def __init__(self, printer, store, record, start, save_every):
-        self.printer, self.store, self.record, self.start = printer, store, record, start
-        self.save_every, self.last_save = save_every, time.perf_counter()
-
-    def __call__(self, step, steps, meter, elapsed, done):
-        logs = _read([meter])[0]
-        self.printer.progress(self.start.epoch, step, steps, logs, elapsed, done)
-        if self.save_every is not None and time.perf_counter() - self.last_save >= self.save_every:
-            self.store.save_last(self.record, self.start, step, meter)
-            self.last_save = time.perf_counter()
-
-
-class _ProgressLook:
-    """train_epoch's look: the running values handed to its ``progress(step, steps, logs)``."""
-
-    def __init__(self, progress):
-        self.progress = progress
-
-    def __call__(self, step, steps, meter, elapsed, done):
-        self.progress(step, steps, _read([meter])[0])
-
-
-# --- evaluation -----------------------------------------------------------------
-
-def _read(meters, *, across_ranks=False):
-    """The logs of several meters, in one host read.
-
-    A non-finite loss raises FloatingPointError naming its step. ``across_ranks``:
-    the sums of sharded meters are all-reduced over the process group first (every
-    rank must call), so that every rank gets the whole-set values.
-    """
-    totals = [m.totals() for m in meters]
-    reduced = [across_ranks and m.sharded for m in meters]
-    flats = [_all_reduce_totals(t) if r else t.flat for t, r in zip(totals, reduced)]
-    vals = (torch.cat(flats) if len(flats) > 1 else flats[0]).tolist()  # the one host read
-    out, i = [], 0
-    for m, t, r, flat in zip(meters, totals, reduced, flats):  # in order: a NaN in training
-        v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
-        counts = v[len(t.flat):] if r else t.counts
-        m.check(v[0], across_ranks=r, world=_world()[1])
-        out.append(_finish(m.stats, v, counts, t.sizes))
-    return out
-
-
-def _finish(stats, vals, counts, sizes):
-    """The logs from a meter's sums read back as floats: [loss sum, its denominator, ...]."""
-    logs, i = {"loss": vals[0] / vals[1] if vals[1] else math.nan}, 2
-    for (k, st), count, size in zip(stats.items(), counts, sizes):
-        logs[k] = float(st.finish(vals[i:i + size], count))
-        i += size
-    return logs
-
-
-def _epoch_logs(meter, model, val, loss_fn, stats, cast=contextlib.nullcontext):
-    """The epoch's training values and, with ``val``, its validation values (``val_``
-    keys), in one host read after one all-reduce of each under torch.distributed."""
-    if val is None:
-        return _read([meter], across_ranks=True)[0]
-    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats, cast)],
-                           across_ranks=True)
-    return {**logs, **{"val_" + k: v for k, v in val_logs.items()}}
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _evaluate_pass(model, source, loss_fn, stats, cast=contextlib.nullcontext):
-    """One pass over ``source`` in eval mode without grad (forward and loss under
-    ``cast()``, autocast or nothing); its sums in a _Meter, unread."""
-    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded)
-    meter.evaluating = True
-    zero = torch.zeros((), device=source.device)
-    with _eval_mode(model):
-        for xb, yb in source.epoch():
-            with cast():
-                out = model(xb)
-                loss = _scalar(loss_fn(out, yb)) if loss_fn is not None else zero
-            meter.add(loss, _full(out), yb, _batch_rows(yb))
-    if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
-        raise ValueError("the evaluation data yielded no batches; expected at least one")
-    return meter
-
-
-def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None,
-             precision=None):
-    """Loss and metrics over a whole set, in eval mode without grad; model mode restored.
-    ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64)."""
-    device = _check_model(model, device)
-    _check_precision(precision, 1, device)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
-    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
-    logs = _read([_evaluate_pass(model, source, loss_fn, stats, _autocast(precision, device))])[0]
-    if loss_fn is None:
-        del logs["loss"]
-    return logs
-
-
-def predict(model, X_or_data, *, batch_size=256, device=None, precision=None):
-    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad);
-    with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32."""
-    device = _check_model(model, device)
-    _check_precision(precision, 1, device)
-    cast = _autocast(precision, device)
-    _check_batch_size(batch_size)
-    data = X_or_data
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        data = data[0]
-    if torch.is_tensor(data):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
-                             f"{tuple(data.shape)}")
-        X = data.to(device)
-        inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
-    elif hasattr(data, "__iter__"):
-        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
-    else:
-        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
-                        f"batches, got {type(data).__name__}")
-    with _eval_mode(model), cast():
-        outs = [_full(model(xb)) for xb in inputs]  # on the device: one transfer at the end
-    if not outs:
-        raise ValueError("predict: the data yielded no batches; expected at least one")
-    return torch.cat(outs).cpu()
-
-
-# --- distributed ------------------------------------------------------------------
-
-def _world():
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def setup_distributed(model, *, backend=None):
-    """Under torchrun: join its process group and wrap the model in DistributedDataParallel.
-
-    With ``WORLD_SIZE`` > 1 in the environment (torchrun sets it), the default
-    group is initialised once (nccl when CUDA is there, else gloo), the model is
-    moved to this rank's device (``cuda:LOCAL_RANK``, or the CPU) and wrapped.
-    Anywhere else the model comes back as it is, so one script runs both ways.
-    Returns ``(model, device)``; create the optimizer after this call.
-    """
-    dist = torch.distributed
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return model, _model_device(model)
-    if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-        atexit.register(_leave_group)
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    model = model.to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, device
-
-
-def _leave_group():
-    # The group made by setup_distributed is taken down at exit, once every rank is
-    # there: a rank that leaves while another still uses the connection can abort in
-    # gloo's threads ("terminate called without an active exception").
-    dist = torch.distributed
-    if dist.is_initialized():
-        with contextlib.suppress(RuntimeError):  # raised when another rank left already
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def _abandon_group():
-    """After a Ctrl-C on this rank: take the process group down now, with no barrier
-    (the other ranks are not coming to one). Ranks waiting for this one in a
-    collective then fail at once with a connection error, and torchrun, seeing a
-    rank fail, stops the job, instead of every rank waiting for the backend's
-    timeout (30 minutes)."""
-    dist = torch.distributed
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _all_reduce_totals(totals):
-    """A meter's sums and counts summed over the ranks (maxima: the largest): the layout
-    [loss sum, its denominator, *metric sums, *counts], so that the counts travel with
-    the sums."""
-    flat = totals.flat
-    counts = torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)
-    flat = torch.cat([flat, counts])
-    dist = torch.distributed
-    total = flat.clone()
-    dist.all_reduce(total)
-    if totals.maxima:
-        top = flat.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        total[totals.maxima] = top[totals.maxima]
-    return total
-
-
-def _gather(obj, world):
-    """Every rank's ``obj`` as a list (on every rank), or None without a process group."""
-    if world == 1:
-        return None
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _agree(flag):
-    """True on every rank if it is True on any (a stop asked for by one rank's hook)."""
-    t = torch.tensor([float(flag)])
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-# --- fit ------------------------------------------------------------------------
-
-def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
-                generator=None, device=None, scheduler=None, scheduler_interval="epoch",
-                clip_grad_norm=None, progress=None, drop_last=False, precision=None,
-                accumulate=1):
-    """Train one epoch (train mode) and return its exact loss and metrics as floats.
-
-    ``progress(step, steps, logs)``, if given, is called at most ten times a
-    second with the running values (``steps`` is None for unsized data). An epoch
-    scheduler is stepped once at the end (ReduceLROnPlateau with the epoch's loss).
-    ``drop_last=True`` skips the short last batch of (X, y) tensors, as a loop over
-    ``len(X) // batch_size`` batches does. ``precision`` and ``accumulate`` as in
-    fit; an fp16 GradScaler starts afresh with each call (fit keeps one per run).
-    """
-    device = _check_model(model, device)
-    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
-    _check_optimizer_params(model, optimizer, loss_fn)
-    _check_precision(precision, accumulate, device)
-    _check_shuffle(shuffle)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
-    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
-    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
-                     drop_last=drop_last)
-    stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
-                       clip_grad_norm=clip_grad_norm, precision=precision,
-                       accumulate=accumulate, device=device, loss_fn=loss_fn)
-    meter = _Meter(stats, device, loss_fn)
-    ticker = None if progress is None else _Ticker(_TICK_SECONDS, source.steps,
-                                                   _ProgressLook(progress))
-    _train_loop(model, source.epoch(generator, shuffle), loss_fn, stepper, meter, ticker)
-    logs = _read([meter])[0]
-    stepper.end_epoch(logs["loss"])
-    return logs
-
-
-@contextlib.contextmanager
-def _nan_stops_training(epoch, printer, model, store):
-    """A FloatingPointError (a non-finite loss) stops training with a message naming the
-    epoch, what is kept, and whether it came from a validation batch (with finite
-    weights, then, the validation data is the suspect)."""
-    def kept():
-        return (f"last.pt holds {store.holds}" if store.holds else "nothing was saved"
-                if store.dir else "nothing is saved without checkpoint=")
-    try:
-        yield
-    except _EvaluationLossError as e:
-        printer.close()
-        bad = _nonfinite_weights(model)
-        why = (f"The weights hold NaN or inf ({', '.join(bad[:3])}): a gradient of the last "
-               "steps was not finite although their losses were" if bad else
-               "Every training loss was finite and every weight is: look for NaN/inf in "
-               "the validation data, or inputs the model overflows on")
-        raise FloatingPointError(f"epoch {epoch}: validation {e}; training stopped ({kept()}). "
-                                 f"{why}") from None
-    except FloatingPointError as e:
-        printer.close()
-        raise FloatingPointError(
-            f"epoch {epoch}: {e}; training stopped ({kept()}). Lower the learning rate, clip "
-            "gradients (clip_grad_norm=1.0) or look for NaN/inf in the data") from None
-
-
-def _interrupted(stop, epoch, record, store, printer, world=1):
-    """Ctrl-C: say what is kept; in a program, re-raise (one Ctrl-C ends it) with the
-    completed epochs' history as ``stop.history``; at an interactive prompt (Python,
-    IPython, Jupyter), return that history so that the session goes on. Under
-    torch.distributed the group is taken down first (see _abandon_group)."""
-    kept = (f"; last.pt holds {store.holds}" if store.holds else
-            "; nothing saved yet" if store.dir else "")
-    interactive = world == 1 and (hasattr(sys, "ps1") or getattr(builtins, "__IPYTHON__", False))
-    if world > 1:
-        _abandon_group()
-    what = "returning the history of" if interactive else "stopping after"
-    printer.line(f"interrupted during epoch {epoch}: {what} {record.epoch} completed "
-                 f"epochs{kept}")
-    if not interactive:
-        stop.history = record.history
-        raise stop
-    return record.history
-
-
-def _hook_stops(on_epoch_end, epoch, logs, world):
-    """Whether ``on_epoch_end`` asks to stop; under torch.distributed every rank stops if
-    any rank's hook asked, so that none waits for another that left."""
-    stop = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
-    return stop if world == 1 else _agree(stop)
-
-
-def _hook_again(on_epoch_end, record, store, world):
-    """On resuming from the end of epoch N with epochs still to train: call the hook of
-    epoch N again (the run may have been killed inside it, and last.pt, written before
-    the hook runs, cannot tell), and stop there if it asks to. A hook that had returned
-    True was saved as the run's stop, so this never undoes a stop."""
-    logs = {k: v[-1] for k, v in record.history.items()}
-    logs["epoch"] = int(logs["epoch"])
-    if _hook_stops(on_epoch_end, record.epoch, logs, world):
-        record.stopped = "on_epoch_end"
-        store.save_last(record)
-
-
-def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
-        metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
-        min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
-        clip_grad_norm=None, device=None, seed=None, verbose=1, on_epoch_end=None,
-        save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1):
-    """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
-
-    ``precision="bf16"`` or ``"fp16"`` runs forward and loss under autocast (fp16
-    through a GradScaler); ``accumulate=k`` steps the optimizer once per k batches.
-
-    ``drop_last=True`` skips the short last batch of (X, y) training tensors, as a
-    loop over ``len(X) // batch_size`` batches does (validation keeps every row).
-
-    ``on_epoch_end(epoch, logs)`` runs after the epoch's files are written; True stops
-    training. It runs at least once per epoch: resuming from the end of epoch N calls
-    the hook of epoch N again first (the run may have died inside it).
-
-    ``save_every=s`` also refreshes ``last.pt`` at a batch boundary every s seconds
-    during an epoch, so a kill loses at most s seconds of work. Tensor validation
-    data is evaluated in batches of ``val_batch_size`` (default: the larger of
-    ``batch_size`` and 256, as ``evaluate``; no graph is kept, so it costs less
-    memory per row than training).
-    """
-    # Checks: every argument, before any work and before any file is written.
-    plan = _check_fit(model, train, loss_fn, optimizer, epochs=epochs, val=val,
-                      batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
-                      monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
-                      scheduler=scheduler, scheduler_interval=scheduler_interval,
-                      clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
-                      on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
-                      save_every=save_every, drop_last=drop_last, precision=precision,
-                      accumulate=accumulate, shuffle=shuffle, seed=seed)
-    device, rank, world = plan.device, plan.rank, plan.world
-
-    # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
-    # the run's record, the checkpoint directory (and last.pt to continue from), printing.
-    gen = _shuffle_generator(seed, device, rank, world,
-                             drawn=shuffle and isinstance(plan.train, _TensorSource))
-    stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
-                       clip_grad_norm=clip_grad_norm, precision=precision,
-                       accumulate=accumulate, device=device, loss_fn=loss_fn)
-    record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
-                     patience=patience, keep_best=restore_best)
-    store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world,
-                   scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
-    printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
-    look_seconds = _look_seconds(printer.live, save_every, device)
-
-    epoch = 1
-    try:
-        snapshot = store.resume(record, epochs) if resume else None
-        epoch = record.epoch + 1
-        if snapshot is None and record.epoch and record.epochs_to_run(epochs):
-            _hook_again(on_epoch_end, record, store, world)  # it may not have returned
-        if not record.epochs_to_run(epochs):
-            printer.line(f"nothing to do: {record.epoch} epochs done"
-                         + (" (training had stopped early)" if record.stopped else ""))
-        for epoch in record.epochs_to_run(epochs):
-            # Train: the epoch's batches (where a mid-epoch snapshot stopped, when
-            # resuming one), then a step on each, looked at now and then.
-            meter = _Meter(plan.stats, device, loss_fn, sharded=plan.train.sharded)
-            start, batches = _begin_epoch(epoch, plan.train, gen, meter, stepper,
-                                          shuffle=shuffle, keep_rng=save_every is not None,
-                                          snapshot=snapshot)
-            snapshot = None  # only the first epoch of a resumed run continues a snapshot
-            ticker = None if look_seconds is None else _Ticker(
-                look_seconds, plan.train.steps, _Look(printer, store, record, start, save_every),
-                at_once=printer.live)
-            with _nan_stops_training(epoch, printer, model, store):
-                _train_loop(model, batches, loss_fn, stepper, meter, ticker)
-                # Evaluate: training and validation values, in one host read.
-                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
-                                                      plan.stats, stepper.cast)}
-            logs["lr"], logs["time"] = start.lr, start.elapsed()
-            # Record: the scheduler's epoch step, the history, the best value, patience.
-            stepper.end_epoch(logs[plan.monitor])
-            improved = record.add(logs, model)
-            # Save before the epoch is announced or the hook runs; then report it.
-            store.save_epoch(record, improved)
-            printer.summary(epoch, logs, best=improved)
-            # Stop? Patience ran out, or the hook asked (saved, so a resume stops too).
-            if _hook_stops(on_epoch_end, epoch, logs, world):
-                record.stopped = "on_epoch_end"
-                store.save_last(record)
-            if record.stopped:
-                printer.line(record.why_stopped())
-                break
-    except KeyboardInterrupt as stop:
-        # Nothing is written here: the weights are from the middle of an unsaved
-        # stretch, and last.pt already holds the last consistent point.
-        return _interrupted(stop, epoch, record, store, printer, world)
-    finally:
-        store.release()
-    if restore_best:
-        record.restore_best(model, store.best_path)
-    return record.history
-
-
-# --- lr_find: the learning-rate range test ----------------------------------------------
-
-_LR_BETA = 0.98    # the smoothing of the loss curve (an exponential moving average)
-_LR_DIVERGE = 4.0  # the search stops once the smoothed loss passes this many times its best
-
-
-def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps=100,
-            batch_size=32, device=None, precision=None):
-    """The learning-rate range test: train one batch per step while the rate rises
-    geometrically from ``start_lr`` to ``end_lr``; return ``{"lr": [...], "loss": [...],
-    "suggestion": float}``.
-
-    ``loss`` is the smoothed training loss (a moving average with factor 0.98,
-    corrected for its start), one value per rate tried. The data (tensors or a
-    DataLoader, as for fit) is cycled if it runs out. The search stops early once
-    the smoothed loss is not finite or above 4 times its best: the rates after
-    that point are not tried. The suggestion is a tenth of the rate at the lowest
-    smoothed loss (as fastai's lr_min), taken as the nearest rate tried, so it
-    always lies inside the tested range.
-
-    Afterwards the model (weights, buffers, gradients, each module's train/eval
-    mode), the optimizer (its state and every group's rate) and every random state
-    are exactly as they were, so a fit that follows trains as it would have
-    without lr_find.
-    """
-    device = _check_model(model, device)
-    _check_training_parts(loss_fn, optimizer, None, "epoch", None)
-    _check_optimizer_params(model, optimizer, loss_fn)
-    _check_precision(precision, 1, device)
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
-    if end_lr <= start_lr:
-        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
-    _check_int("steps", steps, 2)
-    source = _source(train, what="train", batch_size=batch_size, device=device, reused=True)
-    stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn)
-    kept = _Kept(model, optimizer, source.generators)
-    try:
-        return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
-    finally:
-        kept.restore()
-
-
-def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
-    batches = _cycled(source, torch.Generator().manual_seed(0))
-    lrs, losses, avg, best = [], [], 0.0, math.inf
-    model.train()
-    for i in range(steps):
-        lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-        for group in stepper.optimizer.param_groups:
-            group["lr"] = lr
-        [(loss, _)] = stepper.step(model, [next(batches)], loss_fn, False)
-        value = loss.item()  # a host read per step: the test is short and needs each loss
-        avg = _LR_BETA * avg + (1 - _LR_BETA) * value
-        smooth = avg / (1 - _LR_BETA ** (i + 1))
-        if not math.isfinite(smooth) or smooth > _LR_DIVERGE * best:
-            break
-        lrs.append(lr)
-        losses.append(smooth)
-        best = min(best, smooth)
-    if not lrs:
-        raise FloatingPointError(f"lr_find: the loss is {value} at the first rate "
-                                 f"({start_lr:g}); check the data, the model and the loss")
-    return {"lr": lrs, "loss": losses, "suggestion": _suggestion(lrs, losses)}
-
-
-def _cycled(source, gen):
-    """The source's batches, epoch after epoch (reshuffled), for as long as asked."""
-    number = 0
-    while True:
-        empty = True
-        for batch in source.epoch(gen, True, 0, number):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("lr_find: the training data yielded no batches")
-        number += 1
-
-
-def _suggestion(lrs, losses):
-    """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss.
-
-    At the lowest point the rate is already about to be too high (the average lags the
-    loss), so a tenth of it is the usual choice (fastai's lr_min); the steepest descent
-    of the smoothed curve, the other usual rule, lands on that lag and on each batch's
-    noise, and proved too high on problems whose stable range is known.
-    """
-    low = min(range(len(lrs)), key=losses.__getitem__)
-    target = math.log(lrs[low] / 10)
-    return min(lrs[:low + 1], key=lambda v: abs(math.log(v) - target))
-
-
-class _Kept:
-    """What lr_find changes, kept to be put back: the model's weights, buffers, gradients
-    and modes, the optimizer's state and rates, every random state."""
-
-    def __init__(self, model, optimizer, loaders=()):
-        self.model, self.optimizer, self.loaders = model, optimizer, loaders
-        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.grads = [None if p.grad is None else p.grad.detach().clone()
-                      for p in model.parameters()]
-        self.modes = [m.training for m in model.modules()]
-        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
-        self.rng = _rng_state(None, loaders)
-
-    def restore(self):
-        self.model.load_state_dict(self.weights)
-        for p, g in zip(self.model.parameters(), self.grads):
-            p.grad = g
-        for m, training in zip(self.model.modules(), self.modes):
-            m.training = training
-        self.optimizer.load_state_dict(self.optimizer_state)
-        _set_rng_state(self.rng, None, self.loaders)
