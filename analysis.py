@@ -186,16 +186,11 @@ def _largest_bin(values, bins):
     return max(counts)
 
 
-def _device_of(model):
-    """The device of the model's first parameter (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def imagine(model, target, *, shape=(1, 1, 28, 28), steps=200, lr=0.1, seed=0, device=None):
     """An input the model takes for class ``target``: start from noise and follow the
     gradient of that class's log-probability, keeping pixels in [0, 1]. Returns the
     image and the probability the model gives it."""
-    device = device or _device_of(model)
+    device = device or loops.model_device(model)
     g = torch.Generator().manual_seed(seed)
     x = (0.5 + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1).to(device).requires_grad_()
     opt = torch.optim.Adam([x], lr=lr)

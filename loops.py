@@ -10,7 +10,7 @@ Copy this file into your project; it needs only the standard library and torch.
     >>> history = loops.fit(model, (X, y), torch.nn.MSELoss(), opt, epochs=20,
     ...                     batch_size=10, metrics={"mae": "mae"}, seed=0, verbose=0)
     >>> sorted(history)
-    ['epoch', 'loss', 'lr', 'mae', 'time']
+    ['best_epoch', 'epoch', 'loss', 'lr', 'mae', 'time']
     >>> history["loss"][-1] < 1e-3
     True
 
@@ -29,32 +29,43 @@ run never waits on the GPU inside an epoch except to refresh the progress line.
 each atomically (temp file + rename); ``resume=True`` continues from ``last.pt``
 so that a run killed at any instant ends bit-for-bit as if never interrupted.
 
-To change the loop, copy ``fit`` and edit it: its body is one screen. After
-batching and metrics (what the checks build), the sections of this file follow
-the order in which ``fit`` calls them:
+The file reads top-down, in this order:
 
-    checks       _check_fit: every argument, before any work and any file
-    setup        _shuffle_generator (and every seed); _Stepper, the optimizer's side
-                 of a step (autocast and GradScaler, accumulation, clipping, the
-                 scheduler); _Record, the run so far
-                 (history, best, patience, why it stopped); _Store, the checkpoint
-                 directory (best.pt, last.pt, history.csv, resume; its _DirLock
-                 keeps it to one run at a time); _Printer
-    one epoch    _begin_epoch   its batches, or where a mid-epoch snapshot stopped
-                 _train_loop    a _Stepper.step per batch (or group), summed by a _Meter and
-                                looked at now and then (_Ticker, _Look)
-    evaluation   _epoch_logs    training and validation values in one host read
-    then         record.add, store.save_epoch, printer.summary, _hook_stops
-    at the end   store.release (the lock), on any exit; a Ctrl-C goes to _interrupted
+    entry points      fit, train_epoch, evaluate, predict, batches, save/load_checkpoint
+    the step          _forward_loss, where a batch meets the model and the loss (the one
+                      place); _Stepper, the optimizer's side: backward, step, options
+    one epoch         _begin_epoch, _train_loop (a step per batch), _evaluate_pass,
+                      _Watch (a look now and then: live line, NaN stop, snapshots)
+    exact sums        _Meter: losses and metric statistics summed on the device
+    the run's record  _Record: history, best, patience, why it stopped; how a run ends
+    checkpoints       _Store: best.pt, last.pt (saved and resumed side by side),
+                      history.csv; atomic writes, the directory's lock, random states
+    processes         _OneProcess, the world of a run in one process
+    data sources      (X, y) tensors cut here, or a DataLoader used as it is
+    progress          pure formatters, and the _Printer that writes them
+    metrics           the built-in metrics and the statistics that make them exact
+    optional blocks   mixed precision, distributed, lr_find
+    building a run    _plan: fit's arguments checked, what fit runs on built
+    argument checks   each entry point's, then those they share
 
-A per-batch log line goes in ``_Look`` (or ``_train_loop``); a change to the
-step itself in ``_Stepper.step``, beside mixed precision and accumulation.
+To change the loop, copy ``fit``: it builds its parts, then per epoch trains,
+evaluates, records, saves, reports and decides whether to stop. A line for every
+batch goes in ``_train_loop``'s loop (it runs every step: read nothing back from
+the device there); a change to the step itself in ``_Stepper.step``; another way
+to feed the model (several inputs, a dict batch) in ``_forward_loss``.
+
+Each optional block lies between a line ``# --- optional: NAME`` and a line
+``# --- end of NAME``. Delete one, or all, and the rest works as before (fit with
+metrics, checkpoints, resume, patience and restore_best; evaluate; predict);
+asking such a copy for a deleted feature is an error that names the block:
+``mixed precision`` (precision="bf16"/"fp16"), ``distributed`` (torchrun), ``lr_find``.
 """
 import atexit
 import builtins
 import contextlib
 import copy
 import csv
+import functools
 import io
 import itertools
 import math
@@ -72,11 +83,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = [
-    "batches", "train_epoch", "evaluate", "predict", "fit", "lr_find",
-    "save_checkpoint", "load_checkpoint", "setup_distributed",
-    "accuracy", "binary_accuracy", "mse", "rmse", "mae", "mape", "max_error",
-    "precision", "recall", "f1", "confusion_matrix",
+__all__ = [  # the optional blocks add their own names
+    "batches", "train_epoch", "evaluate", "predict", "fit", "save_checkpoint",
+    "load_checkpoint", "model_device", "accuracy", "binary_accuracy", "mse", "rmse", "mae",
+    "mape", "max_error", "precision", "recall", "f1", "confusion_matrix",
 ]
 
 
@@ -89,45 +99,37 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
 
-    ``precision="bf16"`` or ``"fp16"`` runs forward and loss under autocast (fp16
-    through a GradScaler); ``accumulate=k`` steps the optimizer once per k batches.
-
-    ``drop_last=True`` skips the short last batch of (X, y) training tensors, as a
-    loop over ``len(X) // batch_size`` batches does (validation keeps every row).
-
-    ``on_epoch_end(epoch, logs)`` runs after the epoch's files are written; True stops
-    training. It runs at least once per epoch: resuming from the end of epoch N calls
-    the hook of epoch N again first (the run may have died inside it).
-
-    ``save_every=s`` also refreshes ``last.pt`` at a batch boundary every s seconds
-    during an epoch, so a kill loses at most s seconds of work. Tensor validation
-    data is evaluated in batches of ``val_batch_size`` (default: the larger of
-    ``batch_size`` and 256, as ``evaluate``; no graph is kept, so it costs less
-    memory per row than training).
-    """
-    # Checks: every argument, before any work and before any file is written.
-    plan = _check_fit(model, train, loss_fn, optimizer, epochs=epochs, val=val,
-                      batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
-                      monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
-                      scheduler=scheduler, scheduler_interval=scheduler_interval,
-                      clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
-                      on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
-                      save_every=save_every, drop_last=drop_last, precision=precision,
-                      accumulate=accumulate, shuffle=shuffle, seed=seed)
-    device, rank, world = plan.device, plan.rank, plan.world
+    ``precision`` "bf16"/"fp16": forward and loss under autocast; ``accumulate=k``:
+    one optimizer step per k batches; ``drop_last``: skip the short last batch of
+    (X, y) training tensors. ``on_epoch_end(epoch, logs)`` runs once the epoch's files
+    are written (True stops training), at least once per epoch: a run resumed from the
+    end of epoch N calls the hook of epoch N again first (it may have died inside it).
+    ``save_every=s`` also refreshes last.pt every s seconds inside an epoch. Tensor
+    validation data goes in batches of ``val_batch_size`` (default max(batch_size, 256))."""
+    # Every argument checked, before any work and before any file is written, and
+    # what the run works on built: its world, data sources, metrics and history keys.
+    plan = _plan(model, train, loss_fn, optimizer, epochs=epochs, val=val,
+                 batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
+                 monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
+                 scheduler=scheduler, scheduler_interval=scheduler_interval,
+                 clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
+                 on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
+                 save_every=save_every, drop_last=drop_last, precision=precision,
+                 accumulate=accumulate, shuffle=shuffle, seed=seed)
+    device, world = plan.device, plan.world
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
     # the run's record, the checkpoint directory (and last.pt to continue from), printing.
-    gen = _shuffle_generator(seed, device, rank, world,
+    gen = _shuffle_generator(seed, device, world,
                              drawn=shuffle and isinstance(plan.train, _TensorSource))
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
                        clip_grad_norm=clip_grad_norm, precision=precision,
-                       accumulate=accumulate, device=device, loss_fn=loss_fn)
+                       accumulate=accumulate, device=device, loss_fn=loss_fn, world=world)
     record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best)
-    store = _Store(checkpoint, model, optimizer, scheduler, gen, rank=rank, world=world,
+    store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world,
                    scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
-    printer = _Printer(verbose if rank == 0 else 0, epochs, plan.percent)  # one rank speaks
+    printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
 
     epoch = 1
@@ -140,21 +142,23 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             printer.line(f"nothing to do: {record.epoch} epochs done"
                          + (" (training had stopped early)" if record.stopped else ""))
         for epoch in record.epochs_to_run(epochs):
-            # Train: the epoch's batches (where a mid-epoch snapshot stopped, when
-            # resuming one), then a step on each, looked at now and then.
-            meter = _Meter(plan.stats, device, loss_fn, sharded=plan.train.sharded)
-            start, batches = _begin_epoch(epoch, plan.train, gen, meter, stepper,
+            # Train: the epoch's batches and sums (where a mid-epoch snapshot stopped,
+            # when resuming one), then a step on each batch, looked at now and then.
+            start, batches = _begin_epoch(epoch, plan.train, gen, stepper.lr(),
                                           shuffle=shuffle, keep_rng=save_every is not None,
                                           snapshot=snapshot)
+            meter = _Meter(plan.stats, device, loss_fn, sharded=plan.train.sharded,
+                           snapshot=snapshot)
             snapshot = None  # only the first epoch of a resumed run continues a snapshot
-            ticker = None if look_seconds is None else _Ticker(
-                look_seconds, plan.train.steps, _Look(printer, store, record, start, save_every),
-                at_once=printer.live)
+            watch = None if look_seconds is None else _Watch(
+                look_seconds, plan.train.steps, functools.partial(printer.progress, epoch),
+                at_once=printer.live, save_every=save_every,
+                snapshot=functools.partial(store.save_last, record, start))
             with _nan_stops_training(epoch, printer, model, store):
-                _train_loop(model, batches, loss_fn, stepper, meter, ticker)
+                _train_loop(model, batches, loss_fn, stepper, meter, watch)
                 # Evaluate: training and validation values, in one host read.
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
-                                                      plan.stats, stepper.cast)}
+                                                      plan.stats, world, stepper.cast)}
             logs["lr"], logs["time"] = start.lr, start.elapsed()
             # Record: the scheduler's epoch step, the history, the best value, patience.
             stepper.end_epoch(logs[plan.monitor])
@@ -163,9 +167,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             store.save_epoch(record, improved)
             printer.summary(epoch, logs, best=improved)
             # Stop? Patience ran out, or the hook asked (saved, so a resume stops too).
-            if _hook_stops(on_epoch_end, epoch, logs, world):
-                record.stopped = "on_epoch_end"
-                store.save_last(record)
+            _ask_hook(on_epoch_end, epoch, logs, record, store, world)
             if record.stopped:
                 printer.line(record.why_stopped())
                 break
@@ -186,20 +188,14 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
                 accumulate=1):
     """Train one epoch (train mode) and return its exact loss and metrics as floats.
 
-    ``progress(step, steps, logs)``, if given, is called at most ten times a
-    second with the running values (``steps`` is None for unsized data). An epoch
-    scheduler is stepped once at the end (ReduceLROnPlateau with the epoch's loss).
-    ``drop_last=True`` skips the short last batch of (X, y) tensors, as a loop over
-    ``len(X) // batch_size`` batches does. ``precision`` and ``accumulate`` as in
-    fit; an fp16 GradScaler starts afresh with each call (fit keeps one per run).
-    """
-    device = _check_model(model, device)
-    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
-    _check_optimizer_params(model, optimizer, loss_fn)
-    _check_precision(precision, accumulate, device)
-    _check_shuffle(shuffle)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    ``progress(step, steps, logs)`` is called at most ten times a second with the
+    running values (``steps`` None for unsized data). An epoch scheduler is stepped
+    at the end (ReduceLROnPlateau with the epoch's loss). The other options as in
+    fit; an fp16 GradScaler starts afresh with each call (fit keeps one per run)."""
+    device = _check_train_epoch(model, loss_fn, optimizer, device=device, scheduler=scheduler,
+                                scheduler_interval=scheduler_interval, shuffle=shuffle,
+                                clip_grad_norm=clip_grad_norm, precision=precision,
+                                accumulate=accumulate, progress=progress)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
                      drop_last=drop_last)
@@ -207,9 +203,10 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
                        clip_grad_norm=clip_grad_norm, precision=precision,
                        accumulate=accumulate, device=device, loss_fn=loss_fn)
     meter = _Meter(stats, device, loss_fn)
-    ticker = None if progress is None else _Ticker(_TICK_SECONDS, source.steps,
-                                                   _ProgressLook(progress))
-    _train_loop(model, source.epoch(generator, shuffle), loss_fn, stepper, meter, ticker)
+    watch = None if progress is None else _Watch(
+        _TICK_SECONDS, source.steps, lambda step, steps, logs, *_: progress(step, steps, logs))
+    _train_loop(model, source.epoch(generator=generator, shuffle=shuffle), loss_fn, stepper,
+                meter, watch)
     logs = _read([meter])[0]
     stepper.end_epoch(logs["loss"])
     return logs
@@ -219,10 +216,7 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
              precision=None):
     """Loss and metrics over a whole set, in eval mode without grad; model mode restored.
     ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64)."""
-    device = _check_model(model, device)
-    _check_precision(precision, 1, device)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    device = _check_evaluate(model, loss_fn, device=device, precision=precision)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
     logs = _read([_evaluate_pass(model, source, loss_fn, stats, _autocast(precision, device))])[0]
@@ -234,27 +228,19 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
 def predict(model, X_or_data, *, batch_size=256, device=None, precision=None):
     """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad);
     with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32."""
-    device = _check_model(model, device)
-    _check_precision(precision, 1, device)
-    cast = _autocast(precision, device)
-    _check_batch_size(batch_size)
+    device = _check_predict(model, X_or_data, batch_size=batch_size, device=device,
+                            precision=precision)
     data = X_or_data
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         data = data[0]
     if torch.is_tensor(data):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
-                             f"{tuple(data.shape)}")
         X = data.to(device)
         inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
-    elif hasattr(data, "__iter__"):
-        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
     else:
-        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
-                        f"batches, got {type(data).__name__}")
-    with _eval_mode(model), cast():
-        outs = [_full(model(xb)) for xb in inputs]  # on the device: one transfer at the end
-    if not outs:
+        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
+    with _eval_mode(model), _autocast(precision, device)():
+        outs = [_fp32(_forward_loss(model, (xb, None), None)[1]) for xb in inputs]
+    if not outs:  # on the device until here: one transfer at the end
         raise ValueError("predict: the data yielded no batches; expected at least one")
     return torch.cat(outs).cpu()
 
@@ -285,28 +271,56 @@ def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
     return ckpt
 
 
+def model_device(model):
+    """The device of the model's parameters (or buffers; the CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 # --- the step -----------------------------------------------------------------
 
-class _Stepper:
-    """The optimizer's side of training: the step itself, mixed precision, gradient
-    accumulation, clipping, and the scheduler, stepped after every optimizer step
-    (interval "step") or after validation ("epoch").
+def _forward_loss(model, batch, loss_fn):
+    """Where a batch meets the model: ``(loss, y_pred, y)`` of a batch ``(xb, yb)`` (the
+    loss None without a ``loss_fn``). The one place, for training, evaluation, predict,
+    lr_find and the first validation batch's check: feed the model another way here."""
+    xb, yb = batch
+    y_pred = model(xb)
+    return (None if loss_fn is None else _scalar(loss_fn(y_pred, yb))), y_pred, yb
 
-    ``precision`` "bf16"/"fp16": forward and loss run under ``torch.autocast`` for
-    the device (weights stay fp32); "fp16" scales the loss through a GradScaler,
-    whose state last.pt keeps. ``accumulate=k``: one optimizer step per group of k
-    batches (``groups``), each batch's loss weighted by its share of the group's
-    rows, so that k batches of b step as one batch of k * b.
-    """
+
+def _scalar(loss):
+    """``loss``, once known to be a scalar tensor (checked at every step: no host read)."""
+    if not torch.is_tensor(loss):
+        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
+                        "(a Python number has no gradient: compute the loss with torch "
+                        "operations, e.g. torch.nn.functional.mse_loss)")
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                         "a scalar (use reduction='mean', the default of torch.nn losses)")
+    return loss
+
+
+class _Stepper:
+    """The optimizer's side of training: the step, accumulation, clipping, fp16's loss
+    scaling, and the scheduler, stepped after every optimizer step (interval "step")
+    or after validation ("epoch").
+    ``accumulate=k``: one step per group of k batches, each batch's loss weighted by
+    its share of the group's rows, so that k batches of b step as one batch of k * b.
+    ``precision`` (the mixed precision block): forward and loss run under
+    ``self.cast()``, and fp16 steps through ``self.scaler``, kept in last.pt."""
 
     def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
-                 precision=None, accumulate=1, device=None, loss_fn=None):
+                 precision=None, accumulate=1, device=None, loss_fn=None, world=None):
         self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
         self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
         self.per_step = scheduler if interval == "step" else None
         self.cast = _autocast(precision, device)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler = _grad_scaler(precision, device)
         self.weigh = _target_weights(loss_fn)  # as the meter weighs a batch, for the shares
+        self.world = world or _ONE_PROCESS
 
     def groups(self, batches):
         """The batches in groups of ``accumulate`` (the last may be shorter): one
@@ -316,20 +330,18 @@ class _Stepper:
         it = iter(batches)
         return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
 
-    def step(self, model, group, loss_fn, keep_out):
+    def step(self, model, group, loss_fn, *, keep_outputs):
         """One optimizer step over a group of batches; [(loss, output or None)] per batch.
-
-        The textbook five lines, with the options as guarded one-liners. Under DDP
-        the gradients are all-reduced once, on the group's last batch (``no_sync``
-        for the others).
-        """
+        The textbook five lines, the options as guarded one-liners. Under DDP the
+        gradients are all-reduced once, on the group's last batch."""
         self.optimizer.zero_grad(set_to_none=True)
         shares = self._shares(group)
+        no_sync = self.world.no_sync(model) if len(group) > 1 else None
         done = []
-        for i, (xb, yb) in enumerate(group):
-            quiet = i < len(group) - 1 and hasattr(model, "no_sync")
-            with model.no_sync() if quiet else contextlib.nullcontext():
-                done.append(self._backward(model, xb, yb, loss_fn, shares[i], keep_out))
+        for i, batch in enumerate(group):
+            quiet = i < len(group) - 1 and no_sync is not None
+            with no_sync() if quiet else contextlib.nullcontext():
+                done.append(self._backward(model, batch, loss_fn, shares[i], keep_outputs))
         self._update(model)
         return done
 
@@ -344,30 +356,22 @@ class _Stepper:
         rows = [_batch_rows(yb) for _, yb in group]
         return [n / sum(rows) for n in rows]
 
-    def _backward(self, model, xb, yb, loss_fn, share, keep_out):
-        """Forward and loss (under autocast), backward of the loss times its share.
-
-        A function of its own so that the graph, the output and the loss die on
-        return: nothing with a grad_fn survives into the next batch.
-        """
+    def _backward(self, model, batch, loss_fn, share, keep_outputs):
+        """Forward and loss (under autocast, if any), backward of the loss times its share;
+        a function of its own so that the graph dies on return, before the next batch."""
         with self.cast():
-            out = model(xb)
-            loss = _scalar(loss_fn(out, yb))
+            loss, out, _ = _forward_loss(model, batch, loss_fn)
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-        return loss.detach(), (_full(out.detach()) if keep_out else None)
+        return loss.detach(), (_fp32(out.detach()) if keep_outputs else None)
 
     def _update(self, model):
-        if self.scaler is None:
+        if self.scaler is not None:  # fp16: unscale, clip, step (or skip), update the scale
+            self.scaler.update_weights(self.optimizer, model.parameters(), self.clip_grad_norm)
+        else:
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
             self.optimizer.step()
-        else:  # the scaler skips a step whose gradients overflowed, and lowers its scale
-            if self.clip_grad_norm:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
         if self.per_step is not None:
             self.per_step.step()
 
@@ -385,16 +389,17 @@ class _Stepper:
             self.scheduler.step()
 
 
-def _scalar(loss):
-    """``loss``, once known to be a scalar tensor (checked at every step: no host read)."""
-    if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
-                        "(a Python number has no gradient: compute the loss with torch "
-                        "operations, e.g. torch.nn.functional.mse_loss)")
-    if loss.dim() != 0:
-        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
-                         "a scalar (use reduction='mean', the default of torch.nn losses)")
-    return loss
+def _fp32(out):
+    """Outputs in fp32 at least, whatever autocast computed them in (for the metrics)."""
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def _unwrap(model):
+    """The plain module under torch.compile and (Distributed)DataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 # --- one epoch ----------------------------------------------------------------
@@ -406,9 +411,7 @@ _CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often
 class _EpochStart:
     """How an epoch began: its number, the rate it trains with, the RNG state before its
     order was drawn (kept only when a mid-epoch snapshot may need it) and its clock.
-
-    ``state`` gives what a mid-epoch snapshot saves of it; ``resumed`` takes it back.
-    """
+    ``state`` gives what a mid-epoch snapshot saves of it; ``resumed`` takes it back."""
 
     def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
         self.epoch, self.lr, self.rng = epoch, lr, rng
@@ -426,7 +429,7 @@ class _EpochStart:
         return self.elapsed_before + time.perf_counter() - self.t0
 
 
-def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snapshot=None):
+def _begin_epoch(epoch, source, gen, lr, *, shuffle, keep_rng, snapshot=None):
     """Start epoch ``epoch``: how it began (an _EpochStart) and its batches; continuing a
     mid-epoch ``snapshot`` (last.pt's dict) where it stopped, when one is given.
 
@@ -437,43 +440,44 @@ def _begin_epoch(epoch, source, gen, meter, stepper, *, shuffle, keep_rng, snaps
       3. then restore the RNG state of the snapshot's batch boundary, so that dropout
          and anything else random goes on from there, not from the epoch's start.
     Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
-    batches come again. The meter's sums come back beside them (no randomness in them).
+    batches come again. (The snapshot's sums go to the epoch's _Meter: no randomness.)
     """
     if snapshot is None:
-        start = _EpochStart(epoch, stepper.lr(),
-                            _rng_state(gen, source.generators) if keep_rng else None)
-        return start, source.epoch(gen, shuffle, 0, epoch)
+        start = _EpochStart(epoch, lr, _rng_state(gen, source.generators) if keep_rng else None)
+        return start, source.epoch(generator=gen, shuffle=shuffle, number=epoch)
     start = _EpochStart.resumed(epoch, snapshot)
-    _set_rng_state(start.rng, gen, source.generators)             # 1
-    batches = source.epoch(gen, shuffle, snapshot["step"], epoch)  # 2
-    meter.load_state_dict(snapshot["meter"], snapshot["step"])
-    _set_rng_state(snapshot["rng"], gen, source.generators)       # 3
+    _set_rng_state(start.rng, gen, source.generators)  # 1
+    batches = source.epoch(generator=gen, shuffle=shuffle, start=snapshot["step"],
+                           number=epoch)                 # 2
+    _set_rng_state(snapshot["rng"], gen, source.generators)  # 3
     return start, batches
 
 
-def _train_loop(model, batches, loss_fn, stepper, meter, ticker=None):
+def _train_loop(model, batches, loss_fn, stepper, meter, watch=None):
     """Train on ``batches``, an optimizer step per batch (or per group of ``accumulate``),
-    each batch summed by ``meter``; ``ticker`` looks now and then, between steps."""
+    each batch summed by ``meter``; ``watch`` looks now and then, between steps. The
+    place for a line after every batch: no host reads (``.item()``) there, since on a
+    GPU each one waits for the device."""
     model.train()
     step = start = meter.steps
-    next_tick, keep_out = start + 1, bool(meter.stats)  # outputs are kept only for metrics
+    next_look, keep_outputs = start + 1, bool(meter.stats)  # outputs kept only for metrics
     for group in stepper.groups(batches):  # a batch, or ``accumulate`` of them: one step
-        for (xb, yb), (loss, out) in zip(group, stepper.step(model, group, loss_fn, keep_out)):
+        done = stepper.step(model, group, loss_fn, keep_outputs=keep_outputs)
+        for (_, yb), (loss, out) in zip(group, done):
             meter.add(loss, out, yb, _batch_rows(yb))
         step += len(group)
-        if step >= next_tick and ticker is not None:  # at a step's end, never inside a group
-            next_tick = ticker(step, meter)
+        if step >= next_look and watch is not None:  # at a step's end, never inside a group
+            next_look = watch(step, meter)
     if step == start == 0:
         raise ValueError("the training data yielded no batches; expected at least one")
 
 
-def _epoch_logs(meter, model, val, loss_fn, stats, cast=contextlib.nullcontext):
+def _epoch_logs(meter, model, val, loss_fn, stats, world, cast=contextlib.nullcontext):
     """The epoch's training values and, with ``val``, its validation values (``val_``
-    keys), in one host read after one all-reduce of each under torch.distributed."""
+    keys), in one host read after one all-reduce of each when there are several ranks."""
     if val is None:
-        return _read([meter], across_ranks=True)[0]
-    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats, cast)],
-                           across_ranks=True)
+        return _read([meter], world)[0]
+    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats, cast)], world)
     return {**logs, **{"val_" + k: v for k, v in val_logs.items()}}
 
 
@@ -491,31 +495,31 @@ def _eval_mode(model):
 def _evaluate_pass(model, source, loss_fn, stats, cast=contextlib.nullcontext):
     """One pass over ``source`` in eval mode without grad (forward and loss under
     ``cast()``, autocast or nothing); its sums in a _Meter, unread."""
-    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded)
-    meter.evaluating = True
+    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded, evaluating=True)
     zero = torch.zeros((), device=source.device)
     with _eval_mode(model):
-        for xb, yb in source.epoch():
+        for batch in source.epoch():
             with cast():
-                out = model(xb)
-                loss = _scalar(loss_fn(out, yb)) if loss_fn is not None else zero
-            meter.add(loss, _full(out), yb, _batch_rows(yb))
+                loss, out, yb = _forward_loss(model, batch, loss_fn)
+            meter.add(zero if loss is None else loss, _fp32(out), yb, _batch_rows(yb))
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
 
 
-class _Ticker:
-    """Calls ``look`` at most every ``seconds`` without reading the clock each step.
+class _Watch:
+    """A look at the running values between steps, at most every ``seconds`` (the clock
+    is read only when the rate so far says it is time). A look is one host read: the
+    running logs (a NaN loss stops here) go to ``show(step, steps, logs, elapsed, done)``,
+    and with ``save_every`` ``snapshot(step, meter)`` writes a mid-epoch last.pt once
+    that many seconds have passed since the last one."""
 
-    It predicts from the rate so far how many steps make ``seconds`` and only
-    then reads the clock; each look is one host read (a CUDA sync).
-    """
-
-    def __init__(self, seconds, steps, look, *, at_once=True):
-        self.seconds, self.steps, self.look = seconds, steps, look
+    def __init__(self, seconds, steps, show, *, at_once=True, save_every=None, snapshot=None):
+        self.seconds, self.steps, self.show = seconds, steps, show
+        self.save_every, self.snapshot = save_every, snapshot
         self.t0, self.start = time.perf_counter(), None
         self.last = None if at_once else self.t0  # a live line shows the first step at once
+        self.last_save = self.t0
 
     def __call__(self, step, meter):
         """Look now if it is time; return the step at which to ask again."""
@@ -524,48 +528,23 @@ class _Ticker:
             self.start = step - 1
         if self.last is None or now - self.last >= self.seconds:
             self.last = now
-            self.look(step, self.steps, meter, now - self.t0, step - self.start)
+            logs = _read([meter])[0]
+            self.show(step, self.steps, logs, now - self.t0, step - self.start)
+            if self.save_every is not None and time.perf_counter() - self.last_save >= \
+                    self.save_every:
+                self.snapshot(step, meter)
+                self.last_save = time.perf_counter()
         rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps per second so far
         return step + max(1, int(rate * (self.seconds - (now - self.last))))
 
 
 def _look_seconds(live, save_every, device):
-    """How often fit looks at the running values inside an epoch, or None for never.
-
-    A live line or mid-epoch snapshots: ten times a second (save_every is weighed
-    at each look). A silent CPU run: once a second, to stop early on a NaN (a read
-    costs nothing there). A silent CUDA run: never, since a read waits for the GPU.
-    """
+    """How often fit looks inside an epoch: ten times a second for a live line or
+    snapshots; once a second on a silent CPU run, to stop early on a NaN (a read is
+    free there); never (None) on a silent GPU run, where a read waits for the device."""
     if live or save_every is not None:
         return _TICK_SECONDS
     return _CPU_CHECK_SECONDS if device.type == "cpu" else None
-
-
-class _Look:
-    """What fit does when its ticker says so: read the running values (a NaN loss stops
-    here), refresh the live line, and write a mid-epoch snapshot into last.pt once
-    ``save_every`` seconds have passed since the last one."""
-
-    def __init__(self, printer, store, record, start, save_every):
-        self.printer, self.store, self.record, self.start = printer, store, record, start
-        self.save_every, self.last_save = save_every, time.perf_counter()
-
-    def __call__(self, step, steps, meter, elapsed, done):
-        logs = _read([meter])[0]
-        self.printer.progress(self.start.epoch, step, steps, logs, elapsed, done)
-        if self.save_every is not None and time.perf_counter() - self.last_save >= self.save_every:
-            self.store.save_last(self.record, self.start, step, meter)
-            self.last_save = time.perf_counter()
-
-
-class _ProgressLook:
-    """train_epoch's look: the running values handed to its ``progress(step, steps, logs)``."""
-
-    def __init__(self, progress):
-        self.progress = progress
-
-    def __call__(self, step, steps, meter, elapsed, done):
-        self.progress(step, steps, _read([meter])[0])
 
 
 # --- exact sums ---------------------------------------------------------------
@@ -582,25 +561,19 @@ class _Meter:
     """Sums of the loss and the metrics over one pass (an epoch's training or its
     validation), kept on the device.
 
-    ``add`` runs every step and only appends detached tensors to lists: no host
-    read, no arithmetic (but for the first step, whose metrics are tried at once
-    so that a failing metric names itself there). Every ``_FOLD_STEPS`` steps (or
-    when the outputs held pass ``_PENDING`` values) what is pending is folded into
-    the sums with a few vectorised ops on the device. Fold points depend only on
-    the step count, so the sums, down to the last bit, do not depend on when anyone
-    looked: ``totals`` adds the pending part without folding it. ``check`` is told
-    the loss sum once it is read, and finds the first non-finite loss when that sum
-    is not finite.
-
-    The loss of the pass is the whole set's: each batch value (a mean) counts for
-    its rows -- or, for CrossEntropyLoss/NLLLoss with class indices, for the weight
-    of its targets (``weight[y]``, 0 for ``ignore_index``), which is how torch
-    averages such a batch. A batch whose targets are all ignored counts for nothing.
-    """
+    ``add`` runs every step and only keeps detached tensors: no host read, no
+    arithmetic (but at the first step, so that a failing metric names itself there).
+    Every ``_FOLD_STEPS`` steps (or ``_PENDING`` values held) they are folded into the
+    sums in a few vectorised ops. Fold points depend only on the step count, so the
+    sums, to the last bit, do not depend on when anyone looked (``totals`` adds the
+    pending part without folding it). Each batch's loss (a mean) counts for its rows,
+    or for CrossEntropyLoss/NLLLoss with class indices for its targets' weight
+    (``weight[y]``, 0 for ``ignore_index``), as torch averages such a batch."""
     _FOLD_STEPS = 128
     _PENDING = 1 << 22
 
-    def __init__(self, stats, device, loss_fn=None, *, sharded=False):
+    def __init__(self, stats, device, loss_fn=None, *, sharded=False, evaluating=False,
+                 snapshot=None):
         self.stats, self.device, self.sharded = stats, device, sharded
         # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
         self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
@@ -611,10 +584,12 @@ class _Meter:
         self.steps = 0
         self.sums = {k: None for k in stats}
         self.counts = {k: 0 for k in stats}
-        self.evaluating = False  # an evaluation pass: its steps are batches, not steps
+        self.evaluating = evaluating  # an evaluation pass: its steps are batches, not steps
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
         self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+        if snapshot is not None:  # a mid-epoch snapshot's sums: go on from its step
+            self.load_state_dict(snapshot["meter"], snapshot["step"])
 
     def add(self, loss, out, y, n):
         self._losses.append(loss)
@@ -630,12 +605,14 @@ class _Meter:
         if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
             self._fold()
 
-    def _pending(self):
-        """(loss sum, its denominator, metric sums, metric counts, losses) of the steps
-        not yet folded; the losses of batches that count for nothing are zeroed."""
+    def _with_pending(self):
+        """(loss sum, its denominator, metric sums, counts, pending losses): the sums
+        with the steps not yet folded added; the losses of batches that count for
+        nothing are zeroed."""
+        if not self._losses:
+            return self.loss_sum, self.loss_den, self.sums, self.counts, None
         losses = torch.stack(self._losses)
         if self.weigh is None:
-            weights = None
             den = sum(self._ns)
             total = _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
         else:
@@ -643,29 +620,19 @@ class _Meter:
             losses = torch.where(weights > 0, losses, 0)
             den, total = weights.sum(), (losses.to(self.dtype) * weights).sum()
         sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
-        return total, den, sums, counts, losses
+        sums = {k: _combine(st, self.sums[k], sums[k]) for k, st in self.stats.items()}
+        counts = {k: self.counts[k] + counts[k] for k in self.stats}
+        return self.loss_sum + total, self.loss_den + den, sums, counts, losses
 
     def _fold(self):
-        if not self._losses:
-            return
-        total, den, sums, counts, losses = self._pending()
-        self.loss_sum, self.loss_den = self.loss_sum + total, self.loss_den + den
-        for k, st in self.stats.items():
-            self.sums[k] = _combine(st, self.sums[k], sums[k])
-            self.counts[k] += counts[k]
+        self.loss_sum, self.loss_den, self.sums, self.counts, losses = self._with_pending()
         self.unchecked.append(losses)
         self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
 
     def totals(self):
-        """The sums so far, the pending steps' included, as a _Totals (nothing is read)."""
-        loss_sum, den = self.loss_sum, self.loss_den
-        sums, counts = dict(self.sums), dict(self.counts)
-        if self._losses:  # counted, but not folded: fold points stay where they are
-            total, p_den, p_sums, p_counts, _ = self._pending()
-            loss_sum, den = loss_sum + total, den + p_den
-            for k, st in self.stats.items():
-                sums[k] = _combine(st, sums[k], p_sums[k])
-                counts[k] += p_counts[k]
+        """The sums so far, the pending steps' included, as a _Totals (nothing is read;
+        nothing is folded either: fold points stay where they are)."""
+        loss_sum, den, sums, counts, _ = self._with_pending()
         parts, sizes, maxima, i = [loss_sum.reshape(1), den.reshape(1)], [], [], 2
         for k, st in self.stats.items():
             part = sums[k] if sums[k] is not None else torch.zeros(
@@ -679,27 +646,22 @@ class _Meter:
 
     def losses(self):
         """Every loss not yet known to be finite, in step order (from step checked + 1)."""
-        chunks = self.unchecked + ([self._pending()[4]] if self._losses else [])
+        chunks = self.unchecked + ([self._with_pending()[4]] if self._losses else [])
         return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
 
-    def check(self, loss_sum, *, across_ranks=False, world=1):
-        """Given the loss sum read back: FloatingPointError at the first non-finite loss.
-
-        A finite sum means every loss was finite: the search for the first bad step
-        happens only when it was not. Under torch.distributed only the reduced sum
-        decides (``across_ranks``), so that every rank stops at the same point.
-        """
+    def check(self, loss_sum, world):
+        """Given the loss sum read back: FloatingPointError at the first non-finite loss,
+        which ``world`` finds (on several ranks, the first of any rank's). ``world``
+        None: one rank's sums read alone (a look), so a bad one waits for the epoch's
+        reduced read, where every rank stops together."""
         if math.isfinite(loss_sum):
             self.checked += sum(len(u) for u in self.unchecked)
             self.unchecked = []
             return
-        unit = "batch" if self.evaluating else "step"
-        if across_ranks:
-            where = _first_bad_across_ranks(self.losses(), self.checked, self.device, unit)
-        elif world == 1:
-            where = _first_bad(self.losses(), self.checked, loss_sum, unit)
-        else:
+        if world is None:
             return
+        unit = "batch" if self.evaluating else "step"
+        where = world.first_bad(self.losses(), self.checked, loss_sum, unit)
         raise (_EvaluationLossError if self.evaluating else FloatingPointError)(where)
 
     def state_dict(self):
@@ -803,22 +765,21 @@ def _runs(values):
     return out
 
 
-def _read(meters, *, across_ranks=False):
+def _read(meters, world=None):
     """The logs of several meters, in one host read.
-
-    A non-finite loss raises FloatingPointError naming its step. ``across_ranks``:
-    the sums of sharded meters are all-reduced over the process group first (every
-    rank must call), so that every rank gets the whole-set values.
-    """
+    A non-finite loss raises FloatingPointError naming its step. ``world``: the sums
+    of sharded meters (each rank its own rows) are all-reduced over its ranks first
+    (every rank must call), so that every rank gets the whole-set values; without
+    it (a look inside an epoch) each rank reads its own."""
     totals = [m.totals() for m in meters]
-    reduced = [across_ranks and m.sharded for m in meters]
-    flats = [_all_reduce_totals(t) if r else t.flat for t, r in zip(totals, reduced)]
+    reduced = [world is not None and m.sharded for m in meters]
+    flats = [world.reduce(t) if r else t.flat for t, r in zip(totals, reduced)]
     vals = (torch.cat(flats) if len(flats) > 1 else flats[0]).tolist()  # the one host read
     out, i = [], 0
     for m, t, r, flat in zip(meters, totals, reduced, flats):  # in order: a NaN in training
         v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
-        counts = v[len(t.flat):] if r else t.counts
-        m.check(v[0], across_ranks=r, world=_world()[1])
+        counts = v[len(t.flat):] if r else t.counts  # the ranks' counts follow their sums
+        m.check(v[0], world if r else None if m.sharded else _ONE_PROCESS)
         out.append(_finish(m.stats, v, counts, t.sizes))
     return out
 
@@ -848,12 +809,11 @@ def _first_bad(losses, checked, total, unit):
 # --- the run's record ---------------------------------------------------------
 
 class _Record:
-    """The run so far: the history, the best value and its epoch, the patience count,
-    why training stopped, and (for restore_best) the best weights.
-
+    """The run so far: the history (with ``best_epoch``, the epoch best.pt holds, so that
+    a plot marks fit's choice without deciding again), the best value and its epoch,
+    the patience count, why training stopped, and (for restore_best) the best weights.
     ``state`` gives what last.pt saves of it and ``load`` takes it back, under the
-    same keys.
-    """
+    same keys."""
     _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped")
 
     def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False):
@@ -883,9 +843,8 @@ class _Record:
         return value > self.best + self.min_delta
 
     def add(self, logs, model):
-        """Append one epoch's values; return whether the monitored value improved."""
-        for k in self.history:
-            self.history[k].append(float(logs[k]))
+        """Append one epoch's values, ``best_epoch`` set in ``logs`` too; return whether the
+        monitored value improved."""
         self.epoch = int(logs["epoch"])
         value = logs[self.monitor]
         improved = self.improves(value)
@@ -898,6 +857,9 @@ class _Record:
             self.wait += 1
         if self.patience is not None and self.wait >= self.patience:
             self.stopped = "patience"
+        logs["best_epoch"] = math.nan if self.best_epoch is None else self.best_epoch
+        for k in self.history:
+            self.history[k].append(float(logs[k]))
         return improved
 
     def epochs_to_run(self, epochs):
@@ -926,9 +888,6 @@ def _nan_stops_training(epoch, printer, model, store):
     """A FloatingPointError (a non-finite loss) stops training with a message naming the
     epoch, what is kept, and whether it came from a validation batch (with finite
     weights, then, the validation data is the suspect)."""
-    def kept():
-        return (f"last.pt holds {store.holds}" if store.holds else "nothing was saved"
-                if store.dir else "nothing is saved without checkpoint=")
     try:
         yield
     except _EvaluationLossError as e:
@@ -938,39 +897,40 @@ def _nan_stops_training(epoch, printer, model, store):
                "steps was not finite although their losses were" if bad else
                "Every training loss was finite and every weight is: look for NaN/inf in "
                "the validation data, or inputs the model overflows on")
-        raise FloatingPointError(f"epoch {epoch}: validation {e}; training stopped ({kept()}). "
-                                 f"{why}") from None
+        raise FloatingPointError(f"epoch {epoch}: validation {e}; training stopped "
+                                 f"({store.kept()}). {why}") from None
     except FloatingPointError as e:
         printer.close()
         raise FloatingPointError(
-            f"epoch {epoch}: {e}; training stopped ({kept()}). Lower the learning rate, clip "
-            "gradients (clip_grad_norm=1.0) or look for NaN/inf in the data") from None
+            f"epoch {epoch}: {e}; training stopped ({store.kept()}). Lower the learning rate, "
+            "clip gradients (clip_grad_norm=1.0) or look for NaN/inf in the data") from None
 
 
-def _interrupted(stop, epoch, record, store, printer, world=1):
+def _interrupted(stop, epoch, record, store, printer, world):
     """Ctrl-C: say what is kept; in a program, re-raise (one Ctrl-C ends it) with the
     completed epochs' history as ``stop.history``; at an interactive prompt (Python,
-    IPython, Jupyter), return that history so that the session goes on. Under
-    torch.distributed the group is taken down first (see _abandon_group)."""
-    kept = (f"; last.pt holds {store.holds}" if store.holds else
-            "; nothing saved yet" if store.dir else "")
-    interactive = world == 1 and (hasattr(sys, "ps1") or getattr(builtins, "__IPYTHON__", False))
-    if world > 1:
-        _abandon_group()
+    IPython, Jupyter), return that history so that the session goes on. With several
+    ranks the process group is taken down first (see _Ranks.abandon)."""
+    interactive = world.size == 1 and (hasattr(sys, "ps1")
+                                       or getattr(builtins, "__IPYTHON__", False))
+    world.abandon()
     what = "returning the history of" if interactive else "stopping after"
     printer.line(f"interrupted during epoch {epoch}: {what} {record.epoch} completed "
-                 f"epochs{kept}")
+                 f"epochs; {store.kept()}")
     if not interactive:
         stop.history = record.history
         raise stop
     return record.history
 
 
-def _hook_stops(on_epoch_end, epoch, logs, world):
-    """Whether ``on_epoch_end`` asks to stop; under torch.distributed every rank stops if
-    any rank's hook asked, so that none waits for another that left."""
-    stop = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
-    return stop if world == 1 else _agree(stop)
+def _ask_hook(on_epoch_end, epoch, logs, record, store, world):
+    """Call ``on_epoch_end``; if it returns True, training stops, and last.pt says so (a
+    resume stops too). With several ranks every rank stops if any rank's hook asked,
+    so that none waits for another that left."""
+    asked = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
+    if world.any(asked):
+        record.stopped = "on_epoch_end"
+        store.save_last(record)
 
 
 def _hook_again(on_epoch_end, record, store, world):
@@ -980,41 +940,27 @@ def _hook_again(on_epoch_end, record, store, world):
     True was saved as the run's stop, so this never undoes a stop."""
     logs = {k: v[-1] for k, v in record.history.items()}
     logs["epoch"] = int(logs["epoch"])
-    if _hook_stops(on_epoch_end, record.epoch, logs, world):
-        record.stopped = "on_epoch_end"
-        store.save_last(record)
+    _ask_hook(on_epoch_end, record.epoch, logs, record, store, world)
 
 
 # --- checkpoints --------------------------------------------------------------
 
 class _Store:
     """A run's checkpoint directory: best.pt, last.pt and history.csv.
-
     Rank 0 is the only writer (every rank takes part in gathering the random
-    states). What last.pt holds is written by ``save_last`` and read back by
-    ``resume``, next to each other below; the parts with a state of their own
-    (_Record, _EpochStart, _Meter) save and load it under the same keys. Without a
-    directory, nothing is written and there is nothing to resume.
-    """
+    states); ``world`` says which rank this is. What last.pt holds is written by
+    ``save_last`` and read back by ``resume``, next to each other below; the parts
+    with a state of their own (_Record, _EpochStart, _Meter) save and load it under
+    the same keys. Without a directory, nothing is written and there is nothing to
+    resume."""
     FORMAT = "loops/1"
 
-    @staticmethod
-    def check(directory, *, resume, save_every):
-        """Refuse what would lose or mix up a run, before anything is written."""
-        if (resume or save_every is not None) and directory is None:
-            raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
-                             "last.pt is")
-        last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
-        if last is not None and not resume and os.path.exists(last):
-            raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
-                             "to continue it, or choose another directory (nothing is overwritten)")
-
-    def __init__(self, directory, model, optimizer, scheduler, gen, *, rank=0, world=1,
-                 scaler=None, loaders=()):
+    def __init__(self, directory, model, optimizer, scheduler, gen, *, world, scaler=None,
+                 loaders=()):
         self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
         self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
-        self.rank, self.world, self.writer = rank, world, rank == 0
+        self.world, self.writer = world, world.writer
         self.dir = None if directory is None else _prepare_dir(directory)
         # one run at a time in a directory; rank 0, the writer, holds the lock
         self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
@@ -1025,6 +971,12 @@ class _Store:
             self.last_path, self.best_path, self.csv_path = (
                 os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
         self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
+
+    def kept(self):
+        """What the directory holds for the run, in words: 'last.pt holds epoch 2'."""
+        if self.dir is None:
+            return "nothing is saved without checkpoint="
+        return f"last.pt holds {self.holds}" if self.holds else "nothing saved yet"
 
     def release(self):
         """Let another run use the directory (fit's end, however it ends)."""
@@ -1039,12 +991,12 @@ class _Store:
         bad = _nonfinite_weights(self.model)
         if not bad:
             return
-        kept = f"last.pt still holds {self.holds}" if self.holds else "nothing was saved"
         raise FloatingPointError(
             f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
-            f"was not finite. Nothing was written from them ({kept}); look for an operation "
-            "whose gradient is undefined where it is used (sqrt or log at 0, a norm of zeros)")
+            f"was not finite. Nothing was written from them ({self.kept()}); look for an "
+            "operation whose gradient is undefined where it is used (sqrt or log at 0, a norm "
+            "of zeros)")
 
     def save_epoch(self, record, improved):
         """After an epoch: best.pt if it improved, then last.pt and history.csv."""
@@ -1067,7 +1019,7 @@ class _Store:
         if start is not None:  # at the epoch's end, save_epoch has looked already
             self._refuse_nonfinite("")  # fit names the epoch
         rng = _rng_state(self.gen, self.loaders)
-        ranks = _gather(rng, self.world)  # every rank's random state, so that each resumes its own
+        ranks = self.world.gather(rng)  # every rank's random state, so that each resumes its own
         with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
             if self.writer:
                 save_checkpoint(
@@ -1097,8 +1049,8 @@ class _Store:
         if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
             _write_csv(self.csv_path, record.history)
         ranks = ck.get("rng_ranks")
-        _set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ck["rng"],
-                       self.gen, self.loaders)
+        _set_rng_state(ranks[self.world.rank] if ranks and len(ranks) == self.world.size
+                       else ck["rng"], self.gen, self.loaders)
         self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
         return ck if ck["step"] else None
 
@@ -1112,8 +1064,11 @@ class _Store:
             raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
                              "from a copy, or move it away to start afresh")
         if list(ck["history"]) != list(record.history):
+            older = "best_epoch" not in ck["history"]  # written before that column was kept
             raise ValueError(f"{path} recorded {list(ck['history'])}, this run records "
-                             f"{list(record.history)}; resume with the same metrics and val")
+                             f"{list(record.history)}; " + (
+                                 "it was written by an older loops.py: finish it with that "
+                                 "one" if older else "resume with the same metrics and val"))
         done = ck["epoch"] + (1 if ck["step"] else 0)
         if epochs < done:
             raise ValueError(f"{path} already trained {ck['epoch']} epochs"
@@ -1129,15 +1084,11 @@ class _Store:
 
 
 _NUMBER, _NONE = (int, float), type(None)
-
-
 # What save_last writes, by key: the types a resume can work with.
 _LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
             "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
             "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
             "rng_ranks": (list, _NONE)}
-
-
 _LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": _NUMBER, "epoch_time": _NUMBER,
                       "rng_epoch": (dict, _NONE)}
 
@@ -1189,13 +1140,32 @@ def _atomic_write(path, write):
     """Write ``path`` through a temp file beside it and os.replace: a crash leaves the old
     file. A Ctrl-C during the write waits for it to end (see _ctrl_c_after)."""
     with _ctrl_c_after():
-        _write_replace(path, write)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = _new_temp(os.path.join(folder, os.path.basename(path)))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            cause = _os_error_in(e)
+            if cause is not None and cause is not e:  # torch's zip writer wraps a full
+                raise cause from e                     # disk's OSError in a RuntimeError
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
 
 @contextlib.contextmanager
 def _ctrl_c_after():
     """Hold a Ctrl-C (SIGINT) back until the block ends, then raise its KeyboardInterrupt.
-
     torch's zip writer turns a KeyboardInterrupt raised inside it into a RuntimeError
     ("unexpected pos"), so a Ctrl-C landing in a write would end fit with the wrong
     error; a write takes a moment, and the file is then complete. Only in the main
@@ -1213,30 +1183,6 @@ def _ctrl_c_after():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
-
-
-def _write_replace(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _new_temp(os.path.join(folder, os.path.basename(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = _os_error_in(e)
-        if cause is not None and cause is not e:  # torch's zip writer wraps a full disk's
-            raise cause from e                     # OSError in a RuntimeError: unwrap it
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def _os_error_in(e):
@@ -1365,16 +1311,12 @@ def _remove_own_temps(path):
 
 
 class _DirLock:
-    """One run per checkpoint directory: an exclusive lock on ``DIR/.lock``, held while
-    fit runs, so that a second fit on the directory gets a ValueError instead of
-    deleting the first's temp files or adopting its half-finished run.
-
-    The lock is the operating system's (flock; msvcrt on Windows): it goes with the
-    process however the process ends, so a run killed with -9 never leaves the
-    directory locked (a stale ``.lock`` file is just a file). The file names the
-    holder, for the error message, and is removed at release. On file systems
-    without locks (some network mounts) the lock is not taken and nothing is said.
-    """
+    """One run per checkpoint directory: an exclusive lock on ``DIR/.lock`` while fit
+    runs, so that a second fit gets a ValueError instead of deleting the first's temp
+    files or adopting its half-finished run. The operating system's lock (flock;
+    msvcrt on Windows) goes with the process however it ends, so a kill -9 never
+    leaves the directory locked. The file names the holder and is removed at release;
+    on file systems without locks (some network mounts) no lock is taken."""
     NAME = ".lock"
 
     def __init__(self, directory):
@@ -1438,28 +1380,24 @@ def _write_csv(path, history):
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(keys)
     for row in zip(*(history[k] for k in keys)):
-        w.writerow([int(v) if k == "epoch" else repr(v) for k, v in zip(keys, row)])
+        w.writerow([int(v) if k in ("epoch", "best_epoch") and math.isfinite(v) else repr(v)
+                    for k, v in zip(keys, row)])
     _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
-def _shuffle_generator(seed, device, rank=0, world=1, drawn=True):
-    """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too.
-
-    Every rank draws the same permutations (one generator seed) and its own dropout
-    masks (torch's global RNG seeded with seed + rank). Without a seed the generator
-    follows torch.manual_seed, so seeding torch makes the shuffles repeatable too.
-    When no order is ``drawn`` from it (a DataLoader draws its own), it takes nothing
-    from torch's random state, so a DataLoader's shuffles are those of a plain loop.
-    """
+def _shuffle_generator(seed, device, world, *, drawn=True):
+    """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too
+    (torch's global one with seed + rank: every rank draws the same orders and its own
+    dropout masks). Without a seed it follows torch.manual_seed; when no order is
+    ``drawn`` from it (a DataLoader draws its own) it takes nothing from torch's random
+    state, so a DataLoader's shuffles are those of a plain loop."""
     gen = torch.Generator()
     if seed is not None:
-        _seed_all(seed + rank)
+        _seed_all(seed + world.rank)
         return gen.manual_seed(seed)
     if not drawn:
         return gen
-    draw = torch.randint(0, 2**62, (1,)).to(device)
-    if world > 1:
-        torch.distributed.broadcast(draw, src=0)
+    draw = world.broadcast(torch.randint(0, 2**62, (1,)).to(device))  # rank 0's, everywhere
     return gen.manual_seed(int(draw.item()))
 
 
@@ -1507,32 +1445,78 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+# --- processes ------------------------------------------------------------------
+
+class _OneProcess:
+    """The world of a run in one process: rank 0 of 1, the writer. The distributed
+    block's ``_Ranks`` answers the same questions for the ranks of a torchrun job, so
+    the rest of the file asks ``world`` rather than passing a rank and a size around:
+    a meter's sums over every rank (``reduce``; here its own), where the first
+    non-finite loss of any rank is, every rank's ``obj`` (``gather``; None here),
+    whether ``any`` rank says yes, rank 0's tensor (``broadcast``), the context that
+    holds back the all-reduce of gradients (``no_sync``; None here), whether a
+    DataLoader gives each rank its own rows, what fit refuses with several ranks
+    (``check``), and what a Ctrl-C takes down (``abandon``; nothing here)."""
+    rank, size, writer = 0, 1, True
+
+    def reduce(self, totals):
+        return totals.flat
+
+    def first_bad(self, losses, checked, total, unit):
+        return _first_bad(losses, checked, total, unit)
+
+    def gather(self, obj):
+        return None
+
+    def any(self, flag):
+        return flag
+
+    def broadcast(self, t):
+        return t
+
+    def no_sync(self, model):
+        return None
+
+    def sharded_loader(self, loader, what):
+        return False
+
+    def check(self, model, *, save_every):
+        pass
+
+    def abandon(self):
+        pass
+
+
+_ONE_PROCESS = _OneProcess()
+
+
+def _world():
+    """The run's world: one process or, when torch.distributed has a group of several
+    ranks (torchrun), the distributed block's _Ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _block("distributed", "_Ranks", "a process group of several ranks (torchrun)")()
+    return _ONE_PROCESS
+
+
 # --- data sources -------------------------------------------------------------
-
-def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, world=1):
-    """An iterator of this rank's batches, beginning after ``start`` of them.
-
-    Unshuffled batches are views (no copy); shuffled ones one gather per tensor.
-    With several ranks, each global batch of world * batch_size rows is cut in
-    world equal parts and this rank takes its own; the last, short global batch
-    of m rows gives each rank m // world of them and skips the m % world left
-    over (fewer than world rows), so that equal local batches keep DDP's average
-    of gradients equal to the mean over the global batch.
-
-    The batches' index views are cut in one call and the gathers are mapped over
-    them, so no Python code runs per batch (a generator costs about a microsecond
-    a step, which shows on small models).
-    """
-    step = world * batch_size
+def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, ranks=1):
+    """An iterator of this rank's batches, beginning after ``start`` of them: views when
+    unshuffled, one gather per tensor when shuffled, cut in one call and mapped, so no
+    Python runs per batch. With several ranks each global batch of ranks * batch_size
+    rows is cut in ``ranks`` parts, this ``rank`` taking its own; the short last one of
+    m rows gives each rank m // ranks and skips the rest (fewer than ``ranks``), so that
+    equal local batches keep DDP's mean of gradients the global batch's mean."""
+    step = ranks * batch_size
     n = len(X) - len(X) % step if drop_last else len(X)
     if order is None:
-        if world == 1:
+        if ranks == 1:
             return itertools.islice(zip(X[:n].split(batch_size), y[:n].split(batch_size)),
                                     start, None)
         order = torch.arange(len(X), device=X.device)  # a rank's rows are not one block
     full = n // step
-    idx = list(order[:full * step].view(full, world, batch_size)[:, rank].unbind(0))
-    local = (n - full * step) // world
+    idx = list(order[:full * step].view(full, ranks, batch_size)[:, rank].unbind(0))
+    local = (n - full * step) // ranks
     if local:
         lo = full * step + rank * local
         idx.append(order[lo:lo + local])
@@ -1543,25 +1527,24 @@ def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, world=
 
 # Two kinds of data source, with the same face: ``steps`` (batches an epoch, or
 # None when unknown), ``device``, ``sharded`` (each rank sees its own rows, so the
-# epoch's sums are all-reduced) and ``epoch(...)``, the batches of one epoch.
+# epoch's sums are all-reduced), ``generators`` (the random generators it draws
+# from, saved in last.pt) and ``epoch(...)``, the batches of one epoch.
 class _TensorSource:
     """(X, y) tensors, moved to the device once and cut into batches here each epoch.
+    With several ranks each global batch of ``ranks * batch_size`` rows is cut in
+    ``ranks`` parts and rank ``rank`` takes its own (see ``_slices``)."""
 
-    Under torch.distributed each global batch of ``world * batch_size`` rows is
-    cut in ``world`` parts and rank ``rank`` takes its own (see ``_slices``).
-    """
-
-    def __init__(self, X, y, *, batch_size, device, rank=0, world=1, sharded=False,
+    def __init__(self, X, y, *, batch_size, device, rank=0, ranks=1, sharded=False,
                  drop_last=False):
         self.X, self.y = X.to(device), y.to(device)  # a no-op when already there
-        self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
+        self.batch_size, self.device, self.rank, self.ranks = batch_size, device, rank, ranks
         self.sharded, self.drop_last = sharded, drop_last
         self.generators = []  # the order is drawn from fit's own generator
-        step = world * batch_size
-        short = 0 if drop_last else (1 if len(self.X) % step // world else 0)
+        step = ranks * batch_size
+        short = 0 if drop_last else (1 if len(self.X) % step // ranks else 0)
         self.steps = len(self.X) // step + short
 
-    def epoch(self, generator=None, shuffle=False, start=0, number=0):
+    def epoch(self, *, generator=None, shuffle=False, start=0, number=0):
         """Batches of one epoch, beginning after ``start`` of them; the order is drawn now,
         before the first batch is asked for."""
         order = None
@@ -1569,7 +1552,7 @@ class _TensorSource:
             order = torch.randperm(len(self.X), generator=generator)
             order = order.to(self.device, non_blocking=True)
         return _slices(self.X, self.y, self.batch_size, order, start=start,
-                       drop_last=self.drop_last, rank=self.rank, world=self.world)
+                       drop_last=self.drop_last, rank=self.rank, ranks=self.ranks)
 
 
 class _LoaderSource:
@@ -1583,7 +1566,7 @@ class _LoaderSource:
         except TypeError:
             self.steps = None  # an IterableDataset: its length shows after one pass
 
-    def epoch(self, generator=None, shuffle=False, start=0, number=0):
+    def epoch(self, *, generator=None, shuffle=False, start=0, number=0):
         """Batches of epoch ``number`` on the device, beginning after ``start`` of them (the
         loader draws its order when iterated, here; the batches done are passed over)."""
         sampler = getattr(self.loader, "sampler", None)
@@ -1636,37 +1619,19 @@ def _batch_rows(yb):
     return yb.shape[0] if torch.is_tensor(yb) else len(yb)
 
 
-def _full(out):
-    """Outputs in fp32 at least, whatever autocast computed them in (for the metrics)."""
-    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-
-
 def _describe(x):
     return f"a tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else (
         f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
         if isinstance(x, tuple) else type(x).__name__)
 
 
-def _model_device(model):
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _unwrap(model):
-    """The plain module under torch.compile and (Distributed)DataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 # --- progress -----------------------------------------------------------------
 
 # Formatting is pure functions returning strings (tested with golden strings);
 # _Printer only writes them.
+
+_NOT_VALUES = ("epoch", "lr", "time", "best_epoch")  # history keys that are not results
+
 
 def _num(v):
     if not math.isfinite(v):
@@ -1691,7 +1656,7 @@ def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False
     """One epoch's summary line, e.g. 'epoch 7/50  loss 0.4821  acc 77.3%  0.41s  * best'."""
     parts = [f"epoch {epoch}/{epochs}"]
     for k, v in logs.items():
-        if k not in ("epoch", "lr", "time"):
+        if k not in _NOT_VALUES:
             parts.append(_format_value(k, v, k.removeprefix("val_") in percent))
     if seconds is not None:
         parts.append(_seconds(seconds))
@@ -1703,10 +1668,8 @@ def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False
 def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent=(),
                      columns=None):
     """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821'.
-
     With ``columns``, the line fits in that many characters: fields go in the order
-    rate, the metrics from the last, ETA, the loss, and what is left is cut.
-    """
+    rate, the metrics from the last, ETA, the loss, and what is left is cut."""
     rate = done / elapsed if elapsed > 0 else 0.0
     head = [f"epoch {epoch}/{epochs}", f"{step}/{steps if steps else '?'}"]
     eta = [f"ETA {_seconds((steps - step) / rate)}"] if steps and rate > 0 else []
@@ -1801,7 +1764,8 @@ def _shapes(p, y):
     return f"predictions of shape {tuple(p.shape)} and targets of shape {tuple(y.shape)}"
 
 
-def _err(p, y):
+def _error(p, y):
+    """Predictions minus targets, row by row."""
     if p.shape != y.shape:
         if p.numel() != y.numel():
             raise ValueError(f"{_shapes(p, y)} do not match")
@@ -1876,20 +1840,20 @@ def _ratio(s, n):
     return s[0] / n if n else math.nan
 
 
-def _rows(p, y):
+def _safe_div(a, b):
+    return a / b if b else 0.0  # scikit-learn's zero_division=0
+
+
+def _n_rows(p, y):  # what a statistic is counted over, from shapes alone: its rows,
     return p.shape[0]
 
 
-def _numel(p, y):
+def _n_values(p, y):  # its values,
     return p.numel()
 
 
-def _none(p, y):
+def _n_none(p, y):  # or nothing (a maximum)
     return 0
-
-
-def _safe_div(a, b):
-    return a / b if b else 0.0  # scikit-learn's zero_division=0
 
 
 _MAPE_EPS = 1e-7  # as Keras: |y| is clamped so that a zero target does not divide by zero
@@ -1900,17 +1864,18 @@ def _stats(cut):
     def counts(p, y):
         return _counts(p, y, cut)
     return {
-        "accuracy": _Stat(lambda p, y: _correct(p, y).sum(), _rows, _ratio, percent=True),
+        "accuracy": _Stat(lambda p, y: _correct(p, y).sum(), _n_rows, _ratio, percent=True),
         "binary_accuracy": _Stat(lambda p, y: ((p > cut) == (y > 0.5).reshape(p.shape)).sum(),
-                                 _numel, _ratio, percent=True),
-        "mse": _Stat(lambda p, y: _err(p, y).square().sum(dtype=torch.float64), _numel, _ratio),
-        "rmse": _Stat(lambda p, y: _err(p, y).square().sum(dtype=torch.float64), _numel,
+                                 _n_values, _ratio, percent=True),
+        "mse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
+                     _ratio),
+        "rmse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
                       lambda s, n: math.sqrt(s[0] / n)),
-        "mae": _Stat(lambda p, y: _err(p, y).abs().sum(dtype=torch.float64), _numel, _ratio),
-        "mape": _Stat(lambda p, y: (_err(p, y).abs() / y.reshape(p.shape).abs()
+        "mae": _Stat(lambda p, y: _error(p, y).abs().sum(dtype=torch.float64), _n_values, _ratio),
+        "mape": _Stat(lambda p, y: (_error(p, y).abs() / y.reshape(p.shape).abs()
                                     .clamp_min(_MAPE_EPS)).sum(dtype=torch.float64) * 100,
-                      _numel, _ratio),
-        "max_error": _Stat(lambda p, y: _err(p, y).abs().max(), _none, lambda s, n: s[0],
+                      _n_values, _ratio),
+        "max_error": _Stat(lambda p, y: _error(p, y).abs().max(), _n_none, lambda s, n: s[0],
                            "max"),
         "precision": _Stat(counts, _class_rows, _macro(lambda tp, fp, fn: _safe_div(tp, tp + fp)),
                            size=4),
@@ -1923,7 +1888,6 @@ def _stats(cut):
 
 _STATS = _stats(0.5)
 _LOGIT_STATS = _stats(0.0)  # for a model trained with BCEWithLogitsLoss
-_TAKES_LOGITS = {"binary_accuracy", "precision", "recall", "f1"}
 
 
 def _reads_logits(loss_fn):
@@ -1931,7 +1895,9 @@ def _reads_logits(loss_fn):
     return isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
 
 
-def _whole(name, doc):
+def _metric(name, doc):
+    """The public function of built-in metric ``name``: its statistic over the rows given,
+    finished (what fit computes over an epoch, computed over one call's rows)."""
     def metric(y_pred, y, *, logits=False):
         st = (_LOGIT_STATS if logits else _STATS)[name]
         with torch.no_grad():
@@ -1944,22 +1910,22 @@ def _whole(name, doc):
 
 _ABOUT_LOGITS = (" With ``logits=True`` one value per row is a logit, positive above 0"
                  " (fit, evaluate and train_epoch do this for a BCEWithLogitsLoss model).")
-accuracy = _whole("accuracy", "Fraction of rows whose arg-max class equals the label "
-                  "(an index, (N,) or (N, 1), or a one-hot row).")
-binary_accuracy = _whole("binary_accuracy", "Fraction of probabilities on the right side of "
-                         "0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS)
-mse = _whole("mse", "Mean squared error.")
-rmse = _whole("rmse", "Root of the mean squared error (over the whole set, not a mean of roots).")
-mae = _whole("mae", "Mean absolute error.")
-mape = _whole("mape", "Mean absolute percentage error, in percent (|y| clamped at 1e-7).")
-max_error = _whole("max_error", "Largest absolute error.")
+accuracy = _metric("accuracy", "Fraction of rows whose arg-max class equals the label "
+                   "(an index, (N,) or (N, 1), or a one-hot row).")
+binary_accuracy = _metric("binary_accuracy", "Fraction of probabilities on the right side "
+                          "of 0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS)
+mse = _metric("mse", "Mean squared error.")
+rmse = _metric("rmse", "Root of the mean squared error (of the whole set, not a mean of roots).")
+mae = _metric("mae", "Mean absolute error.")
+mape = _metric("mape", "Mean absolute percentage error, in percent (|y| clamped at 1e-7).")
+max_error = _metric("max_error", "Largest absolute error.")
 _ABOUT_PRF = (" One probability per row: binary, positive above 0.5. Class scores (N, C): the"
               " macro average over the classes present in targets or predictions, as"
               " scikit-learn's average='macro'. 0 where nothing is predicted (or present)."
               + _ABOUT_LOGITS)
-precision = _whole("precision", "Precision, tp / (tp + fp)." + _ABOUT_PRF)
-recall = _whole("recall", "Recall, tp / (tp + fn)." + _ABOUT_PRF)
-f1 = _whole("f1", "F1 score, 2 tp / (2 tp + fp + fn)." + _ABOUT_PRF)
+precision = _metric("precision", "Precision, tp / (tp + fp)." + _ABOUT_PRF)
+recall = _metric("recall", "Recall, tp / (tp + fn)." + _ABOUT_PRF)
+f1 = _metric("f1", "F1 score, 2 tp / (2 tp + fp + fn)." + _ABOUT_PRF)
 _BUILTIN = {globals()[name]: name for name in _STATS}
 
 
@@ -1980,12 +1946,11 @@ def confusion_matrix(y_pred, y, num_classes, *, logits=False):
     """Counts as a (num_classes, num_classes) int64 tensor: rows true, columns predicted.
 
     Predictions are class numbers, class scores (N, C) (their arg-max) or, for two
-    classes, one probability per row (positive above 0.5; a logit above 0 with
-    ``logits=True``); targets are read the same way (above 0.5). A class outside
-    0..num_classes-1 is a ValueError.
-    """
+    classes, one probability per row (positive above 0.5, or a logit above 0 with
+    ``logits=True``); targets likewise. A class outside 0..num_classes-1 is a ValueError."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"confusion_matrix: num_classes must be an int >= 1, got {num_classes!r}")
+        raise ValueError(f"confusion_matrix: num_classes must be an int >= 1, got "
+                         f"{num_classes!r}")
     k = num_classes
     with torch.no_grad():
         pred = _classes(y_pred, k, 0.0 if logits else 0.5, "predictions")
@@ -2003,10 +1968,8 @@ def confusion_matrix(y_pred, y, num_classes, *, logits=False):
 
 def _metric_table(metrics, *, logits=False):
     """{"name": fn or built-in name} -> {"name": _Stat}; TypeError/ValueError naming the key.
-
-    ``logits``: the binary metrics read one value per row as a logit (a model trained
-    with BCEWithLogitsLoss). A function of the user's gets the outputs as they are.
-    """
+    ``logits``: the binary metrics read one value per row as a logit (a model trained with
+    BCEWithLogitsLoss); a function of the user's gets the outputs as they are."""
     if metrics is None:
         return {}
     if not isinstance(metrics, dict):
@@ -2016,9 +1979,10 @@ def _metric_table(metrics, *, logits=False):
     table = {}
     for key, fn in metrics.items():
         if not isinstance(key, str) or not key or key.startswith("val_") or key in (
-                "epoch", "loss", "lr", "time"):
+                "loss", *_NOT_VALUES):
             raise ValueError(f"metrics: key {key!r} is not allowed; use a name that is not "
-                             "'epoch', 'loss', 'lr', 'time' and does not start with 'val_'")
+                             f"'loss', {', '.join(map(repr, _NOT_VALUES))} and does not start "
+                             "with 'val_'")
         if isinstance(fn, str):
             if fn not in _STATS:
                 raise ValueError(f"metrics[{key!r}]: unknown metric {fn!r}; expected one of "
@@ -2027,8 +1991,9 @@ def _metric_table(metrics, *, logits=False):
         elif fn in _BUILTIN:
             table[key] = builtins[_BUILTIN[fn]]
         elif callable(fn):
-            # A user metric must be a per-sample mean; its epoch value is the sample-weighted mean.
-            table[key] = _Stat(lambda p, y, fn=fn: _user_value(fn, p, y) * len(p), _rows, _ratio)
+            # A user metric must be a per-sample mean; its epoch value is the rows' mean.
+            table[key] = _Stat(lambda p, y, fn=fn: _user_value(fn, p, y) * len(p), _n_rows,
+                               _ratio)
         else:
             raise TypeError(f"metrics[{key!r}]: expected a function (y_pred, y) -> tensor or "
                             f"the name of a built-in metric, got {type(fn).__name__}")
@@ -2045,41 +2010,93 @@ def _user_value(fn, p, y):
     return v.detach().double().reshape(())
 
 
-# --- mixed precision ----------------------------------------------------------
+# --- optional blocks: how the rest of the file asks for them ---------------------
+# Each optional block below may be deleted from a copy of this file. The core
+# reaches into a block only through _block (and a missing public name through
+# __getattr__), so a copy without it fails with a message that names the block.
 
-_CAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BLOCK_OF = {"lr_find": "lr_find", "setup_distributed": "distributed"}
+
+
+def __getattr__(name):  # asked only for a name this module lacks
+    if name in _BLOCK_OF:
+        raise AttributeError(f"loops.{name} is part of the optional block "
+                             f"'{_BLOCK_OF[name]}', which this copy of loops.py does not have; "
+                             f"copy that block back in from loops.py to use it")
+    raise AttributeError(f"module 'loops' has no attribute {name!r}")
+
+
+def _block(name, definition, asked):
+    """``definition`` of the optional block ``name``; a ValueError saying what was
+    ``asked`` and which block it needs when this copy of loops.py was made without it."""
+    found = globals().get(definition)
+    if found is None:
+        raise ValueError(f"{asked} needs the optional block '{name}' of loops.py, which this "
+                         f"copy does not have: copy the lines from '# --- optional: {name}' to "
+                         f"'# --- end of {name}' back in from loops.py to use it")
+    return found
 
 
 def _autocast(precision, device):
-    """A factory of the context that forward and loss run under: autocast to the
-    precision's dtype on the device's type, or nothing for fp32."""
-    dtype = _CAST[precision]
-    if dtype is None:
+    """A factory of the context that forward and loss run under: nothing for fp32
+    (None), else autocast to the precision's dtype (the mixed precision block)."""
+    if precision is None:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return _block("mixed precision", "_autocast_to", f"precision={precision!r}")(
+        precision, device)
 
 
-def _check_precision(precision, accumulate, device):
-    """ValueError for a precision or accumulate fit cannot use on this device."""
-    if precision not in _CAST:
-        raise ValueError(f"precision must be None (fp32), 'bf16' or 'fp16', got {precision!r}")
-    _check_int("accumulate", accumulate, 1)
+def _grad_scaler(precision, device):
+    """fp16's GradScaler (the mixed precision block), or None."""
+    if precision != "fp16":
+        return None
+    return _block("mixed precision", "_Scaler", "precision='fp16'")(device.type)
+
+
+# --- optional: mixed precision ------------------------------------------------
+# precision="bf16" or "fp16": forward and loss under torch.autocast for the device,
+# the weights, gradients and optimizer in fp32; fp16 steps through a GradScaler.
+# Without this block, fit, train_epoch, evaluate and predict run in fp32 only.
+
+_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast_to(precision, device):
+    """A factory of autocast contexts to the precision's dtype on the device's type."""
+    return functools.partial(torch.autocast, device.type, dtype=_CAST[precision])
+
+
+class _Scaler(torch.amp.GradScaler):
+    """fp16's GradScaler, with the optimizer's side of a step as PyTorch's AMP recipe
+    writes it: the loss is scaled before backward (``scale``); gradients are unscaled
+    before clipping; a step whose gradients overflowed is skipped, and the scale falls."""
+
+    def update_weights(self, optimizer, parameters, clip_grad_norm):
+        if clip_grad_norm:
+            self.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+        self.step(optimizer)
+        self.update()
+
+
+def _check_mixed_precision(precision, device):
+    """ValueError for a precision this device cannot run."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision='bf16': {torch.cuda.get_device_name(device)} cannot run "
                          "bfloat16; use precision='fp16' (with its GradScaler) or None")
-    if precision is not None and device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda"):
         raise ValueError(f"precision={precision!r} is for CPU and CUDA devices; on "
                          f"{device.type} use precision=None")
 
+# --- end of mixed precision ---------------------------------------------------
 
-# --- distributed --------------------------------------------------------------
 
-def _world():
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+# --- optional: distributed ----------------------------------------------------
+# Runs under torchrun, one process per device: setup_distributed, and _Ranks, the
+# world of such a run (the core's _OneProcess is the world of one process).
+# Without this block, a process group of several ranks is refused, naming it.
+
+__all__ += ["setup_distributed"]
 
 
 def setup_distributed(model, *, backend=None):
@@ -2089,11 +2106,10 @@ def setup_distributed(model, *, backend=None):
     group is initialised once (nccl when CUDA is there, else gloo), the model is
     moved to this rank's device (``cuda:LOCAL_RANK``, or the CPU) and wrapped.
     Anywhere else the model comes back as it is, so one script runs both ways.
-    Returns ``(model, device)``; create the optimizer after this call.
-    """
+    Returns ``(model, device)``; create the optimizer after this call."""
     dist = torch.distributed
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return model, _model_device(model)
+        return model, model_device(model)
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         atexit.register(_leave_group)
@@ -2118,68 +2134,103 @@ def _leave_group():
         dist.destroy_process_group()
 
 
-def _abandon_group():
-    """After a Ctrl-C on this rank: take the process group down now, with no barrier
-    (the other ranks are not coming to one). Ranks waiting for this one in a
-    collective then fail at once with a connection error, and torchrun, seeing a
-    rank fail, stops the job, instead of every rank waiting for the backend's
-    timeout (30 minutes)."""
-    dist = torch.distributed
-    if dist.is_initialized():
-        dist.destroy_process_group()
+class _Ranks:
+    """The world of a torchrun job: this process's ``rank`` among ``size``, rank 0 the
+    only writer. Answers what _OneProcess answers, with collectives: every rank must
+    ask the same questions in the same order."""
+
+    def __init__(self):
+        dist = torch.distributed
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.writer = self.rank == 0
+
+    def reduce(self, totals):
+        """A meter's sums and counts summed over the ranks (maxima: the largest): the
+        layout [loss sum, its denominator, *metric sums, *counts], so that the counts
+        travel with the sums."""
+        flat = totals.flat
+        counts = torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)
+        flat = torch.cat([flat, counts])
+        dist = torch.distributed
+        total = flat.clone()
+        dist.all_reduce(total)
+        if totals.maxima:
+            top = flat.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            total[totals.maxima] = top[totals.maxima]
+        return total
+
+    def first_bad(self, losses, checked, total, unit):
+        """The same answer on every rank: the first bad step of any rank."""
+        dist, device = torch.distributed, losses.device
+        bad = (~torch.isfinite(losses)).nonzero()
+        j = int(bad[0]) if len(bad) else 2**40
+        key = torch.tensor([(checked + j) * self.size + self.rank], dtype=torch.float64,
+                           device=device)
+        dist.all_reduce(key, op=dist.ReduceOp.MIN)
+        step, owner = divmod(int(key.item()), self.size)
+        mine = losses[j].double().reshape(1) if owner == self.rank else torch.zeros(
+            1, dtype=torch.float64, device=device)
+        dist.all_reduce(mine)
+        return f"loss is {mine.item()} at {unit} {step + 1} on rank {owner}"
+
+    def gather(self, obj):
+        out = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag):
+        t = torch.tensor([float(flag)])
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, t):
+        torch.distributed.broadcast(t, src=0)
+        return t
+
+    def no_sync(self, model):
+        return getattr(model, "no_sync", None)  # DistributedDataParallel's
+
+    def sharded_loader(self, loader, what):
+        """A DataLoader must give each rank its own rows (a DistributedSampler) to train."""
+        sampler = getattr(loader, "sampler", None)
+        sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+        if what == "train" and not sharded:
+            raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
+                             "DistributedSampler, or every rank trains on every batch; pass "
+                             "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
+        return sharded
+
+    def check(self, model, *, save_every):
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(f"the process group has {self.size} ranks but the model is not "
+                             "wrapped in DistributedDataParallel, so the ranks would not share "
+                             "gradients; wrap it (model, device = loops.setup_distributed(model))"
+                             " before creating the optimizer")
+        if save_every is not None:
+            raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
+                             "snapshot would need every rank at the same step); checkpoints are "
+                             "written at the end of each epoch")
+
+    def abandon(self):
+        """After a Ctrl-C on this rank: take the process group down now, with no barrier
+        (the other ranks are not coming to one). Ranks waiting for this one in a
+        collective then fail at once with a connection error, and torchrun, seeing a
+        rank fail, stops the job, instead of every rank waiting for the backend's
+        timeout (30 minutes)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+# --- end of distributed -------------------------------------------------------
 
 
-def _all_reduce_totals(totals):
-    """A meter's sums and counts summed over the ranks (maxima: the largest): the layout
-    [loss sum, its denominator, *metric sums, *counts], so that the counts travel with
-    the sums."""
-    flat = totals.flat
-    counts = torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)
-    flat = torch.cat([flat, counts])
-    dist = torch.distributed
-    total = flat.clone()
-    dist.all_reduce(total)
-    if totals.maxima:
-        top = flat.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        total[totals.maxima] = top[totals.maxima]
-    return total
+# --- optional: lr_find --------------------------------------------------------
+# The learning-rate range test. Without this block, loops.lr_find is an
+# AttributeError that names it.
 
-
-def _gather(obj, world):
-    """Every rank's ``obj`` as a list (on every rank), or None without a process group."""
-    if world == 1:
-        return None
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _agree(flag):
-    """True on every rank if it is True on any (a stop asked for by one rank's hook)."""
-    t = torch.tensor([float(flag)])
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _first_bad_across_ranks(losses, checked, device, unit):
-    """The same answer on every rank: the first bad step of any rank."""
-    dist = torch.distributed
-    rank, world = _world()
-    bad = (~torch.isfinite(losses)).nonzero()
-    j = int(bad[0]) if len(bad) else 2**40
-    key = torch.tensor([(checked + j) * world + rank], dtype=torch.float64, device=device)
-    dist.all_reduce(key, op=dist.ReduceOp.MIN)
-    step, owner = divmod(int(key.item()), world)
-    mine = losses[j].double().reshape(1) if owner == rank else torch.zeros(
-        1, dtype=torch.float64, device=device)
-    dist.all_reduce(mine)
-    return f"loss is {mine.item()} at {unit} {step + 1} on rank {owner}"
-
-
-# --- lr_find ------------------------------------------------------------------
+__all__ += ["lr_find"]
 
 _LR_BETA = 0.98    # the smoothing of the loss curve (an exponential moving average)
 _LR_DIVERGE = 4.0  # the search stops once the smoothed loss passes this many times its best
@@ -2191,37 +2242,21 @@ def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps
     geometrically from ``start_lr`` to ``end_lr``; return ``{"lr": [...], "loss": [...],
     "suggestion": float}``.
 
-    ``loss`` is the smoothed training loss (a moving average with factor 0.98,
-    corrected for its start), one value per rate tried. The data (tensors or a
-    DataLoader, as for fit) is cycled if it runs out. The search stops early once
-    the smoothed loss is not finite or above 4 times its best: the rates after
-    that point are not tried. The suggestion is a tenth of the rate at the lowest
-    smoothed loss (as fastai's lr_min), taken as the nearest rate tried, so it
-    always lies inside the tested range.
-
-    Afterwards the model (weights, buffers, gradients, each module's train/eval
-    mode), the optimizer (its state and every group's rate) and every random state
-    are exactly as they were, so a fit that follows trains as it would have
-    without lr_find.
-    """
-    device = _check_model(model, device)
-    _check_training_parts(loss_fn, optimizer, None, "epoch", None)
-    _check_optimizer_params(model, optimizer, loss_fn)
-    _check_precision(precision, 1, device)
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
-    if end_lr <= start_lr:
-        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
-    _check_int("steps", steps, 2)
+    ``loss`` is the training loss smoothed (a moving average, 0.98, corrected for its
+    start), one value per rate tried; the data is cycled if it runs out; the search
+    stops once the smoothed loss is not finite or above 4 times its best. The
+    suggestion is the rate tried nearest a tenth of the lowest point's (fastai's
+    lr_min). Afterwards the model, the optimizer and every random state are exactly
+    as they were, so a fit that follows trains as it would have without lr_find."""
+    device = _check_lr_find(model, loss_fn, optimizer, start_lr=start_lr, end_lr=end_lr,
+                            steps=steps, device=device, precision=precision)
     source = _source(train, what="train", batch_size=batch_size, device=device, reused=True)
     stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn)
-    kept = _Kept(model, optimizer, source.generators)
+    before = _Before(model, optimizer, source.generators)
     try:
         return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
     finally:
-        kept.restore()
+        before.restore()
 
 
 def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
@@ -2232,7 +2267,7 @@ def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
         for group in stepper.optimizer.param_groups:
             group["lr"] = lr
-        [(loss, _)] = stepper.step(model, [next(batches)], loss_fn, False)
+        [(loss, _)] = stepper.step(model, [next(batches)], loss_fn, keep_outputs=False)
         value = loss.item()  # a host read per step: the test is short and needs each loss
         avg = _LR_BETA * avg + (1 - _LR_BETA) * value
         smooth = avg / (1 - _LR_BETA ** (i + 1))
@@ -2252,7 +2287,7 @@ def _cycled(source, gen):
     number = 0
     while True:
         empty = True
-        for batch in source.epoch(gen, True, 0, number):
+        for batch in source.epoch(generator=gen, shuffle=True, number=number):
             empty = False
             yield batch
         if empty:
@@ -2261,21 +2296,18 @@ def _cycled(source, gen):
 
 
 def _suggestion(lrs, losses):
-    """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss.
-
-    At the lowest point the rate is already about to be too high (the average lags the
-    loss), so a tenth of it is the usual choice (fastai's lr_min); the steepest descent
-    of the smoothed curve, the other usual rule, lands on that lag and on each batch's
-    noise, and proved too high on problems whose stable range is known.
-    """
+    """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss:
+    there the rate is already about to be too high (the average lags); the steepest
+    descent, the other usual rule, proved too high where the stable range is known."""
     low = min(range(len(lrs)), key=losses.__getitem__)
     target = math.log(lrs[low] / 10)
     return min(lrs[:low + 1], key=lambda v: abs(math.log(v) - target))
 
 
-class _Kept:
-    """What lr_find changes, kept to be put back: the model's weights, buffers, gradients
-    and modes, the optimizer's state and rates, every random state."""
+class _Before:
+    """Everything lr_find changes, as it was before, to be put back by ``restore``: the
+    model's weights, buffers, gradients and modes, the optimizer's state and rates,
+    every random state."""
 
     def __init__(self, model, optimizer, loaders=()):
         self.model, self.optimizer, self.loaders = model, optimizer, loaders
@@ -2296,13 +2328,27 @@ class _Kept:
         _set_rng_state(self.rng, None, self.loaders)
 
 
-# --- building what fit runs on ------------------------------------------------
+def _check_lr_find(model, loss_fn, optimizer, *, start_lr, end_lr, steps, device, precision):
+    """lr_find's arguments, checked before any step; returns the device."""
+    device = _check_training(model, loss_fn, optimizer, device=device, precision=precision)
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
+    if end_lr <= start_lr:
+        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
+    _check_int("steps", steps, 2)
+    return device
+
+# --- end of lr_find -----------------------------------------------------------
+
+
+# --- building a run: what fit runs on -------------------------------------------
 
 class _Plan(NamedTuple):
-    """What the checks of fit's arguments found: what fit works with."""
+    """What fit runs on, built from its checked arguments."""
     device: torch.device
-    rank: int
-    world: int
+    world: object        # _OneProcess, or the distributed block's _Ranks
     stats: dict          # metric name -> _Stat
     train: object        # a _TensorSource or _LoaderSource
     val: object          # the same, or None
@@ -2311,189 +2357,204 @@ class _Plan(NamedTuple):
     percent: set         # keys shown as percentages
 
 
-def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
-               metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
-               clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
-               drop_last=False, precision=None, accumulate=1, shuffle=True, seed=None):
-    """Check every argument of fit before any work; return the _Plan fit follows."""
-    device = _check_model(model, device)
-    rank, world = _world()
-    _check_distributed(model, world, save_every)
-    _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm)
-    _check_optimizer_params(model, optimizer, loss_fn)
-    _check_precision(precision, accumulate, device)
-    _check_int("epochs", epochs, 0)
-    _check_shuffle(shuffle)
-    _check_seed(seed)
+def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
+          metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
+          clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
+          drop_last, precision, accumulate, shuffle, seed):
+    """Check every argument of fit, then build what it runs on: the world, the metric
+    table, the data sources (whose data is checked as they are built), the history's
+    keys and the monitor; last, the first validation batch is tried on the model."""
+    device, world = _check_fit(
+        model, loss_fn, optimizer, epochs=epochs, mode=mode, patience=patience,
+        min_delta=min_delta, scheduler=scheduler, scheduler_interval=scheduler_interval,
+        clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
+        on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
+        save_every=save_every, precision=precision, accumulate=accumulate, shuffle=shuffle,
+        seed=seed, train=train)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
-                         reused=epochs > 1, rank=rank, world=world, drop_last=drop_last)
+                         reused=epochs > 1, world=world, drop_last=drop_last)
     if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
         val_batch_size = max(batch_size, 256)
     val_data = None if val is None else _source(
         val, what="val", batch_size=val_batch_size, device=device, reused=epochs > 1,
-        rank=rank, world=world, split_rows=True)
+        world=world, split_rows=True)
     keys = ["epoch", "loss", *stats]
     if val_data is not None:
         keys += ["val_loss", *("val_" + k for k in stats)]
-    keys += ["lr", "time"]
+    keys += ["lr", "time", "best_epoch"]
     monitor = _check_monitor(monitor, keys, val_data is not None)
-    _check_options(mode=mode, patience=patience, min_delta=min_delta, verbose=verbose,
-                   on_epoch_end=on_epoch_end, save_every=save_every)
-    _Store.check(checkpoint, resume=resume, save_every=save_every)
-    _check_savable_scheduler(scheduler, checkpoint)
-    _warn_unsaved_workers(train, checkpoint)
-    if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            and scheduler_interval == "step"):
-        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
-                         "'epoch'")
     percent = {k for k, st in stats.items() if st.percent}
     percent |= {"val_" + k for k in percent}
-    _check_val_batch(model, val_data, loss_fn, stats, _autocast(precision, device))
-    return _Plan(device, rank, world, stats, train_data, val_data, keys, monitor, percent)
+    _try_first_val_batch(model, val_data, loss_fn, stats, _autocast(precision, device))
+    return _Plan(device, world, stats, train_data, val_data, keys, monitor, percent)
 
 
-def _source(data, *, what, batch_size, device, reused, rank=0, world=1, split_rows=False,
+def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
             drop_last=False):
     """``data`` as a batch source, checked: tensors or a loader.
-
-    Under a process group of ``world`` ranks, training tensors are cut per global
-    batch; with ``split_rows`` (validation) each rank takes a contiguous part of
-    the rows instead. Either way the sums are then all-reduced (``sharded``).
-    ``drop_last``: tensors skip the short last batch (a DataLoader has its own).
-    """
+    In a ``world`` of several ranks, training tensors are cut per global batch;
+    with ``split_rows`` (validation) each rank takes a contiguous part of the rows
+    instead. Either way the sums are then all-reduced (``sharded``).
+    ``drop_last``: tensors skip the short last batch (a DataLoader has its own)."""
+    world = world or _ONE_PROCESS
+    rank, ranks = world.rank, world.size
     _check_batch_size(batch_size)
     if not isinstance(drop_last, bool):
         raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         _check_tensors(*data, what)
         X, y = data
-        if drop_last and len(X) < world * batch_size:
+        if drop_last and len(X) < ranks * batch_size:
             raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
                              f"{batch_size} leaves no batch; expected at least "
-                             f"{world * batch_size} rows")
-        if split_rows and world > 1:
-            lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world
+                             f"{ranks * batch_size} rows")
+        if split_rows and ranks > 1:
+            lo, hi = len(X) * rank // ranks, len(X) * (rank + 1) // ranks
             return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
                                  sharded=True)
         return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
-                             world=world, sharded=world > 1, drop_last=drop_last)
-    if torch.is_tensor(data) or isinstance(data, tuple):
-        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
-                        f"(xb, yb) batches, got {_describe(data)}")
-    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
-                        "(X, y) (a list is read as a list of (xb, yb) batches)")
-    if drop_last:
-        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
-                         "its short last batch with DataLoader(..., drop_last=True)")
-    if not hasattr(data, "__iter__"):
-        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
-                        f"(a list, a DataLoader), got {type(data).__name__}")
-    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
-        # start a DataLoader's workers and draw its seed from the random state)
-        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
-                        "be empty after the first epoch; pass a list or a DataLoader instead")
+                             ranks=ranks, sharded=ranks > 1, drop_last=drop_last)
+    _check_loader(data, what, reused=reused, drop_last=drop_last)
     source = _LoaderSource(data, device=device, what=what)
     if source.steps == 0:
         raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
-    if world > 1:
-        sampler = getattr(data, "sampler", None)
-        source.sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
-        if what == "train" and not source.sharded:
-            raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
-                             "DistributedSampler, or every rank trains on every batch; pass "
-                             "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
+    source.sharded = world.sharded_loader(data, what)
     return source
 
 
-# --- argument checks ----------------------------------------------------------
-
-# Everything fit is given is checked here, before the first step and before any
-# file is written, with errors that say what came and what was expected.
-
-def _check_tensors(X, y, what):
-    if not (torch.is_tensor(X) and torch.is_tensor(y)):
-        raise TypeError(f"{what}: expected two tensors (X, y), got "
-                        f"({type(X).__name__}, {type(y).__name__})")
-    if X.dim() == 0 or y.dim() == 0 or len(X) != len(y):
-        raise ValueError(f"{what}: X and y must have the same first dimension, got shapes "
-                         f"{tuple(X.shape)} and {tuple(y.shape)}")
-    if len(X) == 0:
-        raise ValueError(f"{what}: the dataset is empty (0 rows); expected at least one row")
-
-
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-
-
-def _check_model(model, device):
-    """The device to train on; ValueError if the model's parameters live elsewhere."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    here = _model_device(model)
-    if device is None:
-        return here
+def _try_first_val_batch(model, val, loss_fn, stats, cast):
+    """Run the first batch of validation tensors through the model, the loss and the
+    metrics before training, so that data of the wrong shape fails now rather than
+    after a whole training epoch. The plain module in eval mode without grad (no
+    collective under DDP, no compile); a DataLoader is not drawn from early, since
+    that would start its workers and draw from the random state."""
+    if not isinstance(val, _TensorSource):
+        return
+    first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
+                          batch_size=val.batch_size, device=val.device)
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or 'cuda'") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
-                         "use device='cpu'")
-    same = here.type == device.type and (device.index is None or here.index is None
-                                         or here.index == device.index)
-    if not same:
-        raise ValueError(f"the model's parameters are on {here} but device={str(device)!r}; "
-                         f"move the model first (model.to({str(device)!r})) and create the "
-                         "optimizer after")
-    return here if device.index is None else device
+        _read([_evaluate_pass(_unwrap(model), first, loss_fn, stats, cast)])
+    except FloatingPointError:
+        return  # a NaN is the epoch's validation pass to report, with its batch
+    except Exception as e:
+        message = (f"val: the first validation batch, run through the model before training "
+                   f"as a check, failed: {e}")
+        try:
+            error = type(e)(message)
+        except Exception:  # an exception type that takes other arguments
+            error = ValueError(message)
+        raise error from e
 
 
-def _check_distributed(model, world, save_every):
-    if world > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        raise ValueError(f"the process group has {world} ranks but the model is not wrapped in "
-                         "DistributedDataParallel, so the ranks would not share gradients; wrap "
-                         "it (model, device = loops.setup_distributed(model)) before creating "
-                         "the optimizer")
-    if world > 1 and save_every is not None:
-        raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
-                         "snapshot would need every rank at the same step); checkpoints are "
-                         "written at the end of each epoch")
+# --- argument checks ----------------------------------------------------------
+# Everything an entry point is given is checked before the first step and before
+# any file is written, with errors that say what came and what was expected: each
+# entry point's checks first, then the checks they share.
+
+def _check_fit(model, loss_fn, optimizer, *, epochs, mode, patience, min_delta, scheduler,
+               scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint,
+               resume, save_every, precision, accumulate, shuffle, seed, train):
+    """fit's arguments but the data, metrics and monitor (checked as _plan builds them);
+    returns the device and the world."""
+    world = _world()
+    world.check(model, save_every=save_every)
+    device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
+                             scheduler_interval=scheduler_interval, precision=precision,
+                             clip_grad_norm=clip_grad_norm, accumulate=accumulate)
+    _check_int("epochs", epochs, 0)
+    _check_shuffle(shuffle)
+    _check_seed(seed)
+    _check_options(mode=mode, patience=patience, min_delta=min_delta, verbose=verbose,
+                   on_epoch_end=on_epoch_end, save_every=save_every)
+    _check_checkpoint(checkpoint, resume=resume, save_every=save_every)
+    _check_savable_scheduler(scheduler, checkpoint)
+    _warn_unsaved_workers(train, checkpoint)
+    if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            and scheduler_interval == "step"):
+        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
+                         "'epoch'")
+    return device, world
 
 
-def _check_training_parts(loss_fn, optimizer, scheduler, scheduler_interval, clip_grad_norm):
-    if not callable(loss_fn):
+def _check_train_epoch(model, loss_fn, optimizer, *, device, scheduler, scheduler_interval,
+                       shuffle, clip_grad_norm, precision, accumulate, progress):
+    """train_epoch's arguments but the data and metrics; returns the device."""
+    device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
+                             scheduler_interval=scheduler_interval, precision=precision,
+                             clip_grad_norm=clip_grad_norm, accumulate=accumulate)
+    _check_shuffle(shuffle)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    return device
+
+
+def _check_evaluate(model, loss_fn, *, device, precision):
+    """evaluate's arguments but the data and metrics; returns the device."""
+    device = _check_model(model, device)
+    _check_precision(precision, device)
+    if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got "
-                         f"{scheduler_interval!r}")
-    if scheduler is not None and not hasattr(scheduler, "step"):
-        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
-                                           and clip_grad_norm > 0):
-        raise ValueError(f"clip_grad_norm must be a positive number or None, got "
-                         f"{clip_grad_norm!r}")
+    return device
 
 
-def _check_optimizer_params(model, optimizer, loss_fn):
-    """ValueError when the optimizer updates none of the model's parameters (it was
-    made for another model): training would change nothing, silently."""
-    own = {id(p) for p in model.parameters()}
-    own |= {id(p) for p in (loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module)
-                            else ())}
-    given = [p for g in optimizer.param_groups for p in g["params"]]
-    if own and given and not any(id(p) in own for p in given):
-        raise ValueError(f"the optimizer holds {len(given)} parameter tensors, none of them the "
-                         f"model's ({type(_unwrap(model)).__name__}): it was made for another "
-                         "model. Create it from this one: optimizer = "
-                         f"torch.optim.{type(optimizer).__name__}(model.parameters(), ...)")
+def _check_predict(model, data, *, batch_size, device, precision):
+    """predict's arguments; returns the device."""
+    device = _check_model(model, device)
+    _check_precision(precision, device)
+    _check_batch_size(batch_size)
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        data = data[0]
+    if torch.is_tensor(data):
+        if data.dim() == 0 or len(data) == 0:
+            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
+                             f"{tuple(data.shape)}")
+    elif not hasattr(data, "__iter__"):
+        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
+                        f"batches, got {type(data).__name__}")
+    return device
+
+
+# fit's own
+
+def _check_checkpoint(directory, *, resume, save_every):
+    """Refuse what would lose or mix up a run, before anything is written."""
+    if (resume or save_every is not None) and directory is None:
+        raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
+                         "last.pt is")
+    last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
+    if last is not None and not resume and os.path.exists(last):
+        raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
+                         "to continue it, or choose another directory (nothing is overwritten)")
+
+
+def _check_monitor(monitor, keys, has_val):
+    """The monitored key: val_loss with validation, else loss, or the one asked for."""
+    monitor = monitor or ("val_loss" if has_val else "loss")
+    if monitor not in keys or monitor in _NOT_VALUES:
+        raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
+                         f"{', '.join(k for k in keys if k not in _NOT_VALUES)}"
+                         + ("" if has_val or not monitor.startswith("val_")
+                            else " (val_ values need val=)"))
+    return monitor
+
+
+def _check_options(*, mode, patience, min_delta, verbose, on_epoch_end, save_every):
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if patience is not None:
+        _check_int("patience", patience, 1)
+    if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
+            or not math.isfinite(min_delta) or min_delta < 0):
+        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
+    if save_every is not None and (isinstance(save_every, bool) or not (
+            isinstance(save_every, (int, float)) and save_every >= 0)):
+        raise ValueError(f"save_every must be a number of seconds >= 0 or None, got "
+                         f"{save_every!r}")
 
 
 def _check_savable_scheduler(scheduler, checkpoint):
@@ -2519,61 +2580,120 @@ def _warn_unsaved_workers(train, checkpoint):
                       "a resumed run draws other augmentations than the first run would have. "
                       "For an exact resume, use persistent_workers=False (the workers' seeds "
                       "are then drawn each epoch from state that is saved)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)
 
 
-def _check_val_batch(model, val, loss_fn, stats, cast):
-    """Run the first batch of validation tensors through the model, the loss and the
-    metrics before training, so that data of the wrong shape fails now rather than
-    after a whole training epoch. The plain module in eval mode without grad (no
-    collective under DDP, no compile); a DataLoader is not drawn from early, since
-    that would start its workers and draw from the random state."""
-    if not isinstance(val, _TensorSource):
-        return
-    first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
-                          batch_size=val.batch_size, device=val.device)
+# shared by the entry points
+
+def _check_model(model, device):
+    """The device to train on; ValueError if the model's parameters live elsewhere."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    here = model_device(model)
+    if device is None:
+        return here
     try:
-        meter = _evaluate_pass(_unwrap(model), first, loss_fn, stats, cast)
-        _read([meter])
-    except FloatingPointError:
-        return  # a NaN is the epoch's validation pass to report, with its batch
-    except Exception as e:
-        message = (f"val: the first validation batch, run through the model before training "
-                   f"as a check, failed: {e}")
-        try:
-            error = type(e)(message)
-        except Exception:  # an exception type that takes other arguments
-            error = ValueError(message)
-        raise error from e
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or 'cuda'") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                         "use device='cpu'")
+    same = here.type == device.type and (device.index is None or here.index is None
+                                         or here.index == device.index)
+    if not same:
+        raise ValueError(f"the model's parameters are on {here} but device={str(device)!r}; "
+                         f"move the model first (model.to({str(device)!r})) and create the "
+                         "optimizer after")
+    return here if device.index is None else device
 
 
-def _check_monitor(monitor, keys, has_val):
-    """The monitored key: val_loss with validation, else loss, or the one asked for."""
-    monitor = monitor or ("val_loss" if has_val else "loss")
-    if monitor not in keys or monitor in ("epoch", "lr", "time"):
-        raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
-                         f"{', '.join(k for k in keys if k not in ('epoch', 'lr', 'time'))}"
-                         + ("" if has_val or not monitor.startswith("val_")
-                            else " (val_ values need val=)"))
-    return monitor
+def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
+                    scheduler_interval="epoch", clip_grad_norm=None, precision=None,
+                    accumulate=1):
+    """What every entry point that trains is given: the model and its device (returned),
+    the loss, the optimizer (made for this model), the step's options."""
+    device = _check_model(model, device)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got "
+                         f"{scheduler_interval!r}")
+    if scheduler is not None and not hasattr(scheduler, "step"):
+        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
+                                           and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got "
+                         f"{clip_grad_norm!r}")
+    _check_optimizer_params(model, optimizer, loss_fn)
+    _check_precision(precision, device)
+    _check_int("accumulate", accumulate, 1)
+    return device
 
 
-def _check_options(*, mode, patience, min_delta, verbose, on_epoch_end, save_every):
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    if patience is not None:
-        _check_int("patience", patience, 1)
-    if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
-            or not math.isfinite(min_delta) or min_delta < 0):
-        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    if on_epoch_end is not None and not callable(on_epoch_end):
-        raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
-    if save_every is not None and (isinstance(save_every, bool) or not (
-            isinstance(save_every, (int, float)) and save_every >= 0)):
-        raise ValueError(f"save_every must be a number of seconds >= 0 or None, got "
-                         f"{save_every!r}")
+def _check_optimizer_params(model, optimizer, loss_fn):
+    """ValueError when the optimizer updates none of the model's parameters (it was
+    made for another model): training would change nothing, silently."""
+    own = {id(p) for p in model.parameters()}
+    own |= {id(p) for p in (loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module)
+                            else ())}
+    given = [p for g in optimizer.param_groups for p in g["params"]]
+    if own and given and not any(id(p) in own for p in given):
+        raise ValueError(f"the optimizer holds {len(given)} parameter tensors, none of them the "
+                         f"model's ({type(_unwrap(model)).__name__}): it was made for another "
+                         "model. Create it from this one: optimizer = "
+                         f"torch.optim.{type(optimizer).__name__}(model.parameters(), ...)")
+
+
+def _check_precision(precision, device):
+    """ValueError for a precision fit cannot use on this device (None is fp32)."""
+    if precision is None:
+        return
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be None (fp32), 'bf16' or 'fp16', got {precision!r}")
+    _block("mixed precision", "_check_mixed_precision", f"precision={precision!r}")(
+        precision, device)
+
+
+def _check_loader(data, what, *, reused, drop_last):
+    """Data that is not (X, y) tensors: an iterable of batches, not a one-shot iterator."""
+    if torch.is_tensor(data) or isinstance(data, tuple):
+        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
+                        f"(xb, yb) batches, got {_describe(data)}")
+    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
+                        "(X, y) (a list is read as a list of (xb, yb) batches)")
+    if drop_last:
+        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
+                         "its short last batch with DataLoader(..., drop_last=True)")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
+                        f"(a list, a DataLoader), got {type(data).__name__}")
+    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
+        # start a DataLoader's workers and draw its seed from the random state)
+        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
+                        "be empty after the first epoch; pass a list or a DataLoader instead")
+
+
+def _check_tensors(X, y, what):
+    if not (torch.is_tensor(X) and torch.is_tensor(y)):
+        raise TypeError(f"{what}: expected two tensors (X, y), got "
+                        f"({type(X).__name__}, {type(y).__name__})")
+    if X.dim() == 0 or y.dim() == 0 or len(X) != len(y):
+        raise ValueError(f"{what}: X and y must have the same first dimension, got shapes "
+                         f"{tuple(X.shape)} and {tuple(y.shape)}")
+    if len(X) == 0:
+        raise ValueError(f"{what}: the dataset is empty (0 rows); expected at least one row")
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 def _check_shuffle(shuffle):

@@ -503,16 +503,18 @@ def _x_ticks(n, cols):
     return ticks
 
 
-def plot_history(history, keys=None, *, monitor=None, mode="min", **kw):
+def plot_history(history, keys=None, *, monitor=None, **kw):
     """One chart per metric, ``x`` beside ``val_x``; every chart marks the same epoch,
-    the one ``loops.fit`` kept in best.pt: the best ``monitor`` value (fit's default:
-    ``val_loss`` with validation data, else ``loss``; pass fit's ``monitor`` and
-    ``mode`` when you chose others). The first epoch wins a tie, as in fit.
+    the one ``loops.fit`` kept in best.pt, read from the history's ``best_epoch``
+    column (fit decides it, with its monitor, mode and min_delta; nothing is decided
+    here again). ``monitor`` only names it in the legend: fit's ``monitor``, if you
+    know it. A history without that column gets no mark.
 
     ``history`` is what ``loops.fit`` returns (or reads from history.csv); ``keys``
     picks the base names to draw.
     """
-    bases = [k for k in history if not k.startswith("val_") and k not in ("epoch", "lr", "time")]
+    skip = ("epoch", "lr", "time", "best_epoch")
+    bases = [k for k in history if not k.startswith("val_") and k not in skip]
     bases += [k[4:] for k in history if k.startswith("val_") and k[4:] not in bases]
     if keys is not None:
         keys = [keys] if isinstance(keys, str) else list(keys)
@@ -523,30 +525,17 @@ def plot_history(history, keys=None, *, monitor=None, mode="min", **kw):
     if monitor is not None and monitor not in history:
         raise ValueError(f"plot_history: monitor {monitor!r} is not in the history; it has "
                          f"{', '.join(history)}")
-    if mode not in ("min", "max"):
-        raise ValueError(f"plot_history: mode must be 'min' or 'max', got {mode!r}")
-    if monitor is None:  # fit's default; no mark for a history without a loss
-        monitor = "val_loss" if "val_loss" in history else "loss"
-    chosen = _chosen_epoch(_floats(history.get(monitor, [])), mode)
+    chosen = [v for v in _floats(history.get("best_epoch", [])) if math.isfinite(v)]
     opts = dict(kw)
-    if chosen is not None:
-        opts.setdefault("marks", [chosen])
-        opts.setdefault("mark_label", f"best {monitor}, epoch")
+    if chosen:
+        opts.setdefault("marks", [int(chosen[-1])])
+        opts.setdefault("mark_label", f"best {monitor}, epoch" if monitor
+                        else "best.pt holds epoch")
     charts = []
     for k in bases:
         series = {name: history[name] for name in (k, "val_" + k) if name in history}
         charts.append(line_plot(series, title=k, **opts))
     return "\n\n".join(charts)
-
-
-def _chosen_epoch(values, mode):
-    """The 1-based epoch of the best finite value, the first one on a tie."""
-    best = None
-    for i, v in enumerate(values):
-        if math.isfinite(v) and (best is None or (v < values[best] if mode == "min"
-                                                  else v > values[best])):
-            best = i
-    return None if best is None else best + 1
 
 
 # --- other charts --------------------------------------------------------------------------
@@ -831,7 +820,7 @@ def main(argv=None):
             if not os.path.isfile(p):
                 raise ValueError(f"{p}: no such file")
             runs[_run_name(p, runs)] = _read_history(p)
-        known = [k for h in runs.values() for k in h if k not in ("epoch", "time")]
+        known = [k for h in runs.values() for k in h if k not in ("epoch", "time", "best_epoch")]
         keys = args.keys.split(",") if args.keys else list(dict.fromkeys(known))
         missing = [k for k in keys if k not in known]
         if missing:

@@ -5,6 +5,7 @@ the same suite on a GPU.
 """
 import contextlib
 import copy
+import csv
 import fcntl
 import io
 import json
@@ -881,7 +882,7 @@ class ModesTest(Quiet):
                      torch.optim.Adam(model.parameters()), epochs=2, val=(X[80:], y[80:]),
                      metrics={"acc": "binary_accuracy", "f1": "f1"})
         self.assertEqual(list(h), ["epoch", "loss", "acc", "f1", "val_loss", "val_acc",
-                                   "val_f1", "lr", "time"])
+                                   "val_f1", "lr", "time", "best_epoch"])
         self.assertTrue(all(type(v) is float for vs in h.values() for v in vs))
         self.assertEqual(json.loads(json.dumps(h)), h)
         self.assertEqual(h["epoch"], [1.0, 2.0])
@@ -1006,6 +1007,8 @@ class CheckpointTest(Quiet):
         vl = h["val_loss"]
         self.assertEqual(best["epoch"], vl.index(min(vl)) + 1)
         self.assertEqual(best["value"], min(vl))
+        # best_epoch: the epoch best.pt held after each epoch
+        self.assertEqual(h["best_epoch"], [float(vl.index(min(vl[:i + 1])) + 1) for i in range(6)])
         self.assertEqual(last["epoch"], 6)
         self.assertEqual(last["history"], h)
         with open(os.path.join(d, "history.csv")) as f:
@@ -1020,12 +1023,22 @@ class CheckpointTest(Quiet):
         again = loops.evaluate(fresh, self.val, torch.nn.BCELoss())  # the batch size fit used
         self.assertEqual(again["loss"], min(vl))
 
-    def test_min_delta_counts_only_real_improvements(self):
+    def test_min_delta_counts_only_real_improvements_and_the_plot_marks_that_epoch(self):
         d = self.tmpdir()
         model = mlp()
-        self.fit(model, self.train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.05),
-                 epochs=4, val=self.val, checkpoint=d, min_delta=1e9)
+        h = self.fit(model, self.train, torch.nn.BCELoss(),
+                     torch.optim.Adam(model.parameters(), 0.05), epochs=4, val=self.val,
+                     checkpoint=d, min_delta=1e9)
         self.assertEqual(torch.load(os.path.join(d, "best.pt"), weights_only=True)["epoch"], 1)
+        self.assertNotEqual(h["val_loss"].index(min(h["val_loss"])), 0)  # a lower one came later
+        self.assertEqual(h["best_epoch"], [1.0] * 4)
+        import plots_ascii  # beside loops.py
+        with open(os.path.join(d, "history.csv")) as f:
+            rows = list(csv.reader(f))
+        written = {k: [float(r[i]) for r in rows[1:]] for i, k in enumerate(rows[0])}
+        for history in (h, written):
+            charts = plots_ascii.plot_history(history).split("\n\n")
+            self.assertTrue(all(": best.pt holds epoch 1 " in c for c in charts), charts[0])
 
     def test_save_and_load_checkpoint_round_trip_with_optimizer(self):
         d = self.tmpdir()

@@ -45,7 +45,7 @@ GOLDEN_HISTORY_ACC = """\
 * acc      last 0.800  best 0.800 @ 3
 o val_acc  last 0.650  best 0.650 @ 3
 & two series in one place
-: best val_loss, epoch 2 (@ a series' own best there)"""
+: best.pt holds epoch 2 (@ a series' own best there)"""
 
 
 def _hung(signum, frame):
@@ -255,20 +255,22 @@ class LogXTest(unittest.TestCase):
 
 
 class PlotHistoryTest(unittest.TestCase):
-    def test_golden_every_chart_marks_the_epoch_chosen_by_the_monitor(self):
+    def test_golden_every_chart_marks_the_epoch_fit_kept(self):
+        # best_epoch is what fit records: the epoch best.pt holds after each epoch
         h = {"epoch": [1, 2, 3], "loss": [0.9, 0.5, 0.4], "val_loss": [1.0, 0.6, 0.7],
              "acc": [0.5, 0.7, 0.8], "val_acc": [0.4, 0.6, 0.65], "lr": [0.1] * 3,
-             "time": [1.0] * 3}
+             "time": [1.0] * 3, "best_epoch": [1, 2, 2]}
         charts = pa.plot_history(h, width=30, height=5).split("\n\n")
-        self.assertEqual(len(charts), 2)
-        self.assertEqual(charts[1], GOLDEN_HISTORY_ACC)  # acc is best at 3, val_loss at 2
-        for chart in charts:  # val_loss (fit's default monitor) is lowest at epoch 2
-            self.assertIn(": best val_loss, epoch 2", chart)
-        # fit(monitor="val_acc", mode="max") kept epoch 3: the charts say so
-        charts = pa.plot_history(h, monitor="val_acc", mode="max").split("\n\n")
-        self.assertTrue(all(": best val_acc, epoch 3" in c for c in charts))
-        # a tie goes to the first epoch, as fit's strict improvement does
-        self.assertIn("epoch 1", pa.plot_history({"loss": [1, 2, 1]}))
+        self.assertEqual(len(charts), 2)  # loss and acc: best_epoch is not drawn
+        self.assertEqual(charts[1], GOLDEN_HISTORY_ACC)  # acc is best at 3, fit kept 2
+        for chart in charts:
+            self.assertIn(": best.pt holds epoch 2", chart)
+        # the mark follows the column, whatever the values say (fit's min_delta, its mode)
+        charts = pa.plot_history({**h, "best_epoch": [1, 1, 3]}, monitor="val_acc")
+        self.assertEqual(charts.count(": best val_acc, epoch 3"), 2)
+        # no column, no mark: nothing is decided here again
+        self.assertNotIn(": ", pa.plot_history({"loss": [1, 2, 1]}))
+        self.assertNotIn(": ", pa.plot_history({**h, "best_epoch": [math.nan] * 3}))
         with self.assertRaisesRegex(ValueError, "monitor 'val_f1' is not in the history"):
             pa.plot_history(h, monitor="val_f1")
 

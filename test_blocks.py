@@ -1,0 +1,149 @@
+"""loops.py with its optional blocks deleted: each block alone, and all three.
+
+Each copy is written to a temporary directory and run in a fresh interpreter beside
+the full loops.py: the core (fit with metrics, checkpoints, resume, patience and
+restore_best; evaluate; predict) must give the full file's numbers bit for bit, and
+asking the copy for a deleted feature must be an error that names its block.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCKS = ("mixed precision", "distributed", "lr_find")
+
+
+def without(source, names):
+    """``source`` without the lines from '# --- optional: NAME' to '# --- end of NAME'
+    (both included) of each block named."""
+    out, inside = [], None
+    for line in source.splitlines(keepends=True):
+        start = re.match(r"# --- optional: (.+?) -*$", line)
+        if inside is None and start and start.group(1) in names:
+            inside = start.group(1)
+        if inside is None:
+            out.append(line)
+        elif line.startswith(f"# --- end of {inside} "):
+            inside = None
+    if inside is not None:
+        raise AssertionError(f"block {inside!r} has no end line")
+    return "".join(out)
+
+
+# Run by each copy, with the copy first on sys.path as ``loops`` and the full file
+# imported as ``full``; DELETED names the blocks the copy lacks.
+CHECK = r'''
+import importlib.util, os, sys, tempfile, unittest.mock
+import torch
+import loops
+spec = importlib.util.spec_from_file_location("full", os.path.join(sys.argv[1], "loops.py"))
+full = importlib.util.module_from_spec(spec); spec.loader.exec_module(full)
+DELETED = sys.argv[2].split(",")
+assert os.path.dirname(loops.__file__) != sys.argv[1], "the copy was not the one imported"
+
+def data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=g)
+    return X, (X[:, :1] - X[:, 1:2] + 0.3 * torch.randn(n, 1, generator=g) > 0).float()
+
+train, val = data(120, 1), data(50, 2)
+
+def run(module, directory, epochs, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(8, 1))
+    h = module.fit(model, train, torch.nn.BCEWithLogitsLoss(),
+                   torch.optim.Adam(model.parameters(), 1e-2), epochs=epochs, val=val,
+                   batch_size=16, metrics={"acc": "binary_accuracy", "f1": module.f1},
+                   checkpoint=directory, patience=3, restore_best=True, seed=0, verbose=0, **kw)
+    return h, model
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+tmp = tempfile.mkdtemp()
+h_full, m_full = run(full, os.path.join(tmp, "full"), 8)
+h_copy, m_copy = run(loops, os.path.join(tmp, "copy"), 8)
+drop = lambda h: {k: v for k, v in h.items() if k != "time"}
+assert drop(h_copy) == drop(h_full), (h_copy, h_full)
+assert same(m_copy, m_full), "restore_best gave other weights"
+# resume: 3 epochs, then the same call continued to 8, as one uninterrupted run
+run(loops, os.path.join(tmp, "resumed"), 3)
+h_res, m_res = run(loops, os.path.join(tmp, "resumed"), 8, resume=True)
+assert drop(h_res) == drop(h_full), (h_res, h_full)
+assert same(m_res, m_full)
+best = loops.load_checkpoint(os.path.join(tmp, "copy", "best.pt"))
+assert best["epoch"] == full.load_checkpoint(os.path.join(tmp, "full", "best.pt"))["epoch"]
+loss_fn = torch.nn.BCEWithLogitsLoss()
+e_copy = loops.evaluate(m_copy, val, loss_fn, metrics={"acc": "binary_accuracy"})
+assert e_copy == full.evaluate(m_full, val, loss_fn, metrics={"acc": "binary_accuracy"})
+assert torch.equal(loops.predict(m_copy, val[0]), full.predict(m_full, val[0]))
+
+def refused(call, error, block):
+    try:
+        call()
+    except error as e:
+        assert f"'{block}'" in str(e), str(e)
+        return
+    raise AssertionError(f"no {error.__name__} naming {block!r}")
+
+if "mixed precision" in DELETED:
+    refused(lambda: run(loops, None, 1, precision="bf16"), ValueError, "mixed precision")
+    refused(lambda: loops.evaluate(m_copy, val, loss_fn, precision="fp16"), ValueError,
+            "mixed precision")
+if "lr_find" in DELETED:
+    refused(lambda: loops.lr_find, AttributeError, "lr_find")
+    assert "lr_find" not in loops.__all__
+if "distributed" in DELETED:
+    refused(lambda: loops.setup_distributed, AttributeError, "distributed")
+    with unittest.mock.patch("torch.distributed.is_initialized", return_value=True), \
+            unittest.mock.patch("torch.distributed.get_world_size", return_value=2):
+        refused(lambda: run(loops, None, 1), ValueError, "distributed")
+print("core ok without", DELETED)
+'''
+
+
+class DeletedBlocksTest(unittest.TestCase):
+    def test_the_core_works_without_each_block_and_without_all_three(self):
+        with open(os.path.join(HERE, "loops.py")) as f:
+            source = f.read()
+        for name in BLOCKS:
+            self.assertEqual(len(re.findall(rf"^# --- optional: {name} -*$", source, re.M)), 1)
+            self.assertEqual(len(re.findall(rf"^# --- end of {name} -*$", source, re.M)), 1)
+        cases = [(name,) for name in BLOCKS] + [BLOCKS]
+        runs = []
+        for names in cases:
+            d = tempfile.TemporaryDirectory()
+            self.addCleanup(d.cleanup)
+            copy = without(source, names)
+            self.assertLess(len(copy), len(source))
+            with open(os.path.join(d.name, "loops.py"), "w") as f:
+                f.write(copy)
+            env = {**os.environ, "PYTHONPATH": d.name, "OMP_NUM_THREADS": "1"}
+            runs.append((names, d.name, subprocess.Popen(
+                [sys.executable, "-c", CHECK, HERE, ",".join(names)], cwd=d.name, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        done = [(names, where, p, *p.communicate(timeout=600)) for names, where, p in runs]
+        for names, where, p, out, err in done:
+            self.assertEqual(p.returncode, 0, f"without {names}:\n{err[-3000:]}")
+            self.assertIn("core ok", out)
+            doctest = subprocess.run([sys.executable, "-m", "doctest", "loops.py"], cwd=where,
+                                     capture_output=True, text=True, timeout=600,
+                                     env={**os.environ, "PYTHONPATH": where})
+            self.assertEqual(doctest.returncode, 0, doctest.stdout[-2000:])
+
+    def test_without_removes_exactly_the_block(self):
+        text = ("a\n# --- optional: x ---\nb\n# --- end of x ---\nc\n"
+                "# --- optional: y ---\nd\n# --- end of y ---\n")
+        self.assertEqual(without(text, ("x",)), "a\nc\n# --- optional: y ---\nd\n"
+                                                "# --- end of y ---\n")
+        self.assertEqual(without(text, ("x", "y")), "a\nc\n")
+        with self.assertRaises(AssertionError):
+            without("# --- optional: x ---\nb\n", ("x",))
+
+
+if __name__ == "__main__":
+    unittest.main()
