@@ -155,7 +155,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                 at_once=printer.live, save_every=save_every,
                 snapshot=functools.partial(store.save_last, record, start))
             with _nan_stops_training(epoch, printer, model, store):
-                _train_loop(model, batches, loss_fn, stepper, meter, watch)
+                _train_loop(model, batches, stepper, meter, watch)
                 # Evaluate: training and validation values, in one host read.
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
                                                       plan.stats, world, stepper.cast)}
@@ -205,8 +205,7 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
     meter = _Meter(stats, device, loss_fn)
     watch = None if progress is None else _Watch(
         _TICK_SECONDS, source.steps, lambda step, steps, logs, *_: progress(step, steps, logs))
-    _train_loop(model, source.epoch(generator=generator, shuffle=shuffle), loss_fn, stepper,
-                meter, watch)
+    _train_loop(model, source.epoch(generator=generator, shuffle=shuffle), stepper, meter, watch)
     logs = _read([meter])[0]
     stepper.end_epoch(logs["loss"])
     return logs
@@ -238,11 +237,12 @@ def predict(model, X_or_data, *, batch_size=256, device=None, precision=None):
         inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
     else:
         inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
-    with _eval_mode(model), _autocast(precision, device)():
-        outs = [_fp32(_forward_loss(model, (xb, None), None)[1]) for xb in inputs]
+    cast = _autocast(precision, device)
+    with _eval_mode(model):
+        outs = [_forward_loss(model, (xb, None), None, cast)[1] for xb in inputs]
     if not outs:  # on the device until here: one transfer at the end
         raise ValueError("predict: the data yielded no batches; expected at least one")
-    return torch.cat(outs).cpu()
+    return _fp32(torch.cat(outs)).cpu()
 
 
 def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None):
@@ -282,88 +282,97 @@ def model_device(model):
 
 # --- the step -----------------------------------------------------------------
 
-def _forward_loss(model, batch, loss_fn):
+def _forward_loss(model, batch, loss_fn, cast=None):
     """Where a batch meets the model: ``(loss, y_pred, y)`` of a batch ``(xb, yb)`` (the
-    loss None without a ``loss_fn``). The one place, for training, evaluation, predict,
-    lr_find and the first validation batch's check: feed the model another way here."""
+    loss None without a ``loss_fn``), under ``cast()`` (autocast) when given. The one
+    place, for training, evaluation, predict, lr_find and the first validation batch's
+    check: feed the model another way here."""
+    if cast is not None:
+        with cast():
+            return _forward_loss(model, batch, loss_fn)
     xb, yb = batch
     y_pred = model(xb)
-    return (None if loss_fn is None else _scalar(loss_fn(y_pred, yb))), y_pred, yb
+    if loss_fn is None:
+        return None, y_pred, yb
+    loss = loss_fn(y_pred, yb)
+    if not isinstance(loss, torch.Tensor) or loss.ndim:  # every step, but no host read
+        _refuse_loss(loss)
+    return loss, y_pred, yb
 
 
-def _scalar(loss):
-    """``loss``, once known to be a scalar tensor (checked at every step: no host read)."""
+def _refuse_loss(loss):
     if not torch.is_tensor(loss):
         raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
                         "(a Python number has no gradient: compute the loss with torch "
                         "operations, e.g. torch.nn.functional.mse_loss)")
-    if loss.dim() != 0:
-        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
-                         "a scalar (use reduction='mean', the default of torch.nn losses)")
-    return loss
+    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                     "a scalar (use reduction='mean', the default of torch.nn losses)")
 
 
 class _Stepper:
     """The optimizer's side of training: the step, accumulation, clipping, fp16's loss
     scaling, and the scheduler, stepped after every optimizer step (interval "step")
-    or after validation ("epoch").
-    ``accumulate=k``: one step per group of k batches, each batch's loss weighted by
-    its share of the group's rows, so that k batches of b step as one batch of k * b.
-    ``precision`` (the mixed precision block): forward and loss run under
-    ``self.cast()``, and fp16 steps through ``self.scaler``, kept in last.pt."""
+    or after validation ("epoch"). What a run needs is decided here, once: ``step``
+    does only the textbook five lines when no option is set.
+
+    ``accumulate=k``: ``step_group`` makes one step of k batches, each batch's loss
+    weighted by its share of the group's rows, so that k batches of b step as one
+    batch of k * b. ``precision`` (the mixed precision block): forward and loss run
+    under ``self.cast()``, and fp16 steps through ``self.scaler``, kept in last.pt.
+    """
 
     def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
                  precision=None, accumulate=1, device=None, loss_fn=None, world=None):
         self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
         self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
         self.per_step = scheduler if interval == "step" else None
-        self.cast = _autocast(precision, device)
+        self.cast = _autocast(precision, device)  # None in fp32: no context to enter
         self.scaler = _grad_scaler(precision, device)
-        self.weigh = _target_weights(loss_fn)  # as the meter weighs a batch, for the shares
+        self.loss_fn, self.weigh = loss_fn, _target_weights(loss_fn)  # weigh: for the shares
         self.world = world or _ONE_PROCESS
 
-    def groups(self, batches):
-        """The batches in groups of ``accumulate`` (the last may be shorter): one
-        optimizer step each. A group never spans two epochs."""
-        if self.accumulate == 1:
-            return ([b] for b in batches)
-        it = iter(batches)
-        return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
-
-    def step(self, model, group, loss_fn, *, keep_outputs):
-        """One optimizer step over a group of batches; [(loss, output or None)] per batch.
-        The textbook five lines, the options as guarded one-liners. Under DDP the
-        gradients are all-reduced once, on the group's last batch."""
+    def step(self, model, batch):
+        """One optimizer step on one batch; its (loss, y_pred, y), detached."""
         self.optimizer.zero_grad(set_to_none=True)
-        shares = self._shares(group)
-        no_sync = self.world.no_sync(model) if len(group) > 1 else None
-        done = []
-        for i, batch in enumerate(group):
-            quiet = i < len(group) - 1 and no_sync is not None
-            with no_sync() if quiet else contextlib.nullcontext():
-                done.append(self._backward(model, batch, loss_fn, shares[i], keep_outputs))
+        done = self._backward(model, batch)
         self._update(model)
         return done
+
+    def step_group(self, model, group):
+        """One optimizer step on a group of batches; [(loss, y_pred, y)] of each. With
+        several ranks the gradients are all-reduced once, on the group's last batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        shares, no_sync = self._shares(group), self.world.no_sync(model)
+        done = []
+        for i, batch in enumerate(group):
+            quiet = no_sync is not None and i < len(group) - 1
+            with no_sync() if quiet else contextlib.nullcontext():
+                done.append(self._backward(model, batch, shares[i]))
+        self._update(model)
+        return done
+
+    def groups(self, batches):
+        """The batches in groups of ``accumulate`` (the last may be shorter), one step
+        each; a group never spans two epochs."""
+        it = iter(batches)
+        return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
 
     def _shares(self, group):
         """Each batch's weight in the group's mean loss: its rows (or its targets'
         weights, for CrossEntropyLoss/NLLLoss) over the group's."""
-        if len(group) == 1:
-            return [None]
         if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
             w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
             return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
         rows = [_batch_rows(yb) for _, yb in group]
         return [n / sum(rows) for n in rows]
 
-    def _backward(self, model, batch, loss_fn, share, keep_outputs):
+    def _backward(self, model, batch, share=None):
         """Forward and loss (under autocast, if any), backward of the loss times its share;
         a function of its own so that the graph dies on return, before the next batch."""
-        with self.cast():
-            loss, out, _ = _forward_loss(model, batch, loss_fn)
+        loss, y_pred, y = _forward_loss(model, batch, self.loss_fn, self.cast)
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-        return loss.detach(), (_fp32(out.detach()) if keep_outputs else None)
+        return loss.detach(), y_pred.detach(), y
 
     def _update(self, model):
         if self.scaler is not None:  # fp16: unscale, clip, step (or skip), update the scale
@@ -453,26 +462,32 @@ def _begin_epoch(epoch, source, gen, lr, *, shuffle, keep_rng, snapshot=None):
     return start, batches
 
 
-def _train_loop(model, batches, loss_fn, stepper, meter, watch=None):
+def _train_loop(model, batches, stepper, meter, watch=None):
     """Train on ``batches``, an optimizer step per batch (or per group of ``accumulate``),
     each batch summed by ``meter``; ``watch`` looks now and then, between steps. The
     place for a line after every batch: no host reads (``.item()``) there, since on a
     GPU each one waits for the device."""
     model.train()
     step = start = meter.steps
-    next_look, keep_outputs = start + 1, bool(meter.stats)  # outputs kept only for metrics
-    for group in stepper.groups(batches):  # a batch, or ``accumulate`` of them: one step
-        done = stepper.step(model, group, loss_fn, keep_outputs=keep_outputs)
-        for (_, yb), (loss, out) in zip(group, done):
-            meter.add(loss, out, yb, _batch_rows(yb))
-        step += len(group)
-        if step >= next_look and watch is not None:  # at a step's end, never inside a group
-            next_look = watch(step, meter)
+    next_look = start + 1 if watch is not None else math.inf
+    if stepper.accumulate == 1:
+        for batch in batches:
+            meter.add(*stepper.step(model, batch))
+            step += 1
+            if step >= next_look:
+                next_look = watch(step, meter)
+    else:
+        for group in stepper.groups(batches):
+            for done in stepper.step_group(model, group):
+                meter.add(*done)
+            step += len(group)
+            if step >= next_look:  # at a step's end, never inside a group
+                next_look = watch(step, meter)
     if step == start == 0:
         raise ValueError("the training data yielded no batches; expected at least one")
 
 
-def _epoch_logs(meter, model, val, loss_fn, stats, world, cast=contextlib.nullcontext):
+def _epoch_logs(meter, model, val, loss_fn, stats, world, cast=None):
     """The epoch's training values and, with ``val``, its validation values (``val_``
     keys), in one host read after one all-reduce of each when there are several ranks."""
     if val is None:
@@ -492,16 +507,15 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _evaluate_pass(model, source, loss_fn, stats, cast=contextlib.nullcontext):
+def _evaluate_pass(model, source, loss_fn, stats, cast=None):
     """One pass over ``source`` in eval mode without grad (forward and loss under
-    ``cast()``, autocast or nothing); its sums in a _Meter, unread."""
+    ``cast()``, autocast, when given); its sums in a _Meter, unread."""
     meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded, evaluating=True)
     zero = torch.zeros((), device=source.device)
     with _eval_mode(model):
         for batch in source.epoch():
-            with cast():
-                loss, out, yb = _forward_loss(model, batch, loss_fn)
-            meter.add(zero if loss is None else loss, _fp32(out), yb, _batch_rows(yb))
+            loss, out, yb = _forward_loss(model, batch, loss_fn, cast)
+            meter.add(zero if loss is None else loss, out, yb)
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
@@ -587,21 +601,20 @@ class _Meter:
         self.evaluating = evaluating  # an evaluation pass: its steps are batches, not steps
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
-        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+        self._losses, self._outs, self._ys, self._numel = [], [], [], 0
         if snapshot is not None:  # a mid-epoch snapshot's sums: go on from its step
             self.load_state_dict(snapshot["meter"], snapshot["step"])
 
-    def add(self, loss, out, y, n):
+    def add(self, loss, out, y):
+        """A batch's loss (its mean), outputs and targets, detached: kept until a fold."""
         self._losses.append(loss)
-        self._ns.append(n)
+        self._ys.append(y)  # its rows, and for the metrics and weights its values
         self.steps += 1
         if self.stats:
             self._outs.append(out)
             self._numel += out.numel()
             if self.steps == 1:
                 _metric_sums(self.stats, [out], [y], self.dtype)  # fail here, not at a fold
-        if self.stats or self.weigh:
-            self._ys.append(y)
         if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
             self._fold()
 
@@ -613,8 +626,8 @@ class _Meter:
             return self.loss_sum, self.loss_den, self.sums, self.counts, None
         losses = torch.stack(self._losses)
         if self.weigh is None:
-            den = sum(self._ns)
-            total = _loss_sum(losses, self._ns, self.loss_is_sum, self.dtype)
+            ns = [_batch_rows(y) for y in self._ys]
+            den, total = sum(ns), _loss_sum(losses, ns, self.loss_is_sum, self.dtype)
         else:
             weights = _batch_weights(self.weigh, self._ys, self.dtype)
             losses = torch.where(weights > 0, losses, 0)
@@ -627,7 +640,7 @@ class _Meter:
     def _fold(self):
         self.loss_sum, self.loss_den, self.sums, self.counts, losses = self._with_pending()
         self.unchecked.append(losses)
-        self._losses, self._ns, self._outs, self._ys, self._numel = [], [], [], [], 0
+        self._losses, self._outs, self._ys, self._numel = [], [], [], 0
 
     def totals(self):
         """The sums so far, the pending steps' included, as a _Totals (nothing is read;
@@ -671,7 +684,7 @@ class _Meter:
                 "counts": dict(self.counts),
                 "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
                 "losses": torch.stack(self._losses).cpu() if self._losses else None,
-                "ns": list(self._ns), "outs": cpu[0], "ys": cpu[1]}
+                "outs": cpu[0], "ys": cpu[1]}
 
     def load_state_dict(self, state, step):
         dev = self.device
@@ -680,7 +693,6 @@ class _Meter:
         self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
         losses = state["losses"]
         self._losses = [] if losses is None else list(losses.to(dev))
-        self._ns = list(state["ns"])
         self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
         self._numel = sum(t.numel() for t in self._outs)
         self.steps, self.checked = step, step - len(self._losses)
@@ -736,6 +748,7 @@ def _metric_sums(stats, outs, ys, dtype):
         except RuntimeError:  # outputs of varying shapes (sequences): batch by batch
             groups = list(zip(outs, ys))
     for p, y in groups:
+        p = _fp32(p)  # outputs in fp32 at least, whatever autocast made them
         for k, st in stats.items():
             try:
                 s = st.stat(p, y).reshape(-1)
@@ -2038,10 +2051,10 @@ def _block(name, definition, asked):
 
 
 def _autocast(precision, device):
-    """A factory of the context that forward and loss run under: nothing for fp32
-    (None), else autocast to the precision's dtype (the mixed precision block)."""
+    """A factory of the context that forward and loss run under: None for fp32 (no
+    context at all), else autocast to the precision's dtype (the mixed precision block)."""
     if precision is None:
-        return contextlib.nullcontext
+        return None
     return _block("mixed precision", "_autocast_to", f"precision={precision!r}")(
         precision, device)
 
@@ -2267,7 +2280,7 @@ def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
         for group in stepper.optimizer.param_groups:
             group["lr"] = lr
-        [(loss, _)] = stepper.step(model, [next(batches)], loss_fn, keep_outputs=False)
+        loss, _, _ = stepper.step(model, next(batches))
         value = loss.item()  # a host read per step: the test is short and needs each loss
         avg = _LR_BETA * avg + (1 - _LR_BETA) * value
         smooth = avg / (1 - _LR_BETA ** (i + 1))
