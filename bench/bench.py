@@ -396,6 +396,29 @@ def cuda_syncs(device):
     return counts
 
 
+# What --instructions counts, by name: each technique's fit beside the same technique
+# written into the hand loop.
+COUNTED = {"hand": hand_loop, "fit": CORE["fit"], "fit_silent": CORE["fit_silent"],
+           "hand_bf16": hand_autocast_loop, "fit_bf16": TECHNIQUES["bf16 autocast"]["fit"],
+           "hand_accumulate": hand_accumulate_loop,
+           "fit_accumulate": TECHNIQUES[f"accumulate {ACCUMULATE}"]["fit"]}
+
+
+class SteadyClock:
+    """A stand-in for the time module inside loops while instructions are counted: each
+    reading is 1 ms after the one before. fit's time-based looks (a refresh ten times a
+    second, a NaN look once a second) then come at the same steps on every machine and
+    under any load, as on a fast idle machine, instead of whenever the slowed-down
+    run (valgrind runs it ~50x slower) crosses a second."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1e-3
+        return self.now
+
+
 def run_one(workload, who, epochs):
     """One contender for ``epochs`` epochs of one workload, untimed: what --instructions counts."""
     w = dict(workloads(False)[workload], epochs=epochs)
@@ -403,7 +426,8 @@ def run_one(workload, who, epochs):
     torch.manual_seed(0)
     model = w["model"]()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    CORE[who](w, model, opt, train, test, torch.device("cpu"))
+    loops.time = SteadyClock()  # fit's looks at a fixed cadence: see SteadyClock
+    COUNTED[who](w, model, opt, train, test, torch.device("cpu"))
 
 
 def instructions(names):
@@ -428,13 +452,16 @@ def instructions(names):
                            capture_output=True, text=True, check=True, env=quiet_env)
         return int(re.search(r"I\s+refs:\s+([\d,]+)", p.stderr).group(1).replace(",", ""))
     jobs = [(wname, who, e) for wname in small for who in names for e in (1, 3)]
+    # Ratios: fit to the hand loop, each technique's fit to its own hand loop.
+    unit = {who: "hand_" + who.split("_", 1)[1] if "_" in who and who != "fit_silent"
+            else "hand" for who in names}
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         counts = dict(zip(jobs, pool.map(count, jobs)))
     out = {}
     for wname in small:
         per_epoch = {who: (counts[wname, who, 3] - counts[wname, who, 1]) / 2 for who in names}
         out[wname] = {"per_epoch": per_epoch,
-                      "ratios": {who: per_epoch[who] / per_epoch["hand"] for who in names}}
+                      "ratios": {who: per_epoch[who] / per_epoch[unit[who]] for who in names}}
     return out
 
 
@@ -449,6 +476,9 @@ def main():
                    "results.json, or bench/instructions.json with --instructions)")
     p.add_argument("--instructions", action="store_true",
                    help="count CPU instructions per epoch under valgrind instead of timing")
+    p.add_argument("--counted", default=",".join(COUNTED), metavar="NAMES",
+                   help="with --instructions: the contenders to count (default: all of "
+                        f"{','.join(COUNTED)})")
     p.add_argument("--one", nargs=3, metavar=("WORKLOAD", "WHO", "EPOCHS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -458,10 +488,15 @@ def main():
     args.out = args.out or os.path.join(
         ROOT, "bench", "instructions.json" if args.instructions else "results.json")
     if args.instructions:
-        counted = instructions(["hand", "fit", "fit_silent"])
-        print("CPU instructions per epoch (valgrind cachegrind), ratio to the hand-written loop")
+        names = args.counted.split(",")
+        if not set(names) <= set(COUNTED) or "hand" not in names:
+            p.error(f"--counted takes 'hand' and names among {', '.join(COUNTED)}")
+        counted = instructions(names)
+        print("CPU instructions per epoch (valgrind cachegrind), ratio to the hand-written loop "
+              "with the same technique")
         for wname, r in counted.items():
-            print(f"{wname:<52}" + "".join(f"{who} {v:.3f}  " for who, v in r["ratios"].items())
+            print(f"{wname:<52}" + "".join(f"{who} {v:.3f}  " for who, v in r["ratios"].items()
+                                           if not who.startswith("hand"))
                   + f"(hand {r['per_epoch']['hand'] / 1e6:.0f}M)")
         with open(args.out, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "instructions": counted}, f, indent=2)
