@@ -86,17 +86,18 @@ import torch
 __all__ = [  # the optional blocks add their own names
     "batches", "train_epoch", "evaluate", "predict", "fit", "save_checkpoint",
     "load_checkpoint", "model_device", "accuracy", "binary_accuracy", "mse", "rmse", "mae",
-    "mape", "max_error", "precision", "recall", "f1", "confusion_matrix",
+    "mape", "max_error", "precision", "recall", "f1", "confusion_matrix", "whole_set",
 ]
 
 
 # --- entry points -------------------------------------------------------------
 
 def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
-        metrics=None, monitor=None, mode="min", checkpoint=None, resume=False, patience=None,
+        metrics=None, monitor=None, mode="auto", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
         clip_grad_norm=None, device=None, seed=None, verbose=1, on_epoch_end=None,
-        save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1):
+        save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1,
+        on_batch_end=None, forward=None, train_step=None, val_fn=None):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
 
     ``precision`` "bf16"/"fp16": forward and loss under autocast; ``accumulate=k``:
@@ -104,8 +105,10 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     (X, y) training tensors. ``on_epoch_end(epoch, logs)`` runs once the epoch's files
     are written (True stops training), at least once per epoch: a run resumed from the
     end of epoch N calls the hook of epoch N again first (it may have died inside it).
-    ``save_every=s`` also refreshes last.pt every s seconds inside an epoch. Tensor
-    validation data goes in batches of ``val_batch_size`` (default max(batch_size, 256))."""
+    ``save_every=s`` also refreshes last.pt every s seconds inside an epoch. Your own
+    parts (README, "Make it yours"): ``forward(model, batch) -> (y_pred, y)``,
+    ``train_step(model, batch, optimizer) -> {name: tensor}``, ``val_fn(model) ->
+    {name: float}``, ``on_batch_end(step, loss)``."""
     # Every argument checked, before any work and before any file is written, and
     # what the run works on built: its world, data sources, metrics and history keys.
     plan = _plan(model, train, loss_fn, optimizer, epochs=epochs, val=val,
@@ -115,7 +118,8 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                  clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
                  on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
                  save_every=save_every, drop_last=drop_last, precision=precision,
-                 accumulate=accumulate, shuffle=shuffle, seed=seed)
+                 accumulate=accumulate, shuffle=shuffle, seed=seed, forward=forward,
+                 train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
     device, world = plan.device, plan.world
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
@@ -123,10 +127,12 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     gen = _shuffle_generator(seed, device, world,
                              drawn=shuffle and isinstance(plan.train, _TensorSource))
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
-                       clip_grad_norm=clip_grad_norm, precision=precision,
-                       accumulate=accumulate, device=device, loss_fn=loss_fn, world=world)
-    record = _Record(plan.keys, monitor=plan.monitor, mode=mode, min_delta=min_delta,
-                     patience=patience, keep_best=restore_best)
+                       clip_grad_norm=clip_grad_norm, precision=precision, forward=forward,
+                       accumulate=accumulate, device=device, loss_fn=loss_fn, world=world,
+                       train_step=train_step)
+    record = _Record(plan.keys, monitor=plan.monitor, mode=plan.mode, min_delta=min_delta,
+                     patience=patience, keep_best=restore_best,
+                     later=train_step is not None or val_fn is not None)
     store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world,
                    scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
     printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
@@ -147,22 +153,23 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             start, batches = _begin_epoch(epoch, plan.train, gen, stepper.lr(),
                                           shuffle=shuffle, keep_rng=save_every is not None,
                                           snapshot=snapshot)
-            meter = _Meter(plan.stats, device, loss_fn, sharded=plan.train.sharded,
-                           snapshot=snapshot)
+            meter = _Meter(plan.train_stats, device, None if train_step else loss_fn,
+                           sharded=plan.train.sharded, snapshot=snapshot)
             snapshot = None  # only the first epoch of a resumed run continues a snapshot
             watch = None if look_seconds is None else _Watch(
                 look_seconds, plan.train.steps, functools.partial(printer.progress, epoch),
                 at_once=printer.live, save_every=save_every,
                 snapshot=functools.partial(store.save_last, record, start))
             with _nan_stops_training(epoch, printer, model, store):
-                _train_loop(model, batches, stepper, meter, watch)
-                # Evaluate: training and validation values, in one host read.
-                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, loss_fn,
-                                                      plan.stats, world, stepper.cast)}
-            logs["lr"], logs["time"] = start.lr, start.elapsed()
-            # Record: the scheduler's epoch step, the history, the best value, patience.
-            stepper.end_epoch(logs[plan.monitor])
+                _train_loop(model, batches, stepper, meter, watch, on_batch_end, record.steps)
+                # Evaluate: training and validation values, in one host read; then val_fn.
+                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, stepper.seam,
+                                                      plan.stats, world, val_fn)}
+            logs.update(start.lr, time=start.elapsed())
+            record.steps += stepper.optimizer_steps(meter.steps)
+            # Record: the history, the best value, patience; the scheduler's epoch step.
             improved = record.add(logs, model)
+            stepper.end_epoch(logs[plan.monitor])
             # Save before the epoch is announced or the hook runs; then report it.
             store.save_epoch(record, improved)
             printer.summary(epoch, logs, best=improved)
@@ -185,7 +192,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
 def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
                 generator=None, device=None, scheduler=None, scheduler_interval="epoch",
                 clip_grad_norm=None, progress=None, drop_last=False, precision=None,
-                accumulate=1):
+                accumulate=1, forward=None):
     """Train one epoch (train mode) and return its exact loss and metrics as floats.
 
     ``progress(step, steps, logs)`` is called at most ten times a second with the
@@ -195,13 +202,13 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
     device = _check_train_epoch(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                                 scheduler_interval=scheduler_interval, shuffle=shuffle,
                                 clip_grad_norm=clip_grad_norm, precision=precision,
-                                accumulate=accumulate, progress=progress)
+                                accumulate=accumulate, progress=progress, forward=forward)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
-                     drop_last=drop_last)
+                     drop_last=drop_last, pairs=forward is None)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
                        clip_grad_norm=clip_grad_norm, precision=precision,
-                       accumulate=accumulate, device=device, loss_fn=loss_fn)
+                       accumulate=accumulate, device=device, loss_fn=loss_fn, forward=forward)
     meter = _Meter(stats, device, loss_fn)
     watch = None if progress is None else _Watch(
         _TICK_SECONDS, source.steps, lambda step, steps, logs, *_: progress(step, steps, logs))
@@ -212,34 +219,44 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
 
 
 def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None,
-             precision=None):
+             precision=None, forward=None):
     """Loss and metrics over a whole set, in eval mode without grad; model mode restored.
-    ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64)."""
-    device = _check_evaluate(model, loss_fn, device=device, precision=precision)
+    ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64);
+    ``forward(model, batch) -> (y_pred, y)`` as in fit."""
+    device = _check_evaluate(model, loss_fn, device=device, precision=precision,
+                             forward=forward)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
-    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False)
-    logs = _read([_evaluate_pass(model, source, loss_fn, stats, _autocast(precision, device))])[0]
+    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
+                     pairs=forward is None)
+    seam = _seam(loss_fn, _autocast(precision, device), forward)
+    logs = _read([_evaluate_pass(model, source, seam, stats)])[0]
     if loss_fn is None:
         del logs["loss"]
     return logs
 
 
-def predict(model, X_or_data, *, batch_size=256, device=None, precision=None):
+def predict(model, X_or_data, *, batch_size=256, device=None, precision=None, forward=None):
     """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad);
-    with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32."""
+    with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32. With
+    ``forward``, each batch as the data gives it goes to ``forward(model, batch)``, and
+    the ``y_pred`` it returns are concatenated."""
     device = _check_predict(model, X_or_data, batch_size=batch_size, device=device,
-                            precision=precision)
+                            precision=precision, forward=forward)
     data = X_or_data
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+    if forward is None and isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(
+            data[0]):
         data = data[0]
-    if torch.is_tensor(data):
+    if isinstance(data, tuple):  # (X, y) tensors, with forward: batches of both
+        inputs = _TensorSource(*data, batch_size=batch_size, device=device).epoch()
+    elif torch.is_tensor(data):
         X = data.to(device)
         inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
-    else:
-        inputs = (_to(b[0] if isinstance(b, (tuple, list)) else b, device) for b in data)
-    cast = _autocast(precision, device)
+    else:  # batches as the loader gives them; without forward, their inputs
+        inputs = (_to(b if forward or not isinstance(b, (tuple, list)) else b[0], device)
+                  for b in data)
+    seam = _seam(None, _autocast(precision, device), forward or (lambda m, xb: (m(xb), None)))
     with _eval_mode(model):
-        outs = [_forward_loss(model, (xb, None), None, cast)[1] for xb in inputs]
+        outs = [seam(model, batch)[1] for batch in inputs]
     if not outs:  # on the device until here: one transfer at the end
         raise ValueError("predict: the data yielded no batches; expected at least one")
     return _fp32(torch.cat(outs)).cpu()
@@ -256,9 +273,12 @@ def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None)
 def save_checkpoint(path, model, optimizer=None, **state):
     """Atomically write the model's (unwrapped) weights, the optimizer state and ``state``."""
     ckpt = {"model": _unwrap(model).state_dict(), **state}
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-        ckpt["optimizer_type"] = type(optimizer).__name__
+    if optimizer is not None:  # a dict of optimizers is saved as a dict of their states
+        one = not isinstance(optimizer, dict)
+        states = {k: (o.state_dict(), type(o).__name__) for k, o in _named(optimizer).items()}
+        ckpt["optimizer"], ckpt["optimizer_type"] = (
+            states[""] if one else ({k: v[0] for k, v in states.items()},
+                                    {k: v[1] for k, v in states.items()}))
     _check_plain(ckpt, "checkpoint")
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
 
@@ -282,22 +302,38 @@ def model_device(model):
 
 # --- the step -----------------------------------------------------------------
 
-def _forward_loss(model, batch, loss_fn, cast=None):
-    """Where a batch meets the model: ``(loss, y_pred, y)`` of a batch ``(xb, yb)`` (the
-    loss None without a ``loss_fn``), under ``cast()`` (autocast) when given. The one
-    place, for training, evaluation, predict, lr_find and the first validation batch's
-    check: feed the model another way here."""
+def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
+    """Where a batch meets the model: ``(loss, y_pred, y)`` of a batch (the loss None
+    without a ``loss_fn``), under ``cast()`` (autocast) when given. The one place, for
+    training, evaluation, predict, lr_find and the first validation batch's check; the
+    user's ``forward(model, batch) -> (y_pred, y)`` replaces ``(model(xb), yb)``."""
     if cast is not None:
         with cast():
-            return _forward_loss(model, batch, loss_fn)
-    xb, yb = batch
-    y_pred = model(xb)
+            return _forward_loss(model, batch, loss_fn, None, forward)
+    if forward is None:
+        xb, y = batch
+        y_pred = model(xb)
+    else:
+        y_pred, y = _pair(forward(model, batch))
     if loss_fn is None:
-        return None, y_pred, yb
-    loss = loss_fn(y_pred, yb)
+        return None, y_pred, y
+    loss = loss_fn(y_pred, y)
     if not isinstance(loss, torch.Tensor) or loss.ndim:  # every step, but no host read
         _refuse_loss(loss)
-    return loss, y_pred, yb
+    return loss, y_pred, y
+
+
+def _seam(loss_fn, cast, forward):
+    """_forward_loss with a run's loss_fn, cast (None in fp32: no context to enter at each
+    step) and forward, decided once: ``seam(model, batch) -> (loss, y_pred, y)``."""
+    return functools.partial(_forward_loss, loss_fn=loss_fn, cast=cast, forward=forward)
+
+
+def _pair(out):
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"forward returned {_describe(out)}; expected a pair (y_pred, y): "
+                        "the outputs, and the targets the loss and metrics compare them with")
+    return out
 
 
 def _refuse_loss(loss):
@@ -311,25 +347,24 @@ def _refuse_loss(loss):
 
 class _Stepper:
     """The optimizer's side of training: the step, accumulation, clipping, fp16's loss
-    scaling, and the scheduler, stepped after every optimizer step (interval "step")
-    or after validation ("epoch"). What a run needs is decided here, once: ``step``
-    does only the textbook five lines when no option is set.
-
-    ``accumulate=k``: ``step_group`` makes one step of k batches, each batch's loss
-    weighted by its share of the group's rows, so that k batches of b step as one
-    batch of k * b. ``precision`` (the mixed precision block): forward and loss run
-    under ``self.cast()``, and fp16 steps through ``self.scaler``, kept in last.pt.
-    """
+    scaling, and the scheduler (stepped after every optimizer step, or each epoch).
+    What a run needs is decided once, here: with no option set, ``step`` is the
+    textbook five lines. ``step_group`` (``accumulate=k``) weighs each batch's loss
+    by its share of the group's rows, so that k batches of b step as one of k * b."""
 
     def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
-                 precision=None, accumulate=1, device=None, loss_fn=None, world=None):
+                 precision=None, accumulate=1, device=None, loss_fn=None, world=None,
+                 forward=None, train_step=None):
         self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
         self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
         self.per_step = scheduler if interval == "step" else None
-        self.cast = _autocast(precision, device)  # None in fp32: no context to enter
+        self.seam = _seam(loss_fn, _autocast(precision, device), forward)
         self.scaler = _grad_scaler(precision, device)
-        self.loss_fn, self.weigh = loss_fn, _target_weights(loss_fn)  # weigh: for the shares
+        self.weigh = _target_weights(loss_fn) if forward is None else None  # for the shares
         self.world = world or _ONE_PROCESS
+        self.train_step, self.names = train_step, None
+        if train_step is not None:
+            self.step = self._own_step  # the user's step, in place of loops' own
 
     def step(self, model, batch):
         """One optimizer step on one batch; its (loss, y_pred, y), detached."""
@@ -338,11 +373,23 @@ class _Stepper:
         self._update(model)
         return done
 
+    def _own_step(self, model, batch):
+        """train_step's step: (None, None, batch, its values detached), the values being
+        batch means that the meter sums in place of the loss."""
+        values = self.train_step(model, batch, self.optimizer)
+        if self.names is None:
+            self.names = _check_step_values(values)
+        return None, None, batch, {k: values[k].detach() for k in self.names}
+
+    def optimizer_steps(self, batches):
+        """How many optimizer steps ``batches`` batches of an epoch made."""
+        return -(-batches // self.accumulate)
+
     def step_group(self, model, group):
         """One optimizer step on a group of batches; [(loss, y_pred, y)] of each. With
         several ranks the gradients are all-reduced once, on the group's last batch."""
         self.optimizer.zero_grad(set_to_none=True)
-        shares, no_sync = self._shares(group), self.world.no_sync(model)
+        shares, no_sync = self.shares(group), self.world.no_sync(model)
         done = []
         for i, batch in enumerate(group):
             quiet = no_sync is not None and i < len(group) - 1
@@ -357,19 +404,19 @@ class _Stepper:
         it = iter(batches)
         return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
 
-    def _shares(self, group):
+    def shares(self, group):
         """Each batch's weight in the group's mean loss: its rows (or its targets'
-        weights, for CrossEntropyLoss/NLLLoss) over the group's."""
+        weights, for CrossEntropyLoss/NLLLoss without forward) over the group's."""
         if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
             w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
             return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
-        rows = [_batch_rows(yb) for _, yb in group]
+        rows = [_batch_rows(batch) for batch in group]
         return [n / sum(rows) for n in rows]
 
     def _backward(self, model, batch, share=None):
         """Forward and loss (under autocast, if any), backward of the loss times its share;
         a function of its own so that the graph dies on return, before the next batch."""
-        loss, y_pred, y = _forward_loss(model, batch, self.loss_fn, self.cast)
+        loss, y_pred, y = self.seam(model, batch)
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss.detach(), y_pred.detach(), y
@@ -385,8 +432,7 @@ class _Stepper:
             self.per_step.step()
 
     def lr(self):
-        """The rate the next step trains with (the first parameter group's)."""
-        return self.optimizer.param_groups[0]["lr"]
+        return _rates(self.optimizer)
 
     def end_epoch(self, value):
         """The once-an-epoch scheduler step; ReduceLROnPlateau receives ``value``."""
@@ -396,6 +442,14 @@ class _Stepper:
             self.scheduler.step(value)
         else:
             self.scheduler.step()
+
+
+def _rates(optimizer):
+    """The rates the next step trains with, each optimizer's first group's: {"lr": r}, or
+    {"lr_NAME": r, ...} for a dict of optimizers (train_step's)."""
+    if isinstance(optimizer, dict):
+        return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizer.items()}
+    return {"lr": optimizer.param_groups[0]["lr"]}
 
 
 def _fp32(out):
@@ -418,9 +472,8 @@ _CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often
 
 
 class _EpochStart:
-    """How an epoch began: its number, the rate it trains with, the RNG state before its
-    order was drawn (kept only when a mid-epoch snapshot may need it) and its clock.
-    ``state`` gives what a mid-epoch snapshot saves of it; ``resumed`` takes it back."""
+    """How an epoch began: its number, rates, RNG state before its order was drawn (kept
+    for mid-epoch snapshots) and clock; ``state``/``resumed`` save and load it."""
 
     def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
         self.epoch, self.lr, self.rng = epoch, lr, rng
@@ -462,38 +515,50 @@ def _begin_epoch(epoch, source, gen, lr, *, shuffle, keep_rng, snapshot=None):
     return start, batches
 
 
-def _train_loop(model, batches, stepper, meter, watch=None):
-    """Train on ``batches``, an optimizer step per batch (or per group of ``accumulate``),
-    each batch summed by ``meter``; ``watch`` looks now and then, between steps. The
-    place for a line after every batch: no host reads (``.item()``) there, since on a
-    GPU each one waits for the device."""
+def _train_loop(model, batches, stepper, meter, watch=None, on_batch_end=None, steps=0):
+    """Train on ``batches``, a step per batch (or group), each summed by ``meter``; ``watch``
+    looks now and then. The place for a line after every step, as ``on_batch_end``: no
+    ``.item()`` here, since on a GPU each host read waits for the device."""
     model.train()
     step = start = meter.steps
     next_look = start + 1 if watch is not None else math.inf
     if stepper.accumulate == 1:
         for batch in batches:
-            meter.add(*stepper.step(model, batch))
+            done = stepper.step(model, batch)
+            meter.add(*done)
             step += 1
+            if on_batch_end is not None:
+                on_batch_end(steps + step, done[0] if done[0] is not None else done[3])
             if step >= next_look:
                 next_look = watch(step, meter)
     else:
         for group in stepper.groups(batches):
-            for done in stepper.step_group(model, group):
-                meter.add(*done)
+            done = stepper.step_group(model, group)
+            for d in done:
+                meter.add(*d)
             step += len(group)
+            if on_batch_end is not None:  # the group's loss: its batches' by their shares
+                on_batch_end(steps + stepper.optimizer_steps(step),
+                             sum(d[0] * w for d, w in zip(done, stepper.shares(group))))
             if step >= next_look:  # at a step's end, never inside a group
                 next_look = watch(step, meter)
     if step == start == 0:
         raise ValueError("the training data yielded no batches; expected at least one")
 
 
-def _epoch_logs(meter, model, val, loss_fn, stats, world, cast=None):
+def _epoch_logs(meter, model, val, seam, stats, world, val_fn=None):
     """The epoch's training values and, with ``val``, its validation values (``val_``
-    keys), in one host read after one all-reduce of each when there are several ranks."""
-    if val is None:
-        return _read([meter], world)[0]
-    logs, val_logs = _read([meter, _evaluate_pass(model, val, loss_fn, stats, cast)], world)
-    return {**logs, **{"val_" + k: v for k, v in val_logs.items()}}
+    keys; ``val_loss`` only with a loss_fn), in one host read after one all-reduce of
+    each when there are several ranks; then ``val_fn``'s values, named as it names them."""
+    meters = [meter] + ([] if val is None else [_evaluate_pass(model, val, seam, stats)])
+    logs, *val_logs = _read(meters, world)
+    for k, v in val_logs[0].items() if val_logs else ():
+        if k != "loss" or seam.keywords["loss_fn"] is not None:
+            logs["val_" + k] = v
+    if val_fn is not None:
+        with _eval_mode(model):
+            logs.update(world.first(_check_val_values(val_fn(model))))  # rank 0's everywhere
+    return logs
 
 
 @contextlib.contextmanager
@@ -507,14 +572,15 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _evaluate_pass(model, source, loss_fn, stats, cast=None):
-    """One pass over ``source`` in eval mode without grad (forward and loss under
-    ``cast()``, autocast, when given); its sums in a _Meter, unread."""
-    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded, evaluating=True)
+def _evaluate_pass(model, source, seam, stats):
+    """One pass over ``source`` in eval mode without grad, each batch through ``seam``
+    (_forward_loss as the run sets it); its sums in a _Meter, unread."""
+    meter = _Meter(stats, source.device, seam.keywords["loss_fn"], sharded=source.sharded,
+                   evaluating=True)
     zero = torch.zeros((), device=source.device)
     with _eval_mode(model):
         for batch in source.epoch():
-            loss, out, yb = _forward_loss(model, batch, loss_fn, cast)
+            loss, out, yb = seam(model, batch)
             meter.add(zero if loss is None else loss, out, yb)
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
@@ -522,11 +588,9 @@ def _evaluate_pass(model, source, loss_fn, stats, cast=None):
 
 
 class _Watch:
-    """A look at the running values between steps, at most every ``seconds`` (the clock
-    is read only when the rate so far says it is time). A look is one host read: the
-    running logs (a NaN loss stops here) go to ``show(step, steps, logs, elapsed, done)``,
-    and with ``save_every`` ``snapshot(step, meter)`` writes a mid-epoch last.pt once
-    that many seconds have passed since the last one."""
+    """A look between steps, at most every ``seconds`` (the clock is read only when the
+    rate so far says it is time): one host read, the running logs (a NaN stops here)
+    to ``show``, and every ``save_every`` seconds a mid-epoch ``snapshot``."""
 
     def __init__(self, seconds, steps, show, *, at_once=True, save_every=None, snapshot=None):
         self.seconds, self.steps, self.show = seconds, steps, show
@@ -542,7 +606,7 @@ class _Watch:
             self.start = step - 1
         if self.last is None or now - self.last >= self.seconds:
             self.last = now
-            logs = _read([meter])[0]
+            logs = _read([meter], final=False)[0]
             self.show(step, self.steps, logs, now - self.t0, step - self.start)
             if self.save_every is not None and time.perf_counter() - self.last_save >= \
                     self.save_every:
@@ -572,17 +636,11 @@ class _Totals(NamedTuple):
 
 
 class _Meter:
-    """Sums of the loss and the metrics over one pass (an epoch's training or its
-    validation), kept on the device.
-
-    ``add`` runs every step and only keeps detached tensors: no host read, no
-    arithmetic (but at the first step, so that a failing metric names itself there).
-    Every ``_FOLD_STEPS`` steps (or ``_PENDING`` values held) they are folded into the
-    sums in a few vectorised ops. Fold points depend only on the step count, so the
-    sums, to the last bit, do not depend on when anyone looked (``totals`` adds the
-    pending part without folding it). Each batch's loss (a mean) counts for its rows,
-    or for CrossEntropyLoss/NLLLoss with class indices for its targets' weight
-    (``weight[y]``, 0 for ``ignore_index``), as torch averages such a batch."""
+    """Sums of the loss and the metrics over one pass, kept on the device. ``add`` only
+    keeps detached tensors (no host read); every ``_FOLD_STEPS`` steps they are folded
+    into the sums in a few ops. Fold points depend on the step count alone, so the
+    sums, to the last bit, do not depend on when anyone looked. A batch's loss (a mean)
+    counts for its rows, or for CrossEntropyLoss/NLLLoss for its targets' weights."""
     _FOLD_STEPS = 128
     _PENDING = 1 << 22
 
@@ -602,11 +660,21 @@ class _Meter:
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
         self._losses, self._outs, self._ys, self._numel = [], [], [], 0
+        self.own = False  # summing train_step's values, not a loss
+        self.kept = [[], []] if any(st.whole for st in stats.values()) else None  # all y_pred, y
         if snapshot is not None:  # a mid-epoch snapshot's sums: go on from its step
             self.load_state_dict(snapshot["meter"], snapshot["step"])
 
-    def add(self, loss, out, y):
-        """A batch's loss (its mean), outputs and targets, detached: kept until a fold."""
+    def add(self, loss, out, y, values=None):
+        """A batch's loss (its mean), outputs and targets, detached: kept until a fold.
+        With train_step, its ``values`` (batch means) instead: summed as metrics of the
+        batch's rows, their sum standing in for the loss where a NaN is looked for."""
+        if values is not None:
+            if not self.stats:  # the first step: the names, in train_step's order
+                self.stats, self.own = _value_stats(values), True
+                self.sums, self.counts = dict.fromkeys(values), dict.fromkeys(values, 0)
+            out = torch.stack([values[k] for k in self.stats]).reshape(1, -1)
+            loss, y = out.sum(), _batch_rows(y)
         self._losses.append(loss)
         self._ys.append(y)  # its rows, and for the metrics and weights its values
         self.steps += 1
@@ -619,9 +687,8 @@ class _Meter:
             self._fold()
 
     def _with_pending(self):
-        """(loss sum, its denominator, metric sums, counts, pending losses): the sums
-        with the steps not yet folded added; the losses of batches that count for
-        nothing are zeroed."""
+        """(loss sum, denominator, metric sums, counts, pending losses): the sums with the
+        steps not yet folded (their losses zeroed where a batch counts for nothing)."""
         if not self._losses:
             return self.loss_sum, self.loss_den, self.sums, self.counts, None
         losses = torch.stack(self._losses)
@@ -640,12 +707,23 @@ class _Meter:
     def _fold(self):
         self.loss_sum, self.loss_den, self.sums, self.counts, losses = self._with_pending()
         self.unchecked.append(losses)
+        if self.kept is not None:  # a whole_set metric sees every output of the epoch
+            self.kept[0] += self._outs
+            self.kept[1] += self._ys
         self._losses, self._outs, self._ys, self._numel = [], [], [], 0
 
-    def totals(self):
-        """The sums so far, the pending steps' included, as a _Totals (nothing is read;
-        nothing is folded either: fold points stay where they are)."""
+    def totals(self, world=None, final=True):
+        """The sums so far as a _Totals, unread and unfolded (fold points stay put); when
+        ``final``, whole_set metrics too (every rank's outputs, given the ``world``)."""
         loss_sum, den, sums, counts, _ = self._with_pending()
+        sums = dict(sums)  # the meter's own stay as they are
+        if self.kept is not None:
+            outs, ys = [world.cat(torch.cat(t + p)) if world else torch.cat(t + p)
+                        for t, p in zip(self.kept, (self._outs, self._ys))]
+            for k, st in self.stats.items():
+                if st.whole is not None:
+                    sums[k] = torch.as_tensor(st.whole(_fp32(outs), ys) if final else math.nan,
+                                              dtype=self.dtype, device=self.device).reshape(1)
         parts, sizes, maxima, i = [loss_sum.reshape(1), den.reshape(1)], [], [], 2
         for k, st in self.stats.items():
             part = sums[k] if sums[k] is not None else torch.zeros(
@@ -663,10 +741,8 @@ class _Meter:
         return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
 
     def check(self, loss_sum, world):
-        """Given the loss sum read back: FloatingPointError at the first non-finite loss,
-        which ``world`` finds (on several ranks, the first of any rank's). ``world``
-        None: one rank's sums read alone (a look), so a bad one waits for the epoch's
-        reduced read, where every rank stops together."""
+        """Given the loss sum read back: FloatingPointError at the first non-finite loss
+        (``world`` None: one rank's sums, read alone; the reduced read will stop all)."""
         if math.isfinite(loss_sum):
             self.checked += sum(len(u) for u in self.unchecked)
             self.unchecked = []
@@ -679,23 +755,33 @@ class _Meter:
 
     def state_dict(self):
         """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
-        cpu = [t.cpu() for t in self._outs], [t.cpu() for t in self._ys]
+        cpu = [t.cpu() for t in self._outs], [_to(t, "cpu") for t in self._ys]
         return {"loss_sum": self.loss_sum.cpu(), "loss_den": self.loss_den.cpu(),
-                "counts": dict(self.counts),
+                "counts": dict(self.counts), "own": self.own,
                 "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
                 "losses": torch.stack(self._losses).cpu() if self._losses else None,
-                "outs": cpu[0], "ys": cpu[1]}
+                "outs": cpu[0], "ys": cpu[1], "kept": _to(self.kept, "cpu")}
 
     def load_state_dict(self, state, step):
         dev = self.device
         self.loss_sum, self.loss_den = state["loss_sum"].to(dev), state["loss_den"].to(dev)
         self.counts = dict(state["counts"])
         self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
+        if state.get("own"):  # train_step's values: their names are the counts'
+            self.stats, self.own = _value_stats(self.counts), True
         losses = state["losses"]
         self._losses = [] if losses is None else list(losses.to(dev))
-        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [t.to(dev) for t in state["ys"]]
+        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [_to(t, dev) for t in state["ys"]]
         self._numel = sum(t.numel() for t in self._outs)
+        self.kept = _to(state["kept"], dev)
         self.steps, self.checked = step, step - len(self._losses)
+
+
+def _value_stats(values):
+    """train_step's values as statistics: each a batch mean (column i of the outputs),
+    counted for the batch's rows (``y`` here), finished as the mean over the rows."""
+    return {k: _Stat(lambda p, y, i=i: p[0, i].double() * y, lambda p, y: y, _ratio,
+                     by_batch=True) for i, k in enumerate(values)}
 
 
 def _target_weights(loss_fn):
@@ -737,19 +823,15 @@ def _loss_sum(losses, ns, loss_is_sum, dtype):
 
 
 def _metric_sums(stats, outs, ys, dtype):
-    """({name: sums}, {name: count}) of the metrics over the outputs of several steps."""
+    """({name: sums}, {name: count}) of the metrics over the outputs of several steps: the
+    built-in ones on all of them at once, your own batch by batch (whole_set's later)."""
     sums, counts = {k: None for k in stats}, {k: 0 for k in stats}
-    if not stats:
-        return sums, counts
-    groups = [(outs[0], ys[0])] if len(outs) == 1 else None
-    if groups is None:
-        try:
-            groups = [(torch.cat(outs), torch.cat(ys))]
-        except RuntimeError:  # outputs of varying shapes (sequences): batch by batch
-            groups = list(zip(outs, ys))
-    for p, y in groups:
-        p = _fp32(p)  # outputs in fp32 at least, whatever autocast made them
-        for k, st in stats.items():
+    each = joined = [(_fp32(p), y) for p, y in zip(outs, ys)]  # fp32 at least, as autocast
+    if len(each) > 1 and not all(st.by_batch for st in stats.values()):  # made them or not
+        with contextlib.suppress(RuntimeError, TypeError):  # varying shapes (sequences),
+            joined = [(torch.cat([p for p, _ in each]), torch.cat(ys))]  # other targets
+    for k, st in stats.items():
+        for p, y in (each if st.by_batch else joined if st.whole is None else ()):
             try:
                 s = st.stat(p, y).reshape(-1)
             except Exception as e:
@@ -778,14 +860,12 @@ def _runs(values):
     return out
 
 
-def _read(meters, world=None):
-    """The logs of several meters, in one host read.
-    A non-finite loss raises FloatingPointError naming its step. ``world``: the sums
-    of sharded meters (each rank its own rows) are all-reduced over its ranks first
-    (every rank must call), so that every rank gets the whole-set values; without
-    it (a look inside an epoch) each rank reads its own."""
-    totals = [m.totals() for m in meters]
+def _read(meters, world=None, final=True):
+    """The logs of several meters in one host read (a NaN loss raises, naming its step).
+    ``world``: sharded meters' sums are all-reduced first (every rank must call); not
+    ``final`` (a look): each rank its own, and whole_set metrics wait."""
     reduced = [world is not None and m.sharded for m in meters]
+    totals = [m.totals(world if r else None, final) for m, r in zip(meters, reduced)]
     flats = [world.reduce(t) if r else t.flat for t, r in zip(totals, reduced)]
     vals = (torch.cat(flats) if len(flats) > 1 else flats[0]).tolist()  # the one host read
     out, i = [], 0
@@ -793,13 +873,15 @@ def _read(meters, world=None):
         v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
         counts = v[len(t.flat):] if r else t.counts  # the ranks' counts follow their sums
         m.check(v[0], world if r else None if m.sharded else _ONE_PROCESS)
-        out.append(_finish(m.stats, v, counts, t.sizes))
+        logs = _finish(m.stats, v, counts, t.sizes, loss=not m.own)
+        out.append({k: x for k, x in logs.items() if final or k not in m.stats or
+                    m.stats[k].whole is None})
     return out
 
 
-def _finish(stats, vals, counts, sizes):
+def _finish(stats, vals, counts, sizes, *, loss=True):
     """The logs from a meter's sums read back as floats: [loss sum, its denominator, ...]."""
-    logs, i = {"loss": vals[0] / vals[1] if vals[1] else math.nan}, 2
+    logs, i = {"loss": vals[0] / vals[1] if vals[1] else math.nan} if loss else {}, 2
     for (k, st), count, size in zip(stats.items(), counts, sizes):
         logs[k] = float(st.finish(vals[i:i + size], count))
         i += size
@@ -822,18 +904,20 @@ def _first_bad(losses, checked, total, unit):
 # --- the run's record ---------------------------------------------------------
 
 class _Record:
-    """The run so far: the history (with ``best_epoch``, the epoch best.pt holds, so that
-    a plot marks fit's choice without deciding again), the best value and its epoch,
-    the patience count, why training stopped, and (for restore_best) the best weights.
-    ``state`` gives what last.pt saves of it and ``load`` takes it back, under the
-    same keys."""
-    _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped")
+    """The run so far: the history (with ``best_epoch``, the epoch best.pt holds, for
+    plots), the best value, patience, why it stopped, the best weights (restore_best);
+    ``state`` and ``load`` save and take it back under the same keys."""
+    _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped", "steps", "monitor",
+              "mode")
 
-    def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False):
+    def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False,
+                 later=False):
         self.history = {k: [] for k in keys}
+        self.later = later  # train_step's and val_fn's names join at the first epoch
         self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
         self.patience, self.keep_best = patience, keep_best
         self.epoch, self.best, self.best_epoch, self.wait = 0, None, None, 0
+        self.steps = 0  # optimizer steps, by the end of the last epoch recorded
         self.stopped = None  # why training stopped: "patience", "on_epoch_end", or None
         self.best_weights = None
 
@@ -858,6 +942,14 @@ class _Record:
     def add(self, logs, model):
         """Append one epoch's values, ``best_epoch`` set in ``logs`` too; return whether the
         monitored value improved."""
+        logs["best_epoch"] = math.nan  # its place; set below
+        if self.later and not self.history["epoch"] and set(self.history) <= set(logs):
+            self.history = {k: [] for k in logs}  # train_step's and val_fn's names join
+        if list(logs) != list(self.history) or self.monitor not in logs:
+            raise ValueError(f"epoch {logs['epoch']} has the values {list(logs)}; the run "
+                             f"records {list(self.history)} and monitors {self.monitor!r}: "
+                             "train_step and val_fn return the same names each time, and "
+                             "monitor= names one of them")
         self.epoch = int(logs["epoch"])
         value = logs[self.monitor]
         improved = self.improves(value)
@@ -920,10 +1012,8 @@ def _nan_stops_training(epoch, printer, model, store):
 
 
 def _interrupted(stop, epoch, record, store, printer, world):
-    """Ctrl-C: say what is kept; in a program, re-raise (one Ctrl-C ends it) with the
-    completed epochs' history as ``stop.history``; at an interactive prompt (Python,
-    IPython, Jupyter), return that history so that the session goes on. With several
-    ranks the process group is taken down first (see _Ranks.abandon)."""
+    """Ctrl-C: say what is kept; in a program re-raise with ``stop.history`` (one Ctrl-C
+    ends it), at an interactive prompt return the history (the session goes on)."""
     interactive = world.size == 1 and (hasattr(sys, "ps1")
                                        or getattr(builtins, "__IPYTHON__", False))
     world.abandon()
@@ -947,10 +1037,8 @@ def _ask_hook(on_epoch_end, epoch, logs, record, store, world):
 
 
 def _hook_again(on_epoch_end, record, store, world):
-    """On resuming from the end of epoch N with epochs still to train: call the hook of
-    epoch N again (the run may have been killed inside it, and last.pt, written before
-    the hook runs, cannot tell), and stop there if it asks to. A hook that had returned
-    True was saved as the run's stop, so this never undoes a stop."""
+    """Resuming from the end of epoch N: call its hook again (the run may have died inside
+    it; last.pt, written before, cannot tell), and stop if it asks to."""
     logs = {k: v[-1] for k, v in record.history.items()}
     logs["epoch"] = int(logs["epoch"])
     _ask_hook(on_epoch_end, record.epoch, logs, record, store, world)
@@ -959,13 +1047,9 @@ def _hook_again(on_epoch_end, record, store, world):
 # --- checkpoints --------------------------------------------------------------
 
 class _Store:
-    """A run's checkpoint directory: best.pt, last.pt and history.csv.
-    Rank 0 is the only writer (every rank takes part in gathering the random
-    states); ``world`` says which rank this is. What last.pt holds is written by
-    ``save_last`` and read back by ``resume``, next to each other below; the parts
-    with a state of their own (_Record, _EpochStart, _Meter) save and load it under
-    the same keys. Without a directory, nothing is written and there is nothing to
-    resume."""
+    """A run's checkpoint directory: best.pt, last.pt and history.csv, written by rank 0.
+    What last.pt holds is written by ``save_last`` and read by ``resume``, side by side;
+    without a directory nothing is written and there is nothing to resume."""
     FORMAT = "loops/1"
 
     def __init__(self, directory, model, optimizer, scheduler, gen, *, world, scaler=None,
@@ -1037,7 +1121,7 @@ class _Store:
             if self.writer:
                 save_checkpoint(
                     self.last_path, self.model, self.optimizer, format=self.FORMAT,
-                    monitor=record.monitor, **record.state(),
+                    **record.state(),
                     scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
                     scaler=None if self.scaler is None else self.scaler.state_dict(),
                     rng=rng, rng_ranks=ranks, step=step,
@@ -1046,9 +1130,8 @@ class _Store:
             self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
 
     def resume(self, record, epochs):
-        """Continue from last.pt if it exists: check all of it first, then load the model,
-        the optimizer, the scheduler, the record and every random state as they were.
-        Returns last.pt's dict when it is a mid-epoch snapshot (for _begin_epoch), else None."""
+        """Continue from last.pt if it exists: check all of it, then load everything as it
+        was. Returns last.pt's dict when it is a mid-epoch snapshot, else None."""
         if self.dir is None or not os.path.exists(self.last_path):
             return None
         ck = _read_checkpoint(self.last_path)
@@ -1076,12 +1159,16 @@ class _Store:
         if wrong:
             raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
                              "from a copy, or move it away to start afresh")
-        if list(ck["history"]) != list(record.history):
-            older = "best_epoch" not in ck["history"]  # written before that column was kept
-            raise ValueError(f"{path} recorded {list(ck['history'])}, this run records "
-                             f"{list(record.history)}; " + (
-                                 "it was written by an older loops.py: finish it with that "
-                                 "one" if older else "resume with the same metrics and val"))
+        saved, keys = list(ck["history"]), list(record.history)
+        if saved != keys and not (record.later and [k for k in saved if k in keys] == keys):
+            older = "best_epoch" not in saved  # written before that column was kept
+            raise ValueError(f"{path} recorded {saved}, this run records {keys}; " + (
+                "it was written by an older loops.py: finish it with that one" if older
+                else "resume with the same metrics, val, train_step and val_fn"))
+        if (ck["monitor"], ck["mode"]) != (record.monitor, record.mode):
+            raise ValueError(f"{path} monitored {ck['monitor']!r} (mode {ck['mode']!r}); this "
+                             f"run asks for {record.monitor!r} ({record.mode!r}), and its best "
+                             "so far would mean nothing for that: resume with the same monitor")
         done = ck["epoch"] + (1 if ck["step"] else 0)
         if epochs < done:
             raise ValueError(f"{path} already trained {ck['epoch']} epochs"
@@ -1101,8 +1188,8 @@ _NUMBER, _NONE = (int, float), type(None)
 _LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
             "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
             "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
-            "rng_ranks": (list, _NONE)}
-_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": _NUMBER, "epoch_time": _NUMBER,
+            "rng_ranks": (list, _NONE), "steps": int, "monitor": str, "mode": str}
+_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": dict, "epoch_time": _NUMBER,
                       "rng_epoch": (dict, _NONE)}
 
 
@@ -1127,8 +1214,10 @@ def _damage(ck):
         return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
     if not isinstance(ck["rng"].get("torch"), torch.Tensor):
         return "'rng' holds no torch random state"
-    if not {"state", "param_groups"} <= set(ck["optimizer"]):
-        return "'optimizer' is not an optimizer's state_dict"
+    opt = ck["optimizer"]
+    if not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o) for o in (
+            [opt] if "param_groups" in opt else opt.values() or [{}])):
+        return "'optimizer' is not an optimizer's state_dict (or a dict of them)"
     lengths = {k: len(v) if isinstance(v, list) else None for k, v in history.items()}
     if any(n != epoch for n in lengths.values()):
         return f"its history has columns of lengths {lengths} for epoch {epoch}"
@@ -1178,12 +1267,9 @@ def _atomic_write(path, write):
 
 @contextlib.contextmanager
 def _ctrl_c_after():
-    """Hold a Ctrl-C (SIGINT) back until the block ends, then raise its KeyboardInterrupt.
-    torch's zip writer turns a KeyboardInterrupt raised inside it into a RuntimeError
-    ("unexpected pos"), so a Ctrl-C landing in a write would end fit with the wrong
-    error; a write takes a moment, and the file is then complete. Only in the main
-    thread, and only while Python's own handler is installed (a program's own
-    SIGINT handler is left alone)."""
+    """Hold a Ctrl-C back until the block ends, then raise it: torch's zip writer turns a
+    KeyboardInterrupt inside it into a RuntimeError and a half file. In the main thread,
+    while Python's own handler is installed (a program's own is left alone)."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
@@ -1265,8 +1351,8 @@ def _load_into(ckpt, path, model, optimizer):
         _check_optimizer_fits(optimizer, ckpt, path)
     if model is not None:
         _unwrap(model).load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    for name, opt in _named(optimizer).items():
+        opt.load_state_dict(ckpt["optimizer"][name] if name else ckpt["optimizer"])
 
 
 def _check_fits(model, state, path):
@@ -1284,16 +1370,29 @@ def _check_fits(model, state, path):
 
 
 def _check_optimizer_fits(optimizer, ckpt, path):
-    saved = ckpt.get("optimizer_type")
     if "optimizer" not in ckpt:
         raise ValueError(f"{path} holds no optimizer state")
-    if saved is not None and saved != type(optimizer).__name__:
-        raise ValueError(f"{path} was saved with optimizer {saved}, but "
-                         f"{type(optimizer).__name__} was given; use the same optimizer type")
-    sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
-    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
-        raise ValueError(f"{path}: the saved optimizer has parameter groups of sizes {sizes}, "
-                         f"this one has {[len(g['params']) for g in optimizer.param_groups]}")
+    one = not isinstance(optimizer, dict)
+    states = {"": ckpt["optimizer"]} if one else ckpt["optimizer"]
+    types = {"": ckpt.get("optimizer_type")} if one else ckpt.get("optimizer_type") or {}
+    if set(states) != set(_named(optimizer)) or "param_groups" in states:
+        raise ValueError(f"{path} holds the optimizers {sorted(states)}, this run has "
+                         f"{sorted(_named(optimizer))}; resume with the same ones")
+    for name, opt in _named(optimizer).items():
+        saved, what = types.get(name), f"optimizer {name!r}" if name else "optimizer"
+        if saved is not None and saved != type(opt).__name__:
+            raise ValueError(f"{path} was saved with {what} {saved}, but "
+                             f"{type(opt).__name__} was given; use the same optimizer type")
+        sizes = [len(g["params"]) for g in states[name]["param_groups"]]
+        if sizes != [len(g["params"]) for g in opt.param_groups]:
+            raise ValueError(f"{path}: the saved {what} has parameter groups of sizes {sizes}, "
+                             f"this one has {[len(g['params']) for g in opt.param_groups]}")
+
+
+def _named(optimizer):
+    """{name: optimizer}: a dict of them as it is, one as {"": it}, None as {}."""
+    return optimizer if isinstance(optimizer, dict) else {} if optimizer is None else {
+        "": optimizer}
 
 
 def _prepare_dir(path):
@@ -1324,12 +1423,9 @@ def _remove_own_temps(path):
 
 
 class _DirLock:
-    """One run per checkpoint directory: an exclusive lock on ``DIR/.lock`` while fit
-    runs, so that a second fit gets a ValueError instead of deleting the first's temp
-    files or adopting its half-finished run. The operating system's lock (flock;
-    msvcrt on Windows) goes with the process however it ends, so a kill -9 never
-    leaves the directory locked. The file names the holder and is removed at release;
-    on file systems without locks (some network mounts) no lock is taken."""
+    """One run per checkpoint directory: the operating system's lock on ``DIR/.lock``
+    (flock; msvcrt on Windows), which goes with the process however it ends. The file
+    names the holder; without locks on the file system, none is taken."""
     NAME = ".lock"
 
     def __init__(self, directory):
@@ -1399,11 +1495,9 @@ def _write_csv(path, history):
 
 
 def _shuffle_generator(seed, device, world, *, drawn=True):
-    """The generator that draws each epoch's order; with ``seed``, every RNG is seeded too
-    (torch's global one with seed + rank: every rank draws the same orders and its own
-    dropout masks). Without a seed it follows torch.manual_seed; when no order is
-    ``drawn`` from it (a DataLoader draws its own) it takes nothing from torch's random
-    state, so a DataLoader's shuffles are those of a plain loop."""
+    """The generator of each epoch's order; with ``seed`` every RNG is seeded too (torch's
+    with seed + rank: the ranks' orders agree, their dropout masks differ). Without,
+    it follows torch.manual_seed, and takes nothing when no order is ``drawn``."""
     gen = torch.Generator()
     if seed is not None:
         _seed_all(seed + world.rank)
@@ -1461,15 +1555,9 @@ def _tuples(x):
 # --- processes ------------------------------------------------------------------
 
 class _OneProcess:
-    """The world of a run in one process: rank 0 of 1, the writer. The distributed
-    block's ``_Ranks`` answers the same questions for the ranks of a torchrun job, so
-    the rest of the file asks ``world`` rather than passing a rank and a size around:
-    a meter's sums over every rank (``reduce``; here its own), where the first
-    non-finite loss of any rank is, every rank's ``obj`` (``gather``; None here),
-    whether ``any`` rank says yes, rank 0's tensor (``broadcast``), the context that
-    holds back the all-reduce of gradients (``no_sync``; None here), whether a
-    DataLoader gives each rank its own rows, what fit refuses with several ranks
-    (``check``), and what a Ctrl-C takes down (``abandon``; nothing here)."""
+    """The world of a run in one process: rank 0 of 1, the writer. The distributed block's
+    _Ranks answers the same questions for a torchrun job (sums over ranks, the first
+    NaN of any, gather, any, broadcast, no_sync, ...), so the file asks ``world``."""
     rank, size, writer = 0, 1, True
 
     def reduce(self, totals):
@@ -1485,6 +1573,12 @@ class _OneProcess:
         return flag
 
     def broadcast(self, t):
+        return t
+
+    def first(self, obj):
+        return obj
+
+    def cat(self, t):
         return t
 
     def no_sync(self, model):
@@ -1514,12 +1608,9 @@ def _world():
 
 # --- data sources -------------------------------------------------------------
 def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, ranks=1):
-    """An iterator of this rank's batches, beginning after ``start`` of them: views when
-    unshuffled, one gather per tensor when shuffled, cut in one call and mapped, so no
-    Python runs per batch. With several ranks each global batch of ranks * batch_size
-    rows is cut in ``ranks`` parts, this ``rank`` taking its own; the short last one of
-    m rows gives each rank m // ranks and skips the rest (fewer than ``ranks``), so that
-    equal local batches keep DDP's mean of gradients the global batch's mean."""
+    """This rank's batches after ``start`` of them, cut in one call (no Python per batch).
+    Each global batch is cut in ``ranks`` parts; the short last one gives each rank the
+    same rows (the few left over skipped), so DDP's mean stays the global batch's."""
     step = ranks * batch_size
     n = len(X) - len(X) % step if drop_last else len(X)
     if order is None:
@@ -1569,10 +1660,12 @@ class _TensorSource:
 
 
 class _LoaderSource:
-    """A re-iterable of (xb, yb) batches (a DataLoader, a list), used as it is."""
+    """A re-iterable of (xb, yb) batches (a DataLoader, a list), used as it is; with
+    ``pairs`` False (your forward or train_step reads them) batches of any shape."""
 
-    def __init__(self, loader, *, device, sharded=False, what="data"):
+    def __init__(self, loader, *, device, sharded=False, what="data", pairs=True):
         self.loader, self.device, self.sharded, self.what = loader, device, sharded, what
+        self.pairs = pairs
         self.generators = _loader_generators(loader)
         try:
             self.steps = len(loader)
@@ -1588,6 +1681,8 @@ class _LoaderSource:
         it = iter(self.loader)
         for _ in range(start):
             next(it)
+        if not self.pairs:
+            return (_to(batch, self.device) for batch in it)
         return _pairs(it, self.device, self.what)
 
 
@@ -1628,8 +1723,16 @@ def _to(x, device):
     return x
 
 
-def _batch_rows(yb):
-    return yb.shape[0] if torch.is_tensor(yb) else len(yb)
+def _batch_rows(x):
+    """The rows of a batch or of its targets: a tensor's first dimension; for a dict, a
+    tuple or a list of tensors, its first entry's; else len()."""
+    if torch.is_tensor(x):
+        return x.shape[0]
+    if isinstance(x, int):  # already a count (train_step's batches)
+        return x
+    first = next(iter(x.values()), None) if isinstance(x, dict) else (
+        x[0] if isinstance(x, (tuple, list)) and x else None)
+    return _batch_rows(first) if isinstance(first, (torch.Tensor, dict, tuple, list)) else len(x)
 
 
 def _describe(x):
@@ -1669,7 +1772,7 @@ def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False
     """One epoch's summary line, e.g. 'epoch 7/50  loss 0.4821  acc 77.3%  0.41s  * best'."""
     parts = [f"epoch {epoch}/{epochs}"]
     for k, v in logs.items():
-        if k not in _NOT_VALUES:
+        if k not in _NOT_VALUES and not k.startswith("lr_"):
             parts.append(_format_value(k, v, k.removeprefix("val_") in percent))
     if seconds is not None:
         parts.append(_seconds(seconds))
@@ -1771,6 +1874,9 @@ class _Stat(NamedTuple):
     reduce: str = "sum"
     size: int = 1     # how many numbers ``stat`` returns (for class scores: C * C)
     percent: bool = False  # shown as 77.3% in the progress line
+    better: str = None     # "max" or "min" for mode="auto"; None: not known
+    by_batch: bool = False  # called on each batch, not on many at once (your own metrics)
+    whole: Callable = None  # a whole_set metric: (all y_pred, all y) -> value, once an epoch
 
 
 def _shapes(p, y):
@@ -1876,7 +1982,7 @@ def _stats(cut):
     """The built-in metrics, with one-value-per-row predictions positive above ``cut``."""
     def counts(p, y):
         return _counts(p, y, cut)
-    return {
+    table = {
         "accuracy": _Stat(lambda p, y: _correct(p, y).sum(), _n_rows, _ratio, percent=True),
         "binary_accuracy": _Stat(lambda p, y: ((p > cut) == (y > 0.5).reshape(p.shape)).sum(),
                                  _n_values, _ratio, percent=True),
@@ -1897,6 +2003,8 @@ def _stats(cut):
         "f1": _Stat(counts, _class_rows,
                     _macro(lambda tp, fp, fn: _safe_div(2 * tp, 2 * tp + fp + fn)), size=4),
     }
+    higher = ("accuracy", "binary_accuracy", "precision", "recall", "f1")  # the errors: lower
+    return {k: st._replace(better="max" if k in higher else "min") for k, st in table.items()}
 
 
 _STATS = _stats(0.5)
@@ -2003,14 +2111,30 @@ def _metric_table(metrics, *, logits=False):
             table[key] = builtins[fn]
         elif fn in _BUILTIN:
             table[key] = builtins[_BUILTIN[fn]]
-        elif callable(fn):
-            # A user metric must be a per-sample mean; its epoch value is the rows' mean.
+        elif isinstance(fn, _WholeSet):  # once an epoch, on every output (MAX over ranks
+            table[key] = _Stat(None, _n_none, lambda s, n: s[0], "max", whole=fn.fn)  # = it)
+        elif callable(fn):  # a per-sample mean, batch by batch: its epoch value is the rows'
             table[key] = _Stat(lambda p, y, fn=fn: _user_value(fn, p, y) * len(p), _n_rows,
-                               _ratio)
+                               _ratio, by_batch=True)
         else:
             raise TypeError(f"metrics[{key!r}]: expected a function (y_pred, y) -> tensor or "
                             f"the name of a built-in metric, got {type(fn).__name__}")
     return table
+
+
+class _WholeSet(NamedTuple):
+    fn: Callable
+
+
+def whole_set(fn):
+    """Mark ``fn(y_pred, y) -> scalar`` as a metric of a whole epoch's outputs at once (AUC,
+    average precision, a rank correlation): called once an epoch on all of its outputs and
+    targets, concatenated on the device (every rank's, gathered). Any other function of
+    yours is taken as a per-sample mean, called batch by batch."""
+    if not callable(fn):
+        raise TypeError(f"whole_set takes a function (y_pred, y) -> scalar, got "
+                        f"{type(fn).__name__}")
+    return _WholeSet(fn)
 
 
 def _user_value(fn, p, y):
@@ -2115,11 +2239,9 @@ __all__ += ["setup_distributed"]
 def setup_distributed(model, *, backend=None):
     """Under torchrun: join its process group and wrap the model in DistributedDataParallel.
 
-    With ``WORLD_SIZE`` > 1 in the environment (torchrun sets it), the default
-    group is initialised once (nccl when CUDA is there, else gloo), the model is
-    moved to this rank's device (``cuda:LOCAL_RANK``, or the CPU) and wrapped.
-    Anywhere else the model comes back as it is, so one script runs both ways.
-    Returns ``(model, device)``; create the optimizer after this call."""
+    The group is initialised once (nccl with CUDA, else gloo), the model moved to this
+    rank's device and wrapped; without torchrun the model comes back as it is. Returns
+    ``(model, device)``; create the optimizer after this call."""
     dist = torch.distributed
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return model, model_device(model)
@@ -2203,6 +2325,14 @@ class _Ranks:
         torch.distributed.broadcast(t, src=0)
         return t
 
+    def first(self, obj):
+        out = [obj]
+        torch.distributed.broadcast_object_list(out, src=0)
+        return out[0]
+
+    def cat(self, t):
+        return torch.cat([p.to(t.device) for p in self.gather(t.cpu())])
+
     def no_sync(self, model):
         return getattr(model, "no_sync", None)  # DistributedDataParallel's
 
@@ -2228,11 +2358,8 @@ class _Ranks:
                              "written at the end of each epoch")
 
     def abandon(self):
-        """After a Ctrl-C on this rank: take the process group down now, with no barrier
-        (the other ranks are not coming to one). Ranks waiting for this one in a
-        collective then fail at once with a connection error, and torchrun, seeing a
-        rank fail, stops the job, instead of every rank waiting for the backend's
-        timeout (30 minutes)."""
+        """After a Ctrl-C: take the group down now, with no barrier: the ranks waiting for
+        this one fail at once, and torchrun stops the job (not a 30-minute timeout)."""
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -2250,21 +2377,21 @@ _LR_DIVERGE = 4.0  # the search stops once the smoothed loss passes this many ti
 
 
 def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps=100,
-            batch_size=32, device=None, precision=None):
+            batch_size=32, device=None, precision=None, forward=None):
     """The learning-rate range test: train one batch per step while the rate rises
     geometrically from ``start_lr`` to ``end_lr``; return ``{"lr": [...], "loss": [...],
     "suggestion": float}``.
 
-    ``loss`` is the training loss smoothed (a moving average, 0.98, corrected for its
-    start), one value per rate tried; the data is cycled if it runs out; the search
-    stops once the smoothed loss is not finite or above 4 times its best. The
-    suggestion is the rate tried nearest a tenth of the lowest point's (fastai's
-    lr_min). Afterwards the model, the optimizer and every random state are exactly
-    as they were, so a fit that follows trains as it would have without lr_find."""
+    ``loss`` is smoothed (a moving average, 0.98); the search stops once it is not
+    finite or 4 times its best. The suggestion: the rate tried nearest a tenth of the
+    lowest point's (fastai's lr_min). The model, optimizer and random states are left
+    exactly as they were."""
     device = _check_lr_find(model, loss_fn, optimizer, start_lr=start_lr, end_lr=end_lr,
-                            steps=steps, device=device, precision=precision)
-    source = _source(train, what="train", batch_size=batch_size, device=device, reused=True)
-    stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn)
+                            steps=steps, device=device, precision=precision, forward=forward)
+    source = _source(train, what="train", batch_size=batch_size, device=device, reused=True,
+                     pairs=forward is None)
+    stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn,
+                       forward=forward)
     before = _Before(model, optimizer, source.generators)
     try:
         return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
@@ -2318,9 +2445,8 @@ def _suggestion(lrs, losses):
 
 
 class _Before:
-    """Everything lr_find changes, as it was before, to be put back by ``restore``: the
-    model's weights, buffers, gradients and modes, the optimizer's state and rates,
-    every random state."""
+    """Everything lr_find changes (weights, buffers, gradients, modes, the optimizer, the
+    random states) as it was, for ``restore``."""
 
     def __init__(self, model, optimizer, loaders=()):
         self.model, self.optimizer, self.loaders = model, optimizer, loaders
@@ -2341,9 +2467,11 @@ class _Before:
         _set_rng_state(self.rng, None, self.loaders)
 
 
-def _check_lr_find(model, loss_fn, optimizer, *, start_lr, end_lr, steps, device, precision):
+def _check_lr_find(model, loss_fn, optimizer, *, start_lr, end_lr, steps, device, precision,
+                   forward):
     """lr_find's arguments, checked before any step; returns the device."""
     device = _check_training(model, loss_fn, optimizer, device=device, precision=precision)
+    _check_callables(forward=forward)
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 math.isfinite(value) and value > 0):
@@ -2362,54 +2490,58 @@ class _Plan(NamedTuple):
     """What fit runs on, built from its checked arguments."""
     device: torch.device
     world: object        # _OneProcess, or the distributed block's _Ranks
-    stats: dict          # metric name -> _Stat
+    stats: dict          # metric name -> _Stat, for validation (and training, but with
+    train_stats: dict    # train_step, which gives no outputs)
     train: object        # a _TensorSource or _LoaderSource
     val: object          # the same, or None
-    keys: list           # the history's keys, in order
-    monitor: str
+    keys: list           # the history's keys known now, in order (train_step and val_fn
+    monitor: str         # add theirs when they first return)
+    mode: str            # "min" or "max"
     percent: set         # keys shown as percentages
 
 
 def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
           metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
           clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
-          drop_last, precision, accumulate, shuffle, seed):
+          drop_last, precision, accumulate, shuffle, seed, forward, train_step, val_fn,
+          on_batch_end):
     """Check every argument of fit, then build what it runs on: the world, the metric
     table, the data sources (whose data is checked as they are built), the history's
-    keys and the monitor; last, the first validation batch is tried on the model."""
+    keys, the monitor and its direction; last, the first validation batch is tried."""
     device, world = _check_fit(
-        model, loss_fn, optimizer, epochs=epochs, mode=mode, patience=patience,
-        min_delta=min_delta, scheduler=scheduler, scheduler_interval=scheduler_interval,
-        clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
-        on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
-        save_every=save_every, precision=precision, accumulate=accumulate, shuffle=shuffle,
-        seed=seed, train=train)
+        model, loss_fn, optimizer, epochs=epochs, patience=patience, min_delta=min_delta,
+        scheduler=scheduler, scheduler_interval=scheduler_interval, verbose=verbose,
+        clip_grad_norm=clip_grad_norm, device=device, on_epoch_end=on_epoch_end,
+        checkpoint=checkpoint, resume=resume, save_every=save_every, precision=precision,
+        accumulate=accumulate, shuffle=shuffle, seed=seed, train=train, forward=forward,
+        train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
-                         reused=epochs > 1, world=world, drop_last=drop_last)
+                         reused=epochs > 1, world=world, drop_last=drop_last,
+                         pairs=forward is None and train_step is None)
     if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
         val_batch_size = max(batch_size, 256)
     val_data = None if val is None else _source(
         val, what="val", batch_size=val_batch_size, device=device, reused=epochs > 1,
-        world=world, split_rows=True)
-    keys = ["epoch", "loss", *stats]
+        world=world, split_rows=True, pairs=forward is None)
+    keys = ["epoch"] + ([] if train_step else ["loss", *stats])
     if val_data is not None:
-        keys += ["val_loss", *("val_" + k for k in stats)]
-    keys += ["lr", "time", "best_epoch"]
-    monitor = _check_monitor(monitor, keys, val_data is not None)
+        keys += ["val_loss"] * (loss_fn is not None) + ["val_" + k for k in stats]
+    keys += [*_rates(optimizer), "time", "best_epoch"]
+    monitor = _check_monitor(monitor, keys, has_val=val_data is not None and loss_fn is not None,
+                             later=train_step is not None or val_fn is not None)
     percent = {k for k, st in stats.items() if st.percent}
     percent |= {"val_" + k for k in percent}
-    _try_first_val_batch(model, val_data, loss_fn, stats, _autocast(precision, device))
-    return _Plan(device, world, stats, train_data, val_data, keys, monitor, percent)
+    _try_first_val_batch(model, val_data, _seam(loss_fn, _autocast(precision, device), forward),
+                         stats)
+    return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
+                 monitor, _check_mode(mode, monitor, stats), percent)
 
 
 def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
-            drop_last=False):
-    """``data`` as a batch source, checked: tensors or a loader.
-    In a ``world`` of several ranks, training tensors are cut per global batch;
-    with ``split_rows`` (validation) each rank takes a contiguous part of the rows
-    instead. Either way the sums are then all-reduced (``sharded``).
-    ``drop_last``: tensors skip the short last batch (a DataLoader has its own)."""
+            drop_last=False, pairs=True):
+    """``data`` as a batch source, checked: tensors or a loader. With several ranks,
+    training tensors are cut per global batch, validation's (``split_rows``) by rows."""
     world = world or _ONE_PROCESS
     rank, ranks = world.rank, world.size
     _check_batch_size(batch_size)
@@ -2429,25 +2561,23 @@ def _source(data, *, what, batch_size, device, reused, world=None, split_rows=Fa
         return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
                              ranks=ranks, sharded=ranks > 1, drop_last=drop_last)
     _check_loader(data, what, reused=reused, drop_last=drop_last)
-    source = _LoaderSource(data, device=device, what=what)
+    source = _LoaderSource(data, device=device, what=what, pairs=pairs)
     if source.steps == 0:
         raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
     source.sharded = world.sharded_loader(data, what)
     return source
 
 
-def _try_first_val_batch(model, val, loss_fn, stats, cast):
-    """Run the first batch of validation tensors through the model, the loss and the
-    metrics before training, so that data of the wrong shape fails now rather than
-    after a whole training epoch. The plain module in eval mode without grad (no
-    collective under DDP, no compile); a DataLoader is not drawn from early, since
-    that would start its workers and draw from the random state."""
+def _try_first_val_batch(model, val, seam, stats):
+    """The first batch of validation tensors through the (plain) model, loss and metrics
+    before training, so that data of the wrong shape fails now, not after an epoch (a
+    DataLoader is not drawn from early: that would start its workers)."""
     if not isinstance(val, _TensorSource):
         return
     first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
                           batch_size=val.batch_size, device=val.device)
     try:
-        _read([_evaluate_pass(_unwrap(model), first, loss_fn, stats, cast)])
+        _read([_evaluate_pass(_unwrap(model), first, seam, stats)])
     except FloatingPointError:
         return  # a NaN is the epoch's validation pass to report, with its batch
     except Exception as e:
@@ -2465,21 +2595,35 @@ def _try_first_val_batch(model, val, loss_fn, stats, cast):
 # any file is written, with errors that say what came and what was expected: each
 # entry point's checks first, then the checks they share.
 
-def _check_fit(model, loss_fn, optimizer, *, epochs, mode, patience, min_delta, scheduler,
+def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, scheduler,
                scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint,
-               resume, save_every, precision, accumulate, shuffle, seed, train):
+               resume, save_every, precision, accumulate, shuffle, seed, train, forward,
+               train_step, val_fn, on_batch_end):
     """fit's arguments but the data, metrics and monitor (checked as _plan builds them);
     returns the device and the world."""
     world = _world()
     world.check(model, save_every=save_every)
+    if train_step is not None:  # the user's own step: loops' step options have no place
+        _check_callables(train_step=train_step)
+        given = [f"{k}={v!r}" for k, v, unset in (
+            ("precision", precision, None), ("accumulate", accumulate, 1),
+            ("clip_grad_norm", clip_grad_norm, None),
+            ("scheduler_interval", scheduler_interval, "epoch")) if v != unset]
+        if given:
+            raise ValueError(f"{given[0]} is an option of loops' own step, and train_step makes "
+                             "its own: do that inside train_step (autocast, several batches a "
+                             "step, clip_grad_norm_, the scheduler's step)")
     device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                              scheduler_interval=scheduler_interval, precision=precision,
-                             clip_grad_norm=clip_grad_norm, accumulate=accumulate)
+                             clip_grad_norm=clip_grad_norm, accumulate=accumulate,
+                             own_step=train_step is not None)
     _check_int("epochs", epochs, 0)
     _check_shuffle(shuffle)
     _check_seed(seed)
-    _check_options(mode=mode, patience=patience, min_delta=min_delta, verbose=verbose,
-                   on_epoch_end=on_epoch_end, save_every=save_every)
+    _check_options(patience=patience, min_delta=min_delta, verbose=verbose,
+                   save_every=save_every)
+    _check_callables(on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, forward=forward,
+                     val_fn=val_fn)
     _check_checkpoint(checkpoint, resume=resume, save_every=save_every)
     _check_savable_scheduler(scheduler, checkpoint)
     _warn_unsaved_workers(train, checkpoint)
@@ -2491,32 +2635,33 @@ def _check_fit(model, loss_fn, optimizer, *, epochs, mode, patience, min_delta, 
 
 
 def _check_train_epoch(model, loss_fn, optimizer, *, device, scheduler, scheduler_interval,
-                       shuffle, clip_grad_norm, precision, accumulate, progress):
+                       shuffle, clip_grad_norm, precision, accumulate, progress, forward):
     """train_epoch's arguments but the data and metrics; returns the device."""
     device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                              scheduler_interval=scheduler_interval, precision=precision,
                              clip_grad_norm=clip_grad_norm, accumulate=accumulate)
     _check_shuffle(shuffle)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    _check_callables(progress=progress, forward=forward)
     return device
 
 
-def _check_evaluate(model, loss_fn, *, device, precision):
+def _check_evaluate(model, loss_fn, *, device, precision, forward):
     """evaluate's arguments but the data and metrics; returns the device."""
     device = _check_model(model, device)
     _check_precision(precision, device)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_callables(loss_fn=loss_fn, forward=forward)
     return device
 
 
-def _check_predict(model, data, *, batch_size, device, precision):
+def _check_predict(model, data, *, batch_size, device, precision, forward):
     """predict's arguments; returns the device."""
     device = _check_model(model, device)
     _check_precision(precision, device)
     _check_batch_size(batch_size)
+    _check_callables(forward=forward)
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        if forward:
+            _check_tensors(*data, "predict")
         data = data[0]
     if torch.is_tensor(data):
         if data.dim() == 0 or len(data) == 0:
@@ -2541,20 +2686,61 @@ def _check_checkpoint(directory, *, resume, save_every):
                          "to continue it, or choose another directory (nothing is overwritten)")
 
 
-def _check_monitor(monitor, keys, has_val):
-    """The monitored key: val_loss with validation, else loss, or the one asked for."""
+def _check_monitor(monitor, keys, *, has_val, later):
+    """The monitored key: val_loss with validation, else loss, or the one asked for. One
+    that train_step or val_fn may yet return (``later``) is checked when they first do."""
     monitor = monitor or ("val_loss" if has_val else "loss")
-    if monitor not in keys or monitor in _NOT_VALUES:
+    if not isinstance(monitor, str) or monitor in _NOT_VALUES or monitor.startswith("lr_") or (
+            monitor not in keys and not later):
         raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
                          f"{', '.join(k for k in keys if k not in _NOT_VALUES)}"
-                         + ("" if has_val or not monitor.startswith("val_")
+                         + ("" if has_val or not str(monitor).startswith("val_")
                             else " (val_ values need val=)"))
     return monitor
 
 
-def _check_options(*, mode, patience, min_delta, verbose, on_epoch_end, save_every):
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+def _check_mode(mode, monitor, stats):
+    """The monitor's direction: ``mode`` itself, or for "auto" the known direction of the
+    loss and of the built-in metrics; refused where it is not known (never a guess)."""
+    if mode in ("min", "max"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    base = monitor.removeprefix("val_")
+    better = "min" if base == "loss" else getattr(stats.get(base), "better", None)
+    if better is None:
+        raise ValueError(f"mode='auto' does not know whether a higher or a lower {monitor!r} "
+                         "is better (it is not the loss or a built-in metric): pass mode='max' "
+                         "or mode='min'")
+    return better
+
+
+def _check_step_values(values):
+    """train_step's first return: its value names (batch means, scalar tensors)."""
+    if not isinstance(values, dict) or not values:
+        raise TypeError(f"train_step returned {_describe(values)}; expected a dict "
+                        "{name: scalar tensor} of the batch's means, e.g. {'loss': loss}")
+    for k, v in values.items():
+        if not isinstance(k, str) or k in _NOT_VALUES or k.startswith(("val_", "lr_")):
+            raise ValueError(f"train_step returned the name {k!r}; use names that are not "
+                             f"{', '.join(_NOT_VALUES)} and start neither with 'val_' nor 'lr_'")
+        if not (torch.is_tensor(v) and v.numel() == 1):
+            raise ValueError(f"train_step returned {k!r}: {_describe(v)}; expected a scalar "
+                             "tensor, the batch's mean (loss.detach() is fine)")
+    return list(values)
+
+
+def _check_val_values(values):
+    """val_fn's return: {name: number}."""
+    if not isinstance(values, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in values.items()):
+        raise TypeError(f"val_fn returned {values!r:.80}; expected a dict {{name: float}} "
+                        "(a tensor's value with .item())")
+    return values
+
+
+def _check_options(*, patience, min_delta, verbose, save_every):
     if patience is not None:
         _check_int("patience", patience, 1)
     if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
@@ -2562,8 +2748,6 @@ def _check_options(*, mode, patience, min_delta, verbose, on_epoch_end, save_eve
         raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    if on_epoch_end is not None and not callable(on_epoch_end):
-        raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
     if save_every is not None and (isinstance(save_every, bool) or not (
             isinstance(save_every, (int, float)) and save_every >= 0)):
         raise ValueError(f"save_every must be a number of seconds >= 0 or None, got "
@@ -2625,15 +2809,23 @@ def _check_model(model, device):
 
 def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                     scheduler_interval="epoch", clip_grad_norm=None, precision=None,
-                    accumulate=1):
+                    accumulate=1, own_step=False):
     """What every entry point that trains is given: the model and its device (returned),
-    the loss, the optimizer (made for this model), the step's options."""
+    the loss, the optimizer (made for this model; with the user's ``own_step``, also a
+    dict of them, and the loss may be None), the step's options."""
     device = _check_model(model, device)
-    if not callable(loss_fn):
+    if not (callable(loss_fn) or own_step and loss_fn is None):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+    optimizers = (optimizer if own_step and isinstance(optimizer, dict) else None) or {
+        "": optimizer}
+    if isinstance(optimizer, dict) and not own_step:
+        raise TypeError("optimizer is a dict: several optimizers need your own step, "
+                        "fit(..., train_step=...), which steps each of them")
+    for name, opt in optimizers.items():
+        if not isinstance(opt, torch.optim.Optimizer) or not isinstance(name, str):
+            raise TypeError(f"optimizer{f'[{name!r}]' if name else ''} must be a "
+                            f"torch.optim.Optimizer, got {type(opt).__name__}")
+        _check_optimizer_params(model, opt, loss_fn)
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got "
                          f"{scheduler_interval!r}")
@@ -2643,7 +2835,6 @@ def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                                            and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got "
                          f"{clip_grad_norm!r}")
-    _check_optimizer_params(model, optimizer, loss_fn)
     _check_precision(precision, device)
     _check_int("accumulate", accumulate, 1)
     return device
@@ -2661,6 +2852,12 @@ def _check_optimizer_params(model, optimizer, loss_fn):
                          f"model's ({type(_unwrap(model)).__name__}): it was made for another "
                          "model. Create it from this one: optimizer = "
                          f"torch.optim.{type(optimizer).__name__}(model.parameters(), ...)")
+
+
+def _check_callables(**named):
+    for name, fn in named.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
 
 
 def _check_precision(precision, device):

@@ -514,7 +514,7 @@ def plot_history(history, keys=None, *, monitor=None, **kw):
     picks the base names to draw.
     """
     skip = ("epoch", "lr", "time", "best_epoch")
-    bases = [k for k in history if not k.startswith("val_") and k not in skip]
+    bases = [k for k in history if not k.startswith(("val_", "lr_")) and k not in skip]
     bases += [k[4:] for k in history if k.startswith("val_") and k[4:] not in bases]
     if keys is not None:
         keys = [keys] if isinstance(keys, str) else list(keys)

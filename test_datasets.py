@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -362,6 +363,45 @@ class RecipesTest(unittest.TestCase):
         lr = float(out.split("suggested learning rate ")[1].split()[0])
         self.assertTrue(1e-5 <= lr <= 10)
         self.assertIn(f"at lr {lr:.3g}", out)  # trained with it
+
+    def test_gan_with_its_own_step(self):
+        out = self.check("gan.py", r"data: 512 points of 8 Gaussians on a ring \(synthetic\)",
+                         r"epoch 4/4  d_loss \d\.\d{4}  g_loss \d\.\d{4}  on_mode",
+                         r"generated \(o\) and real \(#\) points",
+                         r"last epoch: \d+% of the generated points land on a real cluster")
+        self.assertIn("last.pt with both optimizers", out)
+
+    def test_gan_killed_with_9_resumes_to_the_weights_of_a_run_never_killed(self):
+        runs = tmpdir(self)
+        args = ("--epochs", "12", "--threads", "1")
+        ref = example("gan.py", *args, "--name", "ref", runs=runs)
+        self.assertEqual(ref.returncode, 0, ref.stderr)
+        cmd = [sys.executable, os.path.join(HERE, "examples", "gan.py"), "--runs", runs,
+               "--name", "killed", *args]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last = os.path.join(runs, "killed", "last.pt")
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:  # kill inside epoch 3 or later
+            if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= 2:
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        p.stderr.close()
+        self.assertLess(loops.load_checkpoint(last)["epoch"], 12)  # killed before its end
+        again = example("gan.py", *args, "--name", "killed", "--resume", runs=runs)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        a, b = (loops.load_checkpoint(os.path.join(runs, n, "last.pt")) for n in ("ref",
+                                                                                   "killed"))
+        self.assertEqual(sorted(a["optimizer"]), ["D", "G"])
+        for k, v in a["model"].items():
+            self.assertTrue(torch.equal(v, b["model"][k]), k)
+        for name in ("G", "D"):
+            for i, state in a["optimizer"][name]["state"].items():
+                self.assertTrue(torch.equal(state["exp_avg_sq"],
+                                            b["optimizer"][name]["state"][i]["exp_avg_sq"]))
+        drop = lambda h: {k: v for k, v in h.items() if k != "time"}  # noqa: E731
+        self.assertEqual(drop(a["history"]), drop(b["history"]))
 
     def test_housing(self):
         self.check("housing.py", r"data: synthetic stand-in for California housing",

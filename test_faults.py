@@ -862,7 +862,8 @@ class FailFastTest(Quiet):
     def test_monitor_and_mode(self):
         self.check(ValueError, "monitor='val_acc'.*val_ values need val=", monitor="val_acc",
                    metrics={"acc": "binary_accuracy"})
-        self.check(ValueError, "mode must be 'min' or 'max', got 'maximum'", mode="maximum")
+        self.check(ValueError, "mode must be 'auto', 'min' or 'max', got 'maximum'",
+                   mode="maximum")
 
     def test_other_options(self):
         self.check(ValueError, "patience", patience=0)
