@@ -358,7 +358,8 @@ class _Stepper:
         self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
         self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
         self.per_step = scheduler if interval == "step" else None
-        self.seam = _seam(loss_fn, _autocast(precision, device), forward)
+        self.loss_fn, self.cast, self.forward = loss_fn, _autocast(precision, device), forward
+        self.seam = _seam(loss_fn, self.cast, forward)
         self.scaler = _grad_scaler(precision, device)
         self.weigh = _target_weights(loss_fn) if forward is None else None  # for the shares
         self.world = world or _ONE_PROCESS
@@ -367,11 +368,13 @@ class _Stepper:
             self.step = self._own_step  # the user's step, in place of loops' own
 
     def step(self, model, batch):
-        """One optimizer step on one batch; its (loss, y_pred, y), detached."""
+        """One optimizer step on one batch; its (loss, y_pred, y), detached. The graph
+        dies on return, before the next batch."""
         self.optimizer.zero_grad(set_to_none=True)
-        done = self._backward(model, batch)
+        loss, y_pred, y = _forward_loss(model, batch, self.loss_fn, self.cast, self.forward)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         self._update(model)
-        return done
+        return loss.detach(), y_pred.detach(), y
 
     def _own_step(self, model, batch):
         """train_step's step: (None, None, batch, its values detached), the values being
@@ -392,8 +395,10 @@ class _Stepper:
         shares, no_sync = self.shares(group), self.world.no_sync(model)
         done = []
         for i, batch in enumerate(group):
-            quiet = no_sync is not None and i < len(group) - 1
-            with no_sync() if quiet else contextlib.nullcontext():
+            if no_sync is not None and i < len(group) - 1:  # DDP: all-reduce on the last
+                with no_sync():
+                    done.append(self._backward(model, batch, shares[i]))
+            else:
                 done.append(self._backward(model, batch, shares[i]))
         self._update(model)
         return done
@@ -416,7 +421,7 @@ class _Stepper:
     def _backward(self, model, batch, share=None):
         """Forward and loss (under autocast, if any), backward of the loss times its share;
         a function of its own so that the graph dies on return, before the next batch."""
-        loss, y_pred, y = self.seam(model, batch)
+        loss, y_pred, y = _forward_loss(model, batch, self.loss_fn, self.cast, self.forward)
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss.detach(), y_pred.detach(), y
@@ -692,8 +697,9 @@ class _Meter:
         if not self._losses:
             return self.loss_sum, self.loss_den, self.sums, self.counts, None
         losses = torch.stack(self._losses)
-        if self.weigh is None:
-            ns = [_batch_rows(y) for y in self._ys]
+        if self.weigh is None:  # the rows: shapes, read without a call per batch if we can
+            ns = ([y.shape[0] for y in self._ys] if torch.is_tensor(self._ys[0])
+                  else [_batch_rows(y) for y in self._ys])
             den, total = sum(ns), _loss_sum(losses, ns, self.loss_is_sum, self.dtype)
         else:
             weights = _batch_weights(self.weigh, self._ys, self.dtype)
@@ -826,12 +832,14 @@ def _metric_sums(stats, outs, ys, dtype):
     """({name: sums}, {name: count}) of the metrics over the outputs of several steps: the
     built-in ones on all of them at once, your own batch by batch (whole_set's later)."""
     sums, counts = {k: None for k in stats}, {k: 0 for k in stats}
-    each = joined = [(_fp32(p), y) for p, y in zip(outs, ys)]  # fp32 at least, as autocast
-    if len(each) > 1 and not all(st.by_batch for st in stats.values()):  # made them or not
+    each = joined = None  # the outputs in fp32 at least, whatever autocast made them
+    if len(outs) > 1 and not all(st.by_batch for st in stats.values()):
         with contextlib.suppress(RuntimeError, TypeError):  # varying shapes (sequences),
-            joined = [(torch.cat([p for p, _ in each]), torch.cat(ys))]  # other targets
+            joined = [(_fp32(torch.cat(outs)), torch.cat(ys))]  # targets not tensors
+    if joined is None or any(st.by_batch for st in stats.values()):
+        each = [(_fp32(p), y) for p, y in zip(outs, ys)]
     for k, st in stats.items():
-        for p, y in (each if st.by_batch else joined if st.whole is None else ()):
+        for p, y in (each if st.by_batch else joined or each if st.whole is None else ()):
             try:
                 s = st.stat(p, y).reshape(-1)
             except Exception as e:

@@ -38,6 +38,7 @@ if mode == "hook":  # the hook of epoch 3 asks to stop; the first time, it is ki
         print("hook", epoch, flush=True)
         if epoch == 3 and not os.path.exists(out + ".hooked"):
             open(out + ".hooked", "w").close()
+            print("asleep", flush=True)  # killed here: the file above says it was
             time.sleep(60)
         return epoch == 3
 if mode == "slow-write":  # widen the window between writing a temp file and renaming it
@@ -177,7 +178,7 @@ class HookKillTest(Quiet):
         ref = reference_run(self)
         run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
         p = child(run, out, "hook")
-        self.assertTrue(wait_for(p, "hook 3"))
+        self.assertTrue(wait_for(p, "asleep"))
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
         p.stdout.close(), p.stderr.close()
