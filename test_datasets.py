@@ -1,4 +1,5 @@
 """Tests of datasets.py and of the recipes in examples/ (real subprocesses)."""
+import concurrent.futures
 import gzip
 import os
 import re
@@ -15,6 +16,7 @@ import torch
 
 import datasets
 import loops
+from test_loops import ctrl_c_as_usual
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -219,21 +221,43 @@ def run_example(name, *args, timeout=120):
 _RUN_ALL = {}
 
 
+def setUpModule():
+    """Start ``./run_all.sh --quick`` now, in the background: on two cores it runs beside
+    this module's other tests (each mostly one process importing torch) instead of after."""
+    _RUN_ALL["threads"] = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process on the other core (two threads on one would spin)
+    runs = tempfile.TemporaryDirectory()
+    p = subprocess.Popen(["bash", os.path.join(HERE, "run_all.sh"), "--quick", "--runs",
+                          runs.name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # one core, not both
+    _RUN_ALL.update(process=p, runs=runs)
+
+
+def tearDownModule():
+    torch.set_num_threads(_RUN_ALL.get("threads", torch.get_num_threads()))
+    p = _RUN_ALL.get("process")
+    if p is not None and p.poll() is None:  # not read by any test that ran: stopped
+        os.killpg(p.pid, signal.SIGKILL)  # bash and the example it runs
+    if p is not None:
+        p.communicate()
+        _RUN_ALL["runs"].cleanup()
+
+
 def run_all_quick():
     """``./run_all.sh --quick --runs DIR``, the README's main job, run once for the suite:
     (exit code, whole stdout, {example: (its part of stdout, the files of its run)})."""
-    if not _RUN_ALL:
-        with tempfile.TemporaryDirectory() as runs:
-            p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--quick",
-                                "--runs", runs], stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=600)
-            parts = re.split(r"^== examples/(\S+\.py) --quick --runs \S+\n", p.stdout,
-                             flags=re.M)
-            each = {}
-            for name, text in zip(parts[1::2], parts[2::2]):
-                d = os.path.join(runs, name[:-3])
-                each[name] = (text, sorted(os.listdir(d)) if os.path.isdir(d) else [])
-        _RUN_ALL.update(rc=p.returncode, out=p.stdout, err=p.stderr, each=each)
+    if "rc" not in _RUN_ALL:
+        if "process" not in _RUN_ALL:  # a test run without its module's set-up
+            setUpModule()
+        p, runs = _RUN_ALL["process"], _RUN_ALL["runs"].name
+        out, err = p.communicate(timeout=600)
+        parts = re.split(r"^== examples/(\S+\.py) --quick --runs \S+\n", out, flags=re.M)
+        each = {}
+        for name, text in zip(parts[1::2], parts[2::2]):
+            d = os.path.join(runs, name[:-3])
+            each[name] = (text, sorted(os.listdir(d)) if os.path.isdir(d) else [])
+        _RUN_ALL.update(rc=p.returncode, out=out, err=err, each=each)
     return _RUN_ALL
 
 
@@ -264,13 +288,16 @@ class RunsAreKeptTest(unittest.TestCase):
         self.assertEqual({n: digest(os.path.join(first, n)) for n in os.listdir(first)}, before)
         self.assertEqual(sorted(os.listdir(os.path.join(runs, "quickstart-2"))),
                          ["best.pt", "history.csv", "last.pt"])
-        # --resume continues the newest run: nothing left to do there
-        p = example("quickstart.py", "--quick", "--resume", runs=runs)
-        self.assertEqual(p.returncode, 0, p.stderr)
-        self.assertIn("nothing to do: 5 epochs done", p.stdout)
-        self.assertIn("quickstart-2/", p.stdout)
-        # --name picks a directory exactly; one that holds a run is refused without --resume
-        p = example("quickstart.py", "--quick", "--name", "quickstart", runs=runs)
+        # --resume continues the newest run: nothing left to do there; and beside it (they
+        # touch different directories), --name picks a directory exactly: one that holds a
+        # run is refused without --resume
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            resumed = pool.submit(example, "quickstart.py", "--quick", "--resume", runs=runs)
+            p = example("quickstart.py", "--quick", "--name", "quickstart", runs=runs)
+            resumed = resumed.result()
+        self.assertEqual(resumed.returncode, 0, resumed.stderr)
+        self.assertIn("nothing to do: 5 epochs done", resumed.stdout)
+        self.assertIn("quickstart-2/", resumed.stdout)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("already holds a run: continue it with --resume, or start another with "
                       "a new --name", p.stderr)
@@ -281,12 +308,12 @@ class RunsAreKeptTest(unittest.TestCase):
         cmd = [sys.executable, os.path.join(HERE, "examples", "quickstart.py"), "--runs", runs,
                "--epochs", "1000"]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=ctrl_c_as_usual)
         for line in p.stdout:
             if line.startswith("epoch 2/1000"):
                 p.send_signal(signal.SIGINT)
                 break
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=300)
         self.assertEqual(p.returncode, -signal.SIGINT, err)
         self.assertNotIn("Traceback", err)
         self.assertRegex(out, r"interrupted during epoch \d+: stopping after \d+ completed "
@@ -374,11 +401,13 @@ class RecipesTest(unittest.TestCase):
     def test_gan_killed_with_9_resumes_to_the_weights_of_a_run_never_killed(self):
         runs = tmpdir(self)
         args = ("--epochs", "12", "--threads", "1")
-        ref = example("gan.py", *args, "--name", "ref", runs=runs)
-        self.assertEqual(ref.returncode, 0, ref.stderr)
-        cmd = [sys.executable, os.path.join(HERE, "examples", "gan.py"), "--runs", runs,
-               "--name", "killed", *args]
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd = [sys.executable, os.path.join(HERE, "examples", "gan.py"), "--runs", runs, *args]
+        # the run never killed, beside the one killed (two cores)
+        ref = subprocess.Popen(cmd + ["--name", "ref"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: ref.poll() is None and ref.kill())
+        p = subprocess.Popen(cmd + ["--name", "killed"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
         last = os.path.join(runs, "killed", "last.pt")
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:  # kill inside epoch 3 or later
@@ -386,11 +415,13 @@ class RecipesTest(unittest.TestCase):
                 break
             time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
+        p.wait(timeout=300)
         p.stderr.close()
         self.assertLess(loops.load_checkpoint(last)["epoch"], 12)  # killed before its end
         again = example("gan.py", *args, "--name", "killed", "--resume", runs=runs)
         self.assertEqual(again.returncode, 0, again.stderr)
+        _, err = ref.communicate(timeout=300)
+        self.assertEqual(ref.returncode, 0, err)
         a, b = (loops.load_checkpoint(os.path.join(runs, n, "last.pt")) for n in ("ref",
                                                                                    "killed"))
         self.assertEqual(sorted(a["optimizer"]), ["D", "G"])

@@ -1,4 +1,5 @@
 """Never lose a run: kills, resumes, failing writes, unsafe files, NaN, Ctrl-C, bad input."""
+import concurrent.futures
 import contextlib
 import errno
 import io
@@ -8,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 import warnings
@@ -17,7 +19,8 @@ import numpy  # noqa: F401  (imported so that snapshots carry numpy's RNG state 
 import torch
 
 import loops
-from test_loops import DEVICE, HERE, Quiet, binary_data, mlp, regression_data, same_weights
+from test_loops import (DEVICE, HERE, Quiet, binary_data, ctrl_c_as_usual, mlp, regression_data,
+                        same_weights)
 
 # A run with every kind of state resume must restore: Dropout (global RNG),
 # shuffling (the batch generator), Adam's moments, a StepLR schedule, and
@@ -33,14 +36,14 @@ if mode == "sigint-write":  # slow the bytes torch.save writes, so that a Ctrl-C
             return super().write(b)
     os.fdopen = lambda fd, *a, **k: SlowFile(fd, "wb")
 hook = None
-if mode == "hook":  # the hook of epoch 3 asks to stop; the first time, it is killed inside
-    def hook(epoch, logs):
+if mode in ("hook", "hold"):  # the first time, killed inside the hook of epoch 3, which
+    def hook(epoch, logs):     # asks to stop ("hook") or not ("hold")
         print("hook", epoch, flush=True)
         if epoch == 3 and not os.path.exists(out + ".hooked"):
             open(out + ".hooked", "w").close()
             print("asleep", flush=True)  # killed here: the file above says it was
             time.sleep(60)
-        return epoch == 3
+        return mode == "hook" and epoch == 3
 if mode == "slow-write":  # widen the window between writing a temp file and renaming it
     real_replace = os.replace
     def slow_replace(src, dst):
@@ -80,7 +83,8 @@ print("done", flush=True)
 def child(run, out, mode="plain"):
     return subprocess.Popen([sys.executable, "-c", CHILD, run, out, mode], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": HERE})
+                            env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=ctrl_c_as_usual)  # one core each: they run side by side
 
 
 def wait_for(p, word):
@@ -94,18 +98,43 @@ def without_time(h):
     return {k: v for k, v in h.items() if k != "time"}
 
 
-_REFERENCE = {}
+_REFERENCE, _THREADS = {}, []
 
 
-def reference_run(test):
-    """CHILD's result when never interrupted (run once, kept for the tests that need it)."""
-    if "plain" not in _REFERENCE:
-        ref_dir, ref_out = test.tmpdir(), os.path.join(test.tmpdir(), "ref.pt")
-        p = child(ref_dir, ref_out)
-        test.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
-        p.stdout.close(), p.stderr.close()
-        _REFERENCE["plain"] = torch.load(ref_out, weights_only=True)
-    return _REFERENCE["plain"]
+def setUpModule():
+    """Start CHILD's uninterrupted runs (plain and fp16) now, in the background: on two
+    cores they run beside the tests that interrupt their twins, and this process takes one
+    thread (two on one free core would spin)."""
+    _THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(1)
+    for mode in ("plain", "fp16"):
+        d = tempfile.TemporaryDirectory()
+        out, run = os.path.join(d.name, "ref.pt"), os.path.join(d.name, "run")
+        _REFERENCE[mode] = dict(process=child(run, out, mode), out=out, run=run, dir=d)
+
+
+def tearDownModule():
+    if _THREADS:
+        torch.set_num_threads(_THREADS.pop())
+    for ref in _REFERENCE.values():
+        if ref["process"].poll() is None:  # not read by any test that ran: stopped
+            ref["process"].kill()
+        ref["process"].communicate()
+        ref["dir"].cleanup()
+    _REFERENCE.clear()
+
+
+def reference_run(test, mode="plain"):
+    """CHILD's result when never interrupted, run once for the tests that need it; its
+    run directory is ``_REFERENCE[mode]["run"]`` until the module's tests end."""
+    if not _REFERENCE:
+        setUpModule()  # a test run without its module's set-up
+    ref = _REFERENCE[mode]
+    if "result" not in ref:
+        _, err = ref["process"].communicate(timeout=300)
+        test.assertEqual(ref["process"].returncode, 0, err)
+        ref["result"] = torch.load(ref["out"], weights_only=True)
+    return ref["result"]
 
 
 def assert_same_run(test, got, ref, what=""):
@@ -117,40 +146,56 @@ def assert_same_run(test, got, ref, what=""):
 
 class KillTest(Quiet):
     def test_kill_9_anywhere_then_resume_is_bit_identical(self):
-        ref = reference_run(self)
+        # Three kinds of trial, side by side: killed at a random moment, inside a checkpoint
+        # write, and in fp16 with accumulation just after a snapshot; each resumed, killed
+        # once more, and resumed to the end.
+        modes = {"random": "plain", "during-write": "slow-write", "fp16": "fp16"}
 
-        rng = random.Random(1234)
-        killed_at = []
-        for trial in ("random", "during-write"):
+        def trial(kind, seed):
+            rng = random.Random(seed)
             run = self.tmpdir()
-            out = os.path.join(self.tmpdir(), "out.pt")
-            for _ in range(2):  # the resumed run is killed once more
-                p = child(run, out, "slow-write" if trial == "during-write" else "plain")
+            out, last, killed_at = os.path.join(self.tmpdir(), "out.pt"), None, []
+            for _ in range(2):
+                p = child(run, out, modes[kind])
                 self.assertTrue(wait_for(p, "started"))
-                if trial == "during-write":
-                    self.assertTrue(wait_for(p, "writing"))
-                else:
-                    time.sleep(rng.uniform(0.05, 0.6))
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=60)
-                p.stdout.close(), p.stderr.close()
                 last = os.path.join(run, "last.pt")
+                if kind == "fp16":
+                    kill_after_a_new_snapshot(p, last)
+                else:
+                    if kind == "during-write":
+                        self.assertTrue(wait_for(p, "writing"))
+                    else:
+                        time.sleep(rng.uniform(0.05, 0.6))
+                    p.send_signal(signal.SIGKILL)
+                p.wait(timeout=300)
+                p.stdout.close(), p.stderr.close()
                 if os.path.exists(last):  # always loadable: the previous complete file
                     ck = loops.load_checkpoint(last)
-                    killed_at.append((trial, ck["epoch"], ck["step"]))
-            p = child(run, out)
-            self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
+                    killed_at.append((kind, ck["epoch"], ck["step"]))
+            if kind == "fp16":
+                self.assertEqual(ck["step"] % 3, 0)  # snapshots fall between optimizer steps
+                self.assertLess(ck["epoch"], 6)  # the kills landed before the end
+            p = child(run, out, "fp16" if kind == "fp16" else "plain")
+            self.assertEqual(p.wait(timeout=300), 0, p.stderr.read())
             p.stdout.close(), p.stderr.close()
-            assert_same_run(self, torch.load(out, weights_only=True), ref, trial)
             self.assertEqual([f for f in os.listdir(run) if f.endswith(".tmp")], [])
+            return kind, torch.load(out, weights_only=True), killed_at
+
+        with concurrent.futures.ThreadPoolExecutor(len(modes)) as pool:
+            done = list(pool.map(trial, modes, range(1234, 1234 + len(modes))))
+        for kind, got, _ in done:
+            assert_same_run(self, got, reference_run(self, "fp16" if kind == "fp16"
+                                                     else "plain"), kind)
+        ck = loops.load_checkpoint(os.path.join(_REFERENCE["fp16"]["run"], "last.pt"))
+        self.assertLess(ck["scaler"]["scale"], 65536.0)  # fp16 overflows were skipped: it matters
         # the kills did land inside epochs, so mid-epoch snapshots were resumed from
+        killed_at = [k for _, _, each in done for k in each]
         self.assertTrue(any(step > 0 for _, _, step in killed_at), killed_at)
 
 
 class CtrlCDuringWriteTest(Quiet):
     def test_ctrl_c_inside_a_checkpoint_write_ends_as_any_ctrl_c(self):
         # torch's zip writer turned a KeyboardInterrupt raised inside it into RuntimeError
-        ref = reference_run(self)
         run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
         for skip in (15, 60):  # two moments inside writes; the second in the resumed run
             p = child(run, out, "sigint-write")
@@ -158,7 +203,7 @@ class CtrlCDuringWriteTest(Quiet):
             for _ in range(skip):
                 self.assertTrue(wait_for(p, "writing"))
             p.send_signal(signal.SIGINT)
-            said, err = p.communicate(timeout=60)
+            said, err = p.communicate(timeout=300)
             self.assertNotEqual(p.returncode, 0)
             self.assertIn("KeyboardInterrupt", err)
             self.assertNotIn("RuntimeError", err)
@@ -170,17 +215,16 @@ class CtrlCDuringWriteTest(Quiet):
         p = child(run, out)
         self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
         p.stdout.close(), p.stderr.close()
-        assert_same_run(self, torch.load(out, weights_only=True), ref)
+        assert_same_run(self, torch.load(out, weights_only=True), reference_run(self))
 
 
 class HookKillTest(Quiet):
     def test_a_stop_asked_by_a_hook_killed_inside_it_is_kept(self):
-        ref = reference_run(self)
         run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
         p = child(run, out, "hook")
         self.assertTrue(wait_for(p, "asleep"))
         p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
+        p.wait(timeout=300)
         p.stdout.close(), p.stderr.close()
         p = child(run, out, "hook")
         said, err = p.communicate(timeout=120)
@@ -188,7 +232,7 @@ class HookKillTest(Quiet):
         self.assertEqual(said.split(), ["started", "hook", "3", "done"])  # again, then stop
         got = torch.load(out, weights_only=True)["history"]
         self.assertEqual(without_time(got), {k: v[:3] for k, v in without_time(
-            ref["history"]).items()})
+            reference_run(self)["history"]).items()})
 
 
 class ChildNet(torch.nn.Module):
@@ -205,13 +249,10 @@ class ChildNet(torch.nn.Module):
 
 class OneRunPerDirectoryTest(Quiet):
     def test_a_second_fit_on_a_directory_in_use_is_refused_and_a_kill_frees_it(self):
-        ref = reference_run(self)
         run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
-        p = child(run, out)
+        p = child(run, out, "hold")
         self.addCleanup(p.kill)
-        self.assertTrue(wait_for(p, "started"))
-        while not os.path.exists(os.path.join(run, "last.pt")):
-            time.sleep(0.01)
+        self.assertTrue(wait_for(p, "asleep"))  # in the hook of epoch 3, holding the lock
         X, y = torch.randn(64, 6), torch.randn(64, 1)
         model = ChildNet()  # the child's setup, so that nothing else would refuse it
         opt = torch.optim.Adam(model.parameters(), 1e-2)
@@ -222,12 +263,12 @@ class OneRunPerDirectoryTest(Quiet):
                      scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7))
         self.assertTrue(os.path.exists(os.path.join(run, ".lock")))
         p.send_signal(signal.SIGKILL)  # the kernel drops the lock with the process
-        p.wait(timeout=60)
+        p.wait(timeout=300)
         p.stdout.close(), p.stderr.close()
         p = child(run, out)
         self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
         p.stdout.close(), p.stderr.close()
-        assert_same_run(self, torch.load(out, weights_only=True), ref)
+        assert_same_run(self, torch.load(out, weights_only=True), reference_run(self))
         self.assertEqual(sorted(os.listdir(run)), ["best.pt", "history.csv", "last.pt"])
 
     def test_the_clean_up_removes_only_the_temp_files_fit_makes(self):
@@ -255,34 +296,6 @@ def kill_after_a_new_snapshot(p, last):
     while stamp() == before and p.poll() is None:
         time.sleep(0.002)
     p.send_signal(signal.SIGKILL)
-
-
-class MixedPrecisionKillTest(Quiet):
-    def test_fp16_with_accumulation_killed_and_resumed_is_bit_identical(self):
-        ref_dir, ref_out = self.tmpdir(), os.path.join(self.tmpdir(), "ref.pt")
-        p = child(ref_dir, ref_out, "fp16")
-        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
-        p.stdout.close(), p.stderr.close()
-        ref = torch.load(ref_out, weights_only=True)
-        scaler = loops.load_checkpoint(os.path.join(ref_dir, "last.pt"))["scaler"]
-        self.assertLess(scaler["scale"], 65536.0)  # overflowing steps were skipped: it matters
-        run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
-        for _ in range(2):  # killed, resumed, killed again: each time just after a snapshot
-            p = child(run, out, "fp16")
-            self.assertTrue(wait_for(p, "started"))
-            kill_after_a_new_snapshot(p, os.path.join(run, "last.pt"))
-            p.wait(timeout=60)
-            p.stdout.close(), p.stderr.close()
-        ck = loops.load_checkpoint(os.path.join(run, "last.pt"))
-        self.assertEqual(ck["step"] % 3, 0)  # snapshots fall between optimizer steps
-        self.assertLess(ck["epoch"], 6)  # the kills landed before the end
-        p = child(run, out, "fp16")
-        self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
-        p.stdout.close(), p.stderr.close()
-        got = torch.load(out, weights_only=True)
-        self.assertEqual(without_time(got["history"]), without_time(ref["history"]))
-        for k, v in ref["model"].items():
-            self.assertTrue(torch.equal(v, got["model"][k]), k)
 
 
 class NonFiniteWeightsTest(Quiet):
@@ -789,14 +802,15 @@ class CtrlCTest(Quiet):
         d = self.tmpdir()
         p = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, d], cwd=HERE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1"})
+                             env={**os.environ, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1"},
+                             preexec_fn=ctrl_c_as_usual)
         lines = []
         for line in p.stdout:
             lines.append(line)
             if line.startswith("epoch 2/1000"):
                 p.send_signal(signal.SIGINT)
                 break
-        rest, err = p.communicate(timeout=60)
+        rest, err = p.communicate(timeout=300)
         lines += rest.splitlines(keepends=True)
         self.assertEqual(p.returncode, -signal.SIGINT, err)  # as any interrupted program
         self.assertIn("KeyboardInterrupt", err)

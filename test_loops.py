@@ -3,6 +3,7 @@
 Run with ``python -m unittest``. ``LOOPS_TEST_DEVICE=cuda python -m unittest`` runs
 the same suite on a GPU.
 """
+import concurrent.futures
 import contextlib
 import copy
 import csv
@@ -14,6 +15,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -30,6 +32,13 @@ import loops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICE = torch.device(os.environ.get("LOOPS_TEST_DEVICE", "cpu"))
+
+
+def ctrl_c_as_usual():
+    """preexec_fn for a child that a test sends Ctrl-C: SIGINT as by default, so that
+    Python installs its KeyboardInterrupt (a shell's background job ignores SIGINT, and
+    its children would inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_python(code, *, env=None, timeout=120, **kw):
@@ -1202,7 +1211,8 @@ class Slow(torch.nn.Module):
     def __init__(self):
         super().__init__(); self.lin = torch.nn.Linear(4, 1)
     def forward(self, x):
-        time.sleep(0.004)
+        if self.training:  # slow enough for several refreshes an epoch
+            time.sleep(0.004)
         return self.lin(x)
 torch.manual_seed(0)
 X, y = torch.randn(400, 4), torch.randn(400, 1)
@@ -1224,7 +1234,7 @@ def run_in_pty(code, *args, columns=None):
     os.close(slave)
     chunks = []
     while True:
-        r, _, _ = select.select([master], [], [], 60)
+        r, _, _ = select.select([master], [], [], 300)
         if not r:
             break
         try:
@@ -1234,16 +1244,32 @@ def run_in_pty(code, *args, columns=None):
         if not data:
             break
         chunks.append(data)
-    p.wait(timeout=60)
+    p.wait(timeout=300)
     os.close(master)
     p.stderr_text = p.stderr.read().decode()
     p.stderr.close()
     return b"".join(chunks).decode(), time.perf_counter() - t0, p
 
 
+NARROW_SCRIPT = PROGRESS_SCRIPT.replace("epochs=2, batch_size=2,", "epochs=2, batch_size=2, "
+                                       "val=(X, y), metrics={'mae': 'mae', 'rmse': 'rmse'},")
+
+
 class ProgressTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        # The scripts the tests read, all at once: each mostly sleeps or imports torch.
+        runs = {"live": lambda: run_in_pty(PROGRESS_SCRIPT),
+                "narrow": lambda: run_in_pty(NARROW_SCRIPT, columns=50),
+                "wide": lambda: run_in_pty(NARROW_SCRIPT, columns=200),
+                "pipe": lambda: run_python(PROGRESS_SCRIPT),
+                "verbose 2": lambda: run_in_pty(PROGRESS_SCRIPT, "2")}
+        with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+            futures = {name: pool.submit(run) for name, run in runs.items()}
+        cls.ran = {name: f.result() for name, f in futures.items()}
+
     def test_live_line_on_a_terminal(self):
-        out, seconds, p = run_in_pty(PROGRESS_SCRIPT)
+        out, seconds, p = self.ran["live"]
         self.assertEqual(p.returncode, 0, p.stderr_text)
         out = out.replace("\r\n", "\n")  # the terminal turns \n into \r\n
         lines = out.split("\n")
@@ -1257,9 +1283,7 @@ class ProgressTest(unittest.TestCase):
             self.assertRegex(updates[-1].rstrip(), rf"^epoch {i}/2  loss \d\.\d{{4}}  [\d.]+s")
 
     def test_live_line_fits_a_narrow_terminal(self):
-        code = PROGRESS_SCRIPT.replace("epochs=2, batch_size=2,", "epochs=2, batch_size=2, "
-                                       "val=(X, y), metrics={'mae': 'mae', 'rmse': 'rmse'},")
-        out, _, p = run_in_pty(code, columns=50)
+        out, _, p = self.ran["narrow"]
         self.assertEqual(p.returncode, 0, p.stderr_text)
         lines = out.replace("\r\n", "\n").split("\n")
         refreshes = [u for ln in lines for u in ln.split("\r")[1:-1]]  # not the summaries
@@ -1270,11 +1294,11 @@ class ProgressTest(unittest.TestCase):
         summaries = [ln.split("\r")[-1].rstrip() for ln in lines if ln]
         self.assertEqual(len(summaries), 2)
         self.assertRegex(summaries[0], r"val_rmse \d")  # whole, wider than the terminal
-        wide, _, _ = run_in_pty(code, columns=200)
+        wide, _, _ = self.ran["wide"]
         self.assertRegex(wide, r"it/s  ETA [\d.]+s  loss \S+  mae \S+  rmse")
 
     def test_summary_lines_only_into_a_pipe(self):
-        p = run_python(PROGRESS_SCRIPT)
+        p = self.ran["pipe"]
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertNotIn("\r", p.stdout)
         lines = p.stdout.splitlines()
@@ -1282,7 +1306,7 @@ class ProgressTest(unittest.TestCase):
         self.assertRegex(lines[0], r"^epoch 1/2  loss \d\.\d{4}  [\d.]+s  \* best$")
 
     def test_verbose_2_on_a_terminal_prints_no_carriage_return(self):
-        out, _, p = run_in_pty(PROGRESS_SCRIPT, "2")
+        out, _, p = self.ran["verbose 2"]
         self.assertEqual(p.returncode, 0)
         self.assertEqual(out.replace("\r\n", "\n").count("\r"), 0)
         self.assertEqual(len(out.splitlines()), 2)
@@ -1414,7 +1438,7 @@ class FrontDoorTest(unittest.TestCase):
             os.chmod(fake, 0o755)
             p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")],
                                env={**os.environ, "PYTHON": fake}, stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=60)
+                               capture_output=True, text=True, timeout=300)
             self.assertEqual(p.returncode, 1)
             self.assertIn("!! examples/linear.py failed", p.stdout)
             self.assertIn("== 1 example(s) failed: examples/linear.py", p.stdout)

@@ -356,7 +356,7 @@ class InputsTest(unittest.TestCase):
                 "print(pa.histogram([1, 2, 3]), pa.image([[0, 1]]), pa.sparkline([1, 2]))\n"
                 "print(sorted(m for m in sys.modules if m in ('numpy', 'torch')))")
         p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=300)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("val_loss  last 0.700", p.stdout)
 
@@ -381,7 +381,7 @@ class CliTest(unittest.TestCase):
 
     def cli(self, *args):
         return subprocess.run([sys.executable, os.path.join(HERE, "plots_ascii.py"), *args],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=300)
 
     def test_one_chart_per_key_one_series_per_run(self):
         p = self.cli(*self.paths, "--keys", "loss,val_loss", "--width", "50", "--height", "8")
@@ -450,7 +450,7 @@ class CliTest(unittest.TestCase):
             f.write("epoch,loss\n" + "".join(f"{e},{1 / e}\n" for e in range(1, 200)))
         p = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'plots_ascii.py')} {long} "
                            f"{long} {long} --keys " + ",".join(["loss"] * 100) + " "
-                           "| head -1", shell=True, capture_output=True, text=True, timeout=60)
+                           "| head -1", shell=True, capture_output=True, text=True, timeout=300)
         self.assertEqual(p.stdout.strip(), "loss")
         self.assertEqual(p.stderr, "")
 

@@ -87,7 +87,7 @@ def workloads(quick):
         "pima-like 768x8, MLP 8-12-8-1, batch 10": dict(
             data=lambda: (tabular(768, 8, "binary"), tabular(192, 8, "binary")),
             model=lambda: mlp([8, 12, 8, 1], torch.nn.Sigmoid()), loss=torch.nn.BCELoss(),
-            metric=("acc", "binary_accuracy", hits), batch=10, epochs=10 if quick else 50),
+            metric=("acc", "binary_accuracy", hits), batch=10, epochs=3 if quick else 50),
         "housing-like 20640x8, MLP 8-24-12-6-1, batch 32": dict(
             data=lambda: (tabular(20640, 8, "reg"), tabular(4128, 8, "reg")),
             model=lambda: mlp([8, 24, 12, 6, 1]), loss=torch.nn.MSELoss(),
@@ -285,9 +285,11 @@ def overhead(device, quick):
     w = dict(loss=torch.nn.MSELoss(), metric=("mae", "mae", abs_err), model=lambda: mlp([8, 1]))
     # (workload, train, test, what to divide by, repeats): a step costs ~0.1 ms, so
     # its case can afford more repeats, which its small difference needs.
-    cases = {"per step": (dict(w, batch=10, epochs=1), (X, y), (X[:200], y[:200]), 800, 41),
-             "per epoch": (dict(w, batch=10, epochs=1000), (X[:10], y[:10]), (X[:200], y[:200]),
-                           1000, 15)}
+    many, rows = (100, 2000) if quick else (1000, 8000)  # one-step epochs; rows of the long one
+    cases = {"per step": (dict(w, batch=10, epochs=1), (X[:rows], y[:rows]), (X[:200], y[:200]),
+                          rows // 10, 41),
+             "per epoch": (dict(w, batch=10, epochs=many), (X[:10], y[:10]), (X[:200], y[:200]),
+                           many, 15)}
     out = {}
     for name, (wl, train, test, count, repeats) in cases.items():
         diffs = []
@@ -305,14 +307,15 @@ def overhead(device, quick):
 
 
 def scaling(device, quick):
-    """fit's seconds per epoch on the housing workload at 1x, 4x and 16x the rows."""
+    """fit's seconds per epoch on the housing workload at 1x, 4x and 16x the rows (--quick:
+    1x and 2x)."""
     w = workloads(quick)["housing-like 20640x8, MLP 8-24-12-6-1, batch 32"]
     g = torch.Generator().manual_seed(1)
     out = {}
     model = w["model"]().to(device)  # warm-up, so that 1x does not pay for first calls
     loops.fit(model, (torch.randn(64, 8), torch.randn(64, 1)), w["loss"],
               torch.optim.Adam(model.parameters()), epochs=1, verbose=0, device=device)
-    for k in (1, 4) if quick else (1, 4, 16):
+    for k in (1, 2) if quick else (1, 4, 16):
         X = torch.randn(20640 * k, 8, generator=g).to(device)
         y = torch.randn(20640 * k, 1, generator=g).to(device)
         model = w["model"]().to(device)
@@ -342,7 +345,7 @@ def memory(device, quick):
     def record(epoch, logs):
         seen[epoch] = (rss_mb(), torch.cuda.memory_allocated() / 2**20
                        if device.type == "cuda" else 0.0)
-    epochs = 30 if quick else 100
+    epochs = 10 if quick else 100
     loops.fit(model, train, w["loss"], torch.optim.Adam(model.parameters()), epochs=epochs,
               val=test, batch_size=10, metrics={"acc": "binary_accuracy"}, verbose=0,
               device=device, on_epoch_end=record)
