@@ -114,8 +114,9 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     plan = _plan(model, train, loss_fn, optimizer, epochs=epochs, val=val,
                  batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
                  monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
-                 scheduler=scheduler, scheduler_interval=scheduler_interval,
-                 clip_grad_norm=clip_grad_norm, device=device, verbose=verbose,
+                 restore_best=restore_best, scheduler=scheduler,
+                 scheduler_interval=scheduler_interval, clip_grad_norm=clip_grad_norm,
+                 device=device, verbose=verbose,
                  on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
                  save_every=save_every, drop_last=drop_last, precision=precision,
                  accumulate=accumulate, shuffle=shuffle, seed=seed, forward=forward,
@@ -162,6 +163,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                 snapshot=functools.partial(store.save_last, record, start))
             with _nan_stops_training(epoch, printer, model, store):
                 _train_loop(model, batches, stepper, meter, watch, on_batch_end, record.steps)
+                stepper.check_epoch()
                 # Evaluate: training and validation values, in one host read; then val_fn.
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, stepper.seam,
                                                       plan.stats, world, val_fn)}
@@ -205,7 +207,7 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
                                 accumulate=accumulate, progress=progress, forward=forward)
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
-                     drop_last=drop_last, pairs=forward is None)
+                     drop_last=drop_last, pairs=forward is None, accumulate=accumulate)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
                        clip_grad_norm=clip_grad_norm, precision=precision,
                        accumulate=accumulate, device=device, loss_fn=loss_fn, forward=forward)
@@ -213,6 +215,7 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
     watch = None if progress is None else _Watch(
         _TICK_SECONDS, source.steps, lambda step, steps, logs, *_: progress(step, steps, logs))
     _train_loop(model, source.epoch(generator=generator, shuffle=shuffle), stepper, meter, watch)
+    stepper.check_epoch()
     logs = _read([meter])[0]
     stepper.end_epoch(logs["loss"])
     return logs
@@ -267,7 +270,8 @@ def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None)
     _check_tensors(X, y, "X, y")
     _check_batch_size(batch_size)
     order = torch.randperm(len(X), generator=generator).to(X.device) if shuffle else None
-    yield from _slices(X, y, batch_size, order, drop_last=drop_last)
+    yield from _slices(X, y, batch_size, order,
+                       rows=len(X) - len(X) % batch_size if drop_last else None)
 
 
 def save_checkpoint(path, model, optimizer=None, **state):
@@ -362,6 +366,7 @@ class _Stepper:
         self.seam = _seam(loss_fn, self.cast, forward)
         self.scaler = _grad_scaler(precision, device)
         self.weigh = _target_weights(loss_fn) if forward is None else None  # for the shares
+        self.summed = getattr(loss_fn, "reduction", "mean") == "sum"  # sums add up as they are
         self.world = world or _ONE_PROCESS
         self.train_step, self.names = train_step, None
         if train_step is not None:
@@ -411,12 +416,16 @@ class _Stepper:
 
     def shares(self, group):
         """Each batch's weight in the group's mean loss: its rows (or its targets'
-        weights, for CrossEntropyLoss/NLLLoss without forward) over the group's."""
+        weights, for CrossEntropyLoss/NLLLoss without forward) over the group's; None
+        (a weight of one) for a reduction="sum" loss, whose group sum is its batches'."""
+        if self.summed:
+            return [None] * len(group)
         if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
             w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
             return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
         rows = [_batch_rows(batch) for batch in group]
-        return [n / sum(rows) for n in rows]
+        total = sum(rows)
+        return [n / total for n in rows]
 
     def _backward(self, model, batch, share=None):
         """Forward and loss (under autocast, if any), backward of the loss times its share;
@@ -438,6 +447,11 @@ class _Stepper:
 
     def lr(self):
         return _rates(self.optimizer)
+
+    def check_epoch(self):
+        """At the end of an epoch: fp16 that skipped every step says so (see _Scaler)."""
+        if self.scaler is not None:
+            self.scaler.check_epoch()
 
     def end_epoch(self, value):
         """The once-an-epoch scheduler step; ReduceLROnPlateau receives ``value``."""
@@ -544,7 +558,8 @@ def _train_loop(model, batches, stepper, meter, watch=None, on_batch_end=None, s
             step += len(group)
             if on_batch_end is not None:  # the group's loss: its batches' by their shares
                 on_batch_end(steps + stepper.optimizer_steps(step),
-                             sum(d[0] * w for d, w in zip(done, stepper.shares(group))))
+                             sum(d[0] if w is None else d[0] * w
+                                 for d, w in zip(done, stepper.shares(group))))
             if step >= next_look:  # at a step's end, never inside a group
                 next_look = watch(step, meter)
     if step == start == 0:
@@ -1615,12 +1630,13 @@ def _world():
 
 
 # --- data sources -------------------------------------------------------------
-def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, ranks=1):
-    """This rank's batches after ``start`` of them, cut in one call (no Python per batch).
-    Each global batch is cut in ``ranks`` parts; the short last one gives each rank the
-    same rows (the few left over skipped), so DDP's mean stays the global batch's."""
+def _slices(X, y, batch_size, order, *, start=0, rows=None, rank=0, ranks=1):
+    """This rank's batches after ``start`` of them, cut in one call (no Python per batch),
+    from the first ``rows`` rows of the order (all by default). Each global batch is cut
+    in ``ranks`` parts; the short last one gives each rank the same rows (the few left
+    over skipped), so DDP's mean stays the global batch's."""
     step = ranks * batch_size
-    n = len(X) - len(X) % step if drop_last else len(X)
+    n = len(X) if rows is None else rows
     if order is None:
         if ranks == 1:
             return itertools.islice(zip(X[:n].split(batch_size), y[:n].split(batch_size)),
@@ -1644,17 +1660,20 @@ def _slices(X, y, batch_size, order, *, start=0, drop_last=False, rank=0, ranks=
 class _TensorSource:
     """(X, y) tensors, moved to the device once and cut into batches here each epoch.
     With several ranks each global batch of ``ranks * batch_size`` rows is cut in
-    ``ranks`` parts and rank ``rank`` takes its own (see ``_slices``)."""
+    ``ranks`` parts and rank ``rank`` takes its own (see ``_slices``). ``drop_last``
+    drops the rows after the last whole step: with ``accumulate=k``, the last short
+    group of k batches, as one batch of k times the rows would drop its short end."""
 
     def __init__(self, X, y, *, batch_size, device, rank=0, ranks=1, sharded=False,
-                 drop_last=False):
+                 drop_last=False, accumulate=1):
         self.X, self.y = X.to(device), y.to(device)  # a no-op when already there
         self.batch_size, self.device, self.rank, self.ranks = batch_size, device, rank, ranks
-        self.sharded, self.drop_last = sharded, drop_last
+        self.sharded = sharded
         self.generators = []  # the order is drawn from fit's own generator
         step = ranks * batch_size
+        self.rows = len(X) - len(X) % (step * accumulate) if drop_last else None
         short = 0 if drop_last else (1 if len(self.X) % step // ranks else 0)
-        self.steps = len(self.X) // step + short
+        self.steps = (len(self.X) if self.rows is None else self.rows) // step + short
 
     def epoch(self, *, generator=None, shuffle=False, start=0, number=0):
         """Batches of one epoch, beginning after ``start`` of them; the order is drawn now,
@@ -1663,8 +1682,8 @@ class _TensorSource:
         if shuffle:
             order = torch.randperm(len(self.X), generator=generator)
             order = order.to(self.device, non_blocking=True)
-        return _slices(self.X, self.y, self.batch_size, order, start=start,
-                       drop_last=self.drop_last, rank=self.rank, ranks=self.ranks)
+        return _slices(self.X, self.y, self.batch_size, order, start=start, rows=self.rows,
+                       rank=self.rank, ranks=self.ranks)
 
 
 class _LoaderSource:
@@ -2214,14 +2233,37 @@ def _autocast_to(precision, device):
 class _Scaler(torch.amp.GradScaler):
     """fp16's GradScaler, with the optimizer's side of a step as PyTorch's AMP recipe
     writes it: the loss is scaled before backward (``scale``); gradients are unscaled
-    before clipping; a step whose gradients overflowed is skipped, and the scale falls."""
+    before clipping; a step whose gradients overflowed is skipped, and the scale falls.
+    The skipped steps are counted on the device and read once an epoch (``check_epoch``)."""
+
+    skipped, steps = 0, 0
 
     def update_weights(self, optimizer, parameters, clip_grad_norm):
         if clip_grad_norm:
             self.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
         self.step(optimizer)
+        if self.is_enabled():  # 1 where this step was skipped, summed without a host read
+            found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+            self.skipped = self.skipped + sum(found.values())
+            self.steps += 1
         self.update()
+
+    def check_epoch(self):
+        """When every step of the epoch was skipped, the weights did not move: the
+        gradients were not finite at any scale tried. Below a scale of 1 they are not
+        finite unscaled either, and training stops (as fp32 would: FloatingPointError);
+        above it, a warning says so once an epoch."""
+        skipped, steps, self.skipped, self.steps = self.skipped, self.steps, 0, 0
+        if not steps or int(skipped) < steps:
+            return
+        scale = self.get_scale()
+        what = (f"all {steps} fp16 optimizer steps were skipped (gradients not finite; "
+                f"the loss scale fell to {scale:g}), so the weights did not change")
+        if scale < 1:
+            raise FloatingPointError(what)
+        warnings.warn(what + "; the scale falls by half at each skip", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _check_mixed_precision(precision, device):
@@ -2400,7 +2442,7 @@ def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps
                      pairs=forward is None)
     stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn,
                        forward=forward)
-    before = _Before(model, optimizer, source.generators)
+    before = _Before(model, optimizer, source.generators, loss_fn)
     try:
         return _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps)
     finally:
@@ -2453,25 +2495,44 @@ def _suggestion(lrs, losses):
 
 
 class _Before:
-    """Everything lr_find changes (weights, buffers, gradients, modes, the optimizer, the
-    random states) as it was, for ``restore``."""
+    """Everything lr_find changes, as it was, for ``restore``: the parameters, buffers
+    (non-persistent ones too), gradients and modes of the model and of a loss_fn module,
+    each restored into the same tensor objects; the optimizer's state, and its
+    param_groups as the same dicts (a reference to a group stays true, a tensor lr
+    stays that tensor); the random states."""
 
-    def __init__(self, model, optimizer, loaders=()):
-        self.model, self.optimizer, self.loaders = model, optimizer, loaders
-        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.grads = [None if p.grad is None else p.grad.detach().clone()
-                      for p in model.parameters()]
-        self.modes = [m.training for m in model.modules()]
-        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+    def __init__(self, model, optimizer, loaders=(), loss_fn=None):
+        self.modules = [m for root in (model, loss_fn) if isinstance(root, torch.nn.Module)
+                        for m in root.modules()]
+        self.optimizer, self.loaders = optimizer, loaders
+        self.tensors = [(where, name, t, t.detach().clone()) for m in self.modules
+                        for where in (m._parameters, m._buffers)
+                        for name, t in where.items() if t is not None]
+        self.grads = [(t, None if t.grad is None else t.grad.detach().clone())
+                      for where, _, t, _ in self.tensors if isinstance(t, torch.nn.Parameter)]
+        self.modes = [m.training for m in self.modules]
+        self.groups = [dict(g) for g in optimizer.param_groups]  # the same values
+        self.group_values = [(v, v.detach().clone()) for g in self.groups for v in g.values()
+                             if torch.is_tensor(v)]
+        self.state = {p: copy.deepcopy(st) for p, st in optimizer.state.items()}
         self.rng = _rng_state(None, loaders)
 
     def restore(self):
-        self.model.load_state_dict(self.weights)
-        for p, g in zip(self.model.parameters(), self.grads):
-            p.grad = g
-        for m, training in zip(self.model.modules(), self.modes):
+        with torch.no_grad():
+            for where, name, t, value in self.tensors:
+                where[name] = t  # the same object, if it was replaced
+                t.copy_(value)
+            for t, value in self.group_values:
+                t.copy_(value)
+        for t, grad in self.grads:
+            t.grad = grad
+        for m, training in zip(self.modules, self.modes):
             m.training = training
-        self.optimizer.load_state_dict(self.optimizer_state)
+        for group, saved in zip(self.optimizer.param_groups, self.groups):
+            group.clear()
+            group.update(saved)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(self.state)
         _set_rng_state(self.rng, None, self.loaders)
 
 
@@ -2509,8 +2570,9 @@ class _Plan(NamedTuple):
 
 
 def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
-          metrics, monitor, mode, patience, min_delta, scheduler, scheduler_interval,
-          clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume, save_every,
+          metrics, monitor, mode, patience, min_delta, restore_best, scheduler,
+          scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume,
+          save_every,
           drop_last, precision, accumulate, shuffle, seed, forward, train_step, val_fn,
           on_batch_end):
     """Check every argument of fit, then build what it runs on: the world, the metric
@@ -2518,7 +2580,8 @@ def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batc
     keys, the monitor and its direction; last, the first validation batch is tried."""
     device, world = _check_fit(
         model, loss_fn, optimizer, epochs=epochs, patience=patience, min_delta=min_delta,
-        scheduler=scheduler, scheduler_interval=scheduler_interval, verbose=verbose,
+        restore_best=restore_best, scheduler=scheduler, scheduler_interval=scheduler_interval,
+        verbose=verbose,
         clip_grad_norm=clip_grad_norm, device=device, on_epoch_end=on_epoch_end,
         checkpoint=checkpoint, resume=resume, save_every=save_every, precision=precision,
         accumulate=accumulate, shuffle=shuffle, seed=seed, train=train, forward=forward,
@@ -2526,6 +2589,7 @@ def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batc
     stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
                          reused=epochs > 1, world=world, drop_last=drop_last,
+                         accumulate=accumulate,
                          pairs=forward is None and train_step is None)
     if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
         val_batch_size = max(batch_size, 256)
@@ -2547,7 +2611,7 @@ def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batc
 
 
 def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
-            drop_last=False, pairs=True):
+            drop_last=False, pairs=True, accumulate=1):
     """``data`` as a batch source, checked: tensors or a loader. With several ranks,
     training tensors are cut per global batch, validation's (``split_rows``) by rows."""
     world = world or _ONE_PROCESS
@@ -2558,16 +2622,18 @@ def _source(data, *, what, batch_size, device, reused, world=None, split_rows=Fa
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         _check_tensors(*data, what)
         X, y = data
-        if drop_last and len(X) < ranks * batch_size:
+        if drop_last and len(X) < ranks * batch_size * accumulate:
             raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
-                             f"{batch_size} leaves no batch; expected at least "
-                             f"{ranks * batch_size} rows")
+                             f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
+                                                else "") + " leaves no batch; expected at "
+                             f"least {ranks * batch_size * accumulate} rows")
         if split_rows and ranks > 1:
             lo, hi = len(X) * rank // ranks, len(X) * (rank + 1) // ranks
             return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
                                  sharded=True)
         return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
-                             ranks=ranks, sharded=ranks > 1, drop_last=drop_last)
+                             ranks=ranks, sharded=ranks > 1, drop_last=drop_last,
+                             accumulate=accumulate)
     _check_loader(data, what, reused=reused, drop_last=drop_last)
     source = _LoaderSource(data, device=device, what=what, pairs=pairs)
     if source.steps == 0:
@@ -2603,10 +2669,10 @@ def _try_first_val_batch(model, val, seam, stats):
 # any file is written, with errors that say what came and what was expected: each
 # entry point's checks first, then the checks they share.
 
-def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, scheduler,
-               scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint,
-               resume, save_every, precision, accumulate, shuffle, seed, train, forward,
-               train_step, val_fn, on_batch_end):
+def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, restore_best,
+               scheduler, scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end,
+               checkpoint, resume, save_every, precision, accumulate, shuffle, seed, train,
+               forward, train_step, val_fn, on_batch_end):
     """fit's arguments but the data, metrics and monitor (checked as _plan builds them);
     returns the device and the world."""
     world = _world()
@@ -2626,7 +2692,9 @@ def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, schedu
                              clip_grad_norm=clip_grad_norm, accumulate=accumulate,
                              own_step=train_step is not None)
     _check_int("epochs", epochs, 0)
-    _check_shuffle(shuffle)
+    for name, value in (("shuffle", shuffle), ("resume", resume),
+                        ("restore_best", restore_best)):
+        _check_bool(name, value)  # resume="no" is true, and would resume
     _check_seed(seed)
     _check_options(patience=patience, min_delta=min_delta, verbose=verbose,
                    save_every=save_every)
@@ -2648,7 +2716,7 @@ def _check_train_epoch(model, loss_fn, optimizer, *, device, scheduler, schedule
     device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                              scheduler_interval=scheduler_interval, precision=precision,
                              clip_grad_norm=clip_grad_norm, accumulate=accumulate)
-    _check_shuffle(shuffle)
+    _check_bool("shuffle", shuffle)
     _check_callables(progress=progress, forward=forward)
     return device
 
@@ -2754,7 +2822,7 @@ def _check_options(*, patience, min_delta, verbose, save_every):
     if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
             or not math.isfinite(min_delta) or min_delta < 0):
         raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-    if verbose not in (0, 1, 2):
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     if save_every is not None and (isinstance(save_every, bool) or not (
             isinstance(save_every, (int, float)) and save_every >= 0)):
@@ -2806,6 +2874,11 @@ def _check_model(model, device):
         raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU "
                          f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
                          "use device='cpu'")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch would ignore it
+        raise ValueError(f"device={str(device)!r}: the CPU is one device, 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}, but this torch sees "
+                         f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     same = here.type == device.type and (device.index is None or here.index is None
                                          or here.index == device.index)
     if not same:
@@ -2839,8 +2912,8 @@ def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                          f"{scheduler_interval!r}")
     if scheduler is not None and not hasattr(scheduler, "step"):
         raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
-                                           and clip_grad_norm > 0):
+    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not (
+            isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0)):  # nan too
         raise ValueError(f"clip_grad_norm must be a positive number or None, got "
                          f"{clip_grad_norm!r}")
     _check_precision(precision, device)
@@ -2914,9 +2987,9 @@ def _check_batch_size(batch_size):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
-def _check_shuffle(shuffle):
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_seed(seed):

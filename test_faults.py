@@ -1,6 +1,7 @@
 """Never lose a run: kills, resumes, failing writes, unsafe files, NaN, Ctrl-C, bad input."""
 import concurrent.futures
 import contextlib
+import copy
 import errno
 import io
 import os
@@ -323,6 +324,39 @@ class NonFiniteWeightsTest(Quiet):
             self.assertTrue(all(torch.isfinite(v).all() for v in ck["model"].values()))
         with open(os.path.join(d, "history.csv")) as f:
             self.assertEqual(len(f.read().splitlines()), 2)  # header and epoch 1
+
+
+    def test_fp16_skipping_every_step_says_so_then_stops(self):
+        # a NaN gradient under a finite loss: GradScaler skips every step, the scale halves
+        # each time (1 after 16 steps), and fp16 "completed" epochs without a word
+        X, y = regression_data(64)
+        model = mlp(sigmoid=False)
+        before = copy.deepcopy(model.state_dict())
+
+        def loss_fn(out, yb):
+            z = -out.abs().mean() - 1  # < 0: sqrt is NaN there, its gradient too (where)
+            return torch.nn.functional.mse_loss(out, yb) + torch.where(
+                z > 0, z.sqrt(), torch.zeros_like(z))
+        d = self.tmpdir()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with self.assertRaisesRegex(FloatingPointError, r"epoch 5: all 4 fp16 optimizer "
+                                        r"steps were skipped \(gradients not finite; the loss "
+                                        r"scale fell to 0\.0625\).*\(last.pt holds epoch 4\)"):
+                self.fit(model, (X, y), loss_fn, torch.optim.SGD(model.parameters(), 0.01),
+                         epochs=8, batch_size=16, checkpoint=d, precision="fp16")
+        skipped = [str(w.message) for w in said if "steps were skipped" in str(w.message)]
+        self.assertEqual(len(skipped), 4, skipped)  # epochs 1-4: scale 4096, 256, 16, 1
+        self.assertIn("the loss scale fell to 4096", skipped[0])
+        for k, v in before.items():  # no step was taken
+            self.assertTrue(torch.equal(v, model.state_dict()[k]), k)
+        # a run whose early steps overflow and later ones do not says nothing
+        model = mlp(sigmoid=False)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            self.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+                     epochs=2, batch_size=16, precision="fp16")
+        self.assertFalse([w for w in said if "skipped" in str(w.message)])
 
 
 class Interrupt(Exception):
@@ -912,6 +946,18 @@ class FailFastTest(Quiet):
         self.check(TypeError, "shuffle must be True or False, got 'no'", shuffle="no")
         for seed in ("abc", 1.5, True, 2**70, -1):
             self.check(ValueError, rf"seed must be None or an int .*got {seed!r}", seed=seed)
+
+    def test_flags_that_were_true_by_accident(self):
+        # resume="no" is truthy and resumed; True passed as 1 for verbose and clip_grad_norm
+        for name, value in (("resume", "no"), ("resume", 1), ("restore_best", "yes")):
+            self.check(TypeError, rf"{name} must be True or False, got {value!r}",
+                       **{name: value})
+        self.check(ValueError, "clip_grad_norm must be a positive number or None, got True",
+                   clip_grad_norm=True)
+        self.check(ValueError, "verbose must be 0, 1 or 2, got True", verbose=True)
+        self.check(ValueError, r"device='cpu:1': the CPU is one device, 'cpu'", device="cpu:1")
+        for name, value in (("shuffle", 0), ("resume", None)):
+            self.check(TypeError, rf"{name} must be True or False", **{name: value})
 
     def test_a_scheduler_last_pt_could_not_hold_is_refused_before_training(self):
         class Warmup(torch.optim.lr_scheduler.LambdaLR):  # keeps a function among its state

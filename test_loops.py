@@ -571,6 +571,31 @@ class AccumulateTest(Quiet):
                 for a, b in zip(h_big[k], h_small[k]):
                     self.assertClose(a, b, rel=1e-6, msg=k)
 
+    def test_a_sum_loss_and_drop_last_follow_the_big_batch_too(self):
+        # reduction="sum": the group's sum is its batches' sums, unweighted (each was scaled
+        # by its share: k times too small). drop_last drops the short last group, as the
+        # big batch drops its short end: 103 rows, 10 x 4 -> 2 steps an epoch (not 3).
+        X, y = regression_data(103)
+        for loss_fn, drop_last in ((torch.nn.MSELoss(reduction="sum"), False),
+                                   (torch.nn.MSELoss(), True)):
+            big, small = mlp(sigmoid=False), mlp(sigmoid=False)
+            steps = []
+            h_big = self.fit(big, (X, y), loss_fn, torch.optim.SGD(big.parameters(), 0.002),
+                             epochs=2, batch_size=40, seed=2, drop_last=drop_last)
+            h_small = self.fit(small, (X, y), loss_fn,
+                               torch.optim.SGD(small.parameters(), 0.002), epochs=2,
+                               batch_size=10, accumulate=4, seed=2, drop_last=drop_last,
+                               on_batch_end=lambda step, loss: steps.append(step))
+            for a, b in zip(big.parameters(), small.parameters()):
+                self.assertTrue(torch.allclose(a, b, atol=1e-5), (a - b).abs().max())
+            for a, b in zip(h_big["loss"], h_small["loss"]):
+                self.assertClose(a, b, rel=1e-5, msg=loss_fn.reduction)
+            self.assertEqual(steps, [1, 2, 3, 4] if drop_last else [1, 2, 3, 4, 5, 6])
+        with self.assertRaisesRegex(ValueError, r"drop_last=True with 30 rows and batch_size 10 "
+                                                r"x accumulate 4 leaves no batch"):
+            self.fit(small, (X[:30], y[:30]), loss_fn, torch.optim.SGD(small.parameters(), 0.1),
+                     epochs=1, batch_size=10, accumulate=4, drop_last=True)
+
     def test_equals_a_hand_written_accumulation_loop_bit_for_bit(self):
         X, y = binary_data(103)
         ref, model = mlp(), mlp()
@@ -656,9 +681,11 @@ class PrecisionTest(Quiet):
     def test_fp16_skipped_steps_are_not_a_nan_stop_but_a_nan_loss_is(self):
         X, y = regression_data(64)
         model = mlp(sigmoid=False)
-        big = y * 300  # gradients that overflow fp16 at GradScaler's first scale (65536)
-        h = self.fit(model, (X, big), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 1e-6),
-                     epochs=2, batch_size=16, precision="fp16", checkpoint=self.tmpdir())
+        big = y * 300  # gradients that overflow fp16 at GradScaler's first scales
+        with self.assertWarnsRegex(RuntimeWarning, "all 4 fp16 optimizer steps were skipped"):
+            h = self.fit(model, (X, big), torch.nn.MSELoss(),  # said, and training goes on
+                         torch.optim.SGD(model.parameters(), 1e-6), epochs=2, batch_size=16,
+                         precision="fp16", checkpoint=self.tmpdir())
         self.assertEqual(len(h["loss"]), 2)
         self.assertTrue(all(math.isfinite(v) for v in h["loss"]))
         X_nan = X.clone()
@@ -764,6 +791,43 @@ class LrFindTest(Quiet):
         state = g.get_state()
         loops.lr_find(model, loader, loss_fn, opt, steps=30)
         self.assertTrue(torch.equal(g.get_state(), state))
+
+    def test_a_learnable_loss_hidden_buffers_and_the_groups_themselves_are_left_too(self):
+        # Missed before: a loss_fn's own parameter in the optimizer (0 -> 9.77), a buffer
+        # registered with persistent=False (a counter 0 -> 30), param_groups replaced by
+        # new dicts (an old reference read lr = end_lr) and a tensor lr swapped.
+        class Counted(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(8, 1)
+                self.register_buffer("calls", torch.zeros((), dtype=torch.long),
+                                     persistent=False)
+
+            def forward(self, x):
+                self.calls += 1
+                return torch.sigmoid(self.lin(x))
+
+        class Tempered(torch.nn.Module):  # a loss with a learnable temperature
+            def __init__(self):
+                super().__init__()
+                self.t = torch.nn.Parameter(torch.zeros(()))
+
+            def forward(self, out, y):
+                return torch.nn.functional.binary_cross_entropy(out, y) * self.t.exp() - self.t
+
+        X, y = binary_data()
+        model, loss_fn = Counted(), Tempered()
+        lr = torch.tensor(1e-3)
+        opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=lr)
+        group, weight = opt.param_groups[0], model.lin.weight
+        loops.lr_find(model, (X, y), loss_fn, opt, steps=30, batch_size=16)
+        self.assertEqual(loss_fn.t.item(), 0.0)
+        self.assertEqual(model.calls.item(), 0)
+        self.assertIs(opt.param_groups[0], group)
+        self.assertIs(group["lr"], lr)
+        self.assertEqual(lr.item(), torch.tensor(1e-3).item())
+        self.assertIs(model.lin.weight, weight)
+        self.assertEqual(dict(opt.state), {})  # Adam had no state before: none after
 
     def test_a_fit_after_lr_find_is_the_fit_without_it(self):
         X, y, model, opt = self.setup()
