@@ -74,6 +74,7 @@ import random
 import re
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -134,7 +135,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     record = _Record(plan.keys, monitor=plan.monitor, mode=plan.mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best,
                      later=train_step is not None or val_fn is not None)
-    store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world,
+    store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world, resume=resume,
                    scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
     printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
@@ -1076,7 +1077,7 @@ class _Store:
     FORMAT = "loops/1"
 
     def __init__(self, directory, model, optimizer, scheduler, gen, *, world, scaler=None,
-                 loaders=()):
+                 loaders=(), resume=True):
         self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
         self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
@@ -1084,12 +1085,15 @@ class _Store:
         self.dir = None if directory is None else _prepare_dir(directory)
         # one run at a time in a directory; rank 0, the writer, holds the lock
         self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
-        if self.lock is not None:
-            _remove_own_temps(self.dir)  # only now: another run's would be in flight
         self.last_path = self.best_path = self.csv_path = None
         if self.dir is not None:
             self.last_path, self.best_path, self.csv_path = (
                 os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
+        if self.lock is not None:
+            if not resume and os.path.exists(self.last_path):  # again, now under the lock:
+                self.release()  # a run that started beside this one may have finished
+                _refuse_a_held_run(directory, self.last_path)
+            _remove_own_temps(self.dir)  # only now: another run's would be in flight
         self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
 
     def kept(self):
@@ -1448,13 +1452,17 @@ def _remove_own_temps(path):
 class _DirLock:
     """One run per checkpoint directory: the operating system's lock on ``DIR/.lock``
     (flock; msvcrt on Windows), which goes with the process however it ends. The file
-    names the holder; without locks on the file system, none is taken."""
+    names the holder; without locks on the file system, none is taken. It is opened
+    without following a link and changed only once it is known to be loops' own (new,
+    empty, or naming a holder as loops writes it): anything else at that name (a link,
+    a directory, a FIFO, a file of yours) is refused, never written to or deleted."""
     NAME = ".lock"
+    OURS = re.compile(r"(pid \d+ on \S*\n?)?")  # what loops writes there, or nothing yet
 
     def __init__(self, directory):
         self.path = os.path.join(directory, self.NAME)
         while True:
-            f = open(self.path, "a+")
+            f = self._open(directory)
             if not _try_lock(f):
                 holder = ""
                 with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
@@ -1467,21 +1475,52 @@ class _DirLock:
                     f"holding {self.path}); one directory holds one run at a time: wait for "
                     "it to end, or choose another directory")
             try:  # locked: but is it still the file at that name (not one just removed)?
-                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+                same = os.path.samestat(os.fstat(f.fileno()), os.lstat(self.path))
             except OSError:
                 same = False
             if same:
                 break
             f.close()
         f.seek(0)
+        held = f.read(4096)
+        if not self.OURS.fullmatch(held):
+            f.close()
+            raise ValueError(f"{self.path} is not loops' lock file (it holds {held[:60]!r}); "
+                             "fit keeps its lock at that name and will not change or delete "
+                             "a file of yours: move it, or choose another directory")
+        f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         self.file = f
 
+    def _open(self, directory):
+        """The lock file, opened read-write without following a link, created if absent."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(
+            os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # NONBLOCK: a FIFO
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            kind = ("a symbolic link" if os.path.islink(self.path) else "a directory"
+                    if os.path.isdir(self.path) else None)
+            if kind is None:
+                raise
+            raise ValueError(f"{self.path} is {kind}; fit keeps its lock in a file of its own "
+                             "at that name and will not follow or replace it: remove it, or "
+                             "choose another directory") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{self.path} is not a regular file (a FIFO, socket or device); "
+                             "fit keeps its lock in a file of its own at that name: remove "
+                             "it, or choose another directory")
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+")
+
     def release(self):
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # still locked here: no other run can have it open and locked
+        with contextlib.suppress(OSError):  # still locked: no other run can hold it now
+            if os.path.samestat(os.fstat(self.file.fileno()), os.lstat(self.path)):
+                os.unlink(self.path)  # ours, and still the file at that name
         self.file.close()  # closing drops the lock
 
 
@@ -2757,9 +2796,13 @@ def _check_checkpoint(directory, *, resume, save_every):
         raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
                          "last.pt is")
     last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
-    if last is not None and not resume and os.path.exists(last):
-        raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
-                         "to continue it, or choose another directory (nothing is overwritten)")
+    if last is not None and not resume and os.path.exists(last):  # and again under the lock
+        _refuse_a_held_run(directory, last)
+
+
+def _refuse_a_held_run(directory, last):
+    raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
+                     "to continue it, or choose another directory (nothing is overwritten)")
 
 
 def _check_monitor(monitor, keys, *, has_val, later):

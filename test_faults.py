@@ -272,6 +272,68 @@ class OneRunPerDirectoryTest(Quiet):
         assert_same_run(self, torch.load(out, weights_only=True), reference_run(self))
         self.assertEqual(sorted(os.listdir(run)), ["best.pt", "history.csv", "last.pt"])
 
+    def small_fit(self, d, epochs=1, **kw):
+        X, y = regression_data(32)
+        model = mlp(sigmoid=False)
+        self.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+                 epochs=epochs, batch_size=8, checkpoint=d, **kw)
+        return model
+
+    def test_a_lock_file_that_is_not_ours_is_refused_and_left_as_it_was(self):
+        # A link planted at DIR/.lock had its target truncated and overwritten (or, dangling,
+        # created outside DIR); a user's own .lock was deleted at the end; a directory or a
+        # FIFO there gave raw errors.
+        outside = self.tmpdir()
+        victim = os.path.join(outside, "victim.txt")
+        with open(victim, "w") as f:
+            f.write("precious")
+        cases = {"link": (lambda p: os.symlink(victim, p), "is a symbolic link"),
+                 "dangling": (lambda p: os.symlink(os.path.join(outside, "new"), p),
+                              "is a symbolic link"),
+                 "directory": (os.mkdir, "is a directory"),
+                 "fifo": (os.mkfifo, "is not a regular file"),
+                 "yours": (lambda p: open(p, "w").write("my notes"),
+                           "is not loops' lock file \\(it holds 'my notes'\\)")}
+        for name, (plant, says) in cases.items():
+            d = os.path.join(self.tmpdir(), "run")
+            os.mkdir(d)
+            plant(os.path.join(d, ".lock"))
+            with self.assertRaisesRegex(ValueError, rf"{re.escape(d)}/.lock {says}"):
+                self.small_fit(d)
+            self.assertEqual(os.listdir(d), [".lock"], name)  # nothing written, nothing removed
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious")
+        self.assertEqual(sorted(os.listdir(outside)), ["victim.txt"])
+        with open(os.path.join(d, ".lock")) as f:
+            self.assertEqual(f.read(), "my notes")
+        for left in ("", "pid 4242 on somewhere\n"):  # a killed run's lock: taken, then removed
+            d = os.path.join(self.tmpdir(), "run")
+            os.mkdir(d)
+            with open(os.path.join(d, ".lock"), "w") as f:
+                f.write(left)
+            self.small_fit(d)
+            self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+
+    def test_two_new_runs_started_together_never_train_over_each_other(self):
+        # B passed the "already holds a run" check before A wrote last.pt, then took the lock
+        # once A had finished, and trained from scratch over A's finished run.
+        d = os.path.join(self.tmpdir(), "run")
+        take, a = loops._DirLock.__init__, []
+
+        def b_waits_while_a_runs_whole(lock, directory):
+            if not a:  # B, between its check and its lock: A starts and runs to its end
+                a.append(None)
+                a[0] = self.small_fit(d, epochs=2)
+            take(lock, directory)
+        with mock.patch.object(loops._DirLock, "__init__", b_waits_while_a_runs_whole):
+            with self.assertRaisesRegex(ValueError, "already holds a run"):
+                self.small_fit(d, epochs=3)  # B
+        ck = loops.load_checkpoint(os.path.join(d, "last.pt"))
+        self.assertEqual(ck["epoch"], 2)  # A's, whole
+        for k, v in a[0].state_dict().items():
+            self.assertTrue(torch.equal(v, ck["model"][k]), k)
+        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+
     def test_the_clean_up_removes_only_the_temp_files_fit_makes(self):
         d = self.tmpdir()
         own = ["last.pt.0123456789ab.tmp", "best.pt.a1b2c3d4e5f6.tmp",
