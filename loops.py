@@ -1493,6 +1493,7 @@ class _DirLock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         self.file = f
+        _HELD_LOCKS.add(f)
 
     def _open(self, directory):
         """The lock file, opened read-write without following a link, created if absent."""
@@ -1521,7 +1522,25 @@ class _DirLock:
         with contextlib.suppress(OSError):  # still locked: no other run can hold it now
             if os.path.samestat(os.fstat(self.file.fileno()), os.lstat(self.path)):
                 os.unlink(self.path)  # ours, and still the file at that name
+        _HELD_LOCKS.discard(self.file)
         self.file.close()  # closing drops the lock
+
+
+# The lock files this process holds. A forked child (a DataLoader worker) closes its
+# copies at once: a flock is held while any copy is open, and workers outlive a
+# killed parent by seconds, which kept a restart out of the directory.
+_HELD_LOCKS = set()
+
+
+def _drop_inherited_locks():
+    for f in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            f.close()  # this process's copy only: the parent's lock stays
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _try_lock(f):

@@ -35,7 +35,9 @@ if mode == "sigint-write":  # slow the bytes torch.save writes, so that a Ctrl-C
             print("writing", flush=True)
             time.sleep(0.003)
             return super().write(b)
-    os.fdopen = lambda fd, *a, **k: SlowFile(fd, "wb")
+    real_fdopen = os.fdopen  # the checkpoint writes ("wb"), not the lock file ("r+")
+    os.fdopen = lambda fd, mode="r", *a, **k: (SlowFile(fd, "wb") if mode == "wb"
+                                               else real_fdopen(fd, mode, *a, **k))
 hook = None
 if mode in ("hook", "hold"):  # the first time, killed inside the hook of epoch 3, which
     def hook(epoch, logs):     # asks to stop ("hook") or not ("hold")
@@ -248,6 +250,37 @@ class ChildNet(torch.nn.Module):
         return self.net(x)
 
 
+# A run on a DataLoader with two (forked) workers, slow enough to be killed in epoch 2.
+LOADER_CHILD = r"""
+import sys, time, torch, loops
+from test_faults import Lin, loader
+class Slow(Lin):
+    def forward(self, x):
+        time.sleep(0.02)
+        return super().forward(x)
+model = Slow()
+loops.fit(model, loader(workers=2), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+          epochs=50, checkpoint=sys.argv[1], resume=True, verbose=0,
+          on_epoch_end=lambda epoch, logs: print(f"epoch {epoch} done", flush=True))
+"""
+
+
+class Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def loader(workers=0):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(96, 6, generator=g),
+                                          torch.randn(96, 1, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8, num_workers=workers)
+
+
 class OneRunPerDirectoryTest(Quiet):
     def test_a_second_fit_on_a_directory_in_use_is_refused_and_a_kill_frees_it(self):
         run, out = self.tmpdir(), os.path.join(self.tmpdir(), "out.pt")
@@ -333,6 +366,29 @@ class OneRunPerDirectoryTest(Quiet):
         for k, v in a[0].state_dict().items():
             self.assertTrue(torch.equal(v, ck["model"][k]), k)
         self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+
+    def test_a_restart_right_after_a_kill_is_not_kept_out_by_dataloader_workers(self):
+        # Forked DataLoader workers inherited the lock and outlived the killed parent by
+        # seconds: a restart was refused "in use by another run (pid <dead pid>)".
+        run = os.path.join(self.tmpdir(), "run")
+        p = subprocess.Popen([sys.executable, "-c", LOADER_CHILD, run], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"})
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        self.assertTrue(wait_for(p, "epoch 1 done"))
+        workers, deadline = [], time.time() + 120
+        while len(workers) < 2 and time.time() < deadline:  # epoch 2's workers
+            with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                workers = [int(pid) for pid in f.read().split()]
+        self.assertEqual(len(workers), 2)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=300)
+        p.stdout.close(), p.stderr.close()
+        os.kill(workers[0], 0)  # still alive (they notice a dead parent within 5 s)
+        model = Lin()
+        self.fit(model, loader(), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+                 epochs=loops.load_checkpoint(os.path.join(run, "last.pt"))["epoch"] + 1,
+                 checkpoint=run, resume=True)
 
     def test_the_clean_up_removes_only_the_temp_files_fit_makes(self):
         d = self.tmpdir()
