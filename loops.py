@@ -142,7 +142,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
 
     epoch = 1
     try:
-        snapshot = store.resume(record, epochs) if resume else None
+        snapshot = store.resume(record, epochs, plan.train.steps) if resume else None
         epoch = record.epoch + 1
         if snapshot is None and record.epoch and record.epochs_to_run(epochs):
             _hook_again(on_epoch_end, record, store, world)  # it may not have returned
@@ -1156,13 +1156,14 @@ class _Store:
                     **({} if start is None else start.state()))
             self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
 
-    def resume(self, record, epochs):
+    def resume(self, record, epochs, steps=None):
         """Continue from last.pt if it exists: check all of it, then load everything as it
-        was. Returns last.pt's dict when it is a mid-epoch snapshot, else None."""
+        was. Returns last.pt's dict when it is a mid-epoch snapshot, else None. ``steps``:
+        the batches of an epoch, where known."""
         if self.dir is None or not os.path.exists(self.last_path):
             return None
         ck = _read_checkpoint(self.last_path)
-        self._check_resumable(ck, record, epochs)
+        self._check_resumable(ck, record, epochs, steps)
         _load_into(ck, self.last_path, self.model, self.optimizer)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ck["scheduler"])
@@ -1177,12 +1178,12 @@ class _Store:
         self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
         return ck if ck["step"] else None
 
-    def _check_resumable(self, ck, record, epochs):
+    def _check_resumable(self, ck, record, epochs, steps=None):
         path = self.last_path
         if ck.get("format") != self.FORMAT:
             raise ValueError(f"{path} was not written by fit (no 'format': '{self.FORMAT}'); "
                              "cannot resume")
-        wrong = _damage(ck)
+        wrong = _damage(ck, steps) or _optimizer_damage(ck, self.optimizer)
         if wrong:
             raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
                              "from a copy, or move it away to start afresh")
@@ -1217,12 +1218,16 @@ _LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "st
             "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
             "rng_ranks": (list, _NONE), "steps": int, "monitor": str, "mode": str}
 _LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": dict, "epoch_time": _NUMBER,
-                      "rng_epoch": (dict, _NONE)}
+                      "rng_epoch": dict}
+_METER = {"loss_sum": torch.Tensor, "loss_den": torch.Tensor, "counts": dict, "sums": dict,
+          "losses": (torch.Tensor, _NONE), "outs": list, "ys": list}
+_STOPPED = (None, "patience", "on_epoch_end")  # _Record.stopped's values
 
 
-def _damage(ck):
+def _damage(ck, steps=None):
     """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
-    history that does not add up), or None when a resume can trust it."""
+    history that does not add up, a random state that would not load, a snapshot's
+    step outside an epoch of ``steps`` batches), or None when a resume can trust it."""
     def wrong_type(keys):
         for key, kind in keys.items():
             if key not in ck:
@@ -1239,8 +1244,28 @@ def _damage(ck):
         return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
     if step and wrong_type(_LAST_PT_MID_EPOCH):
         return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
-    if not isinstance(ck["rng"].get("torch"), torch.Tensor):
-        return "'rng' holds no torch random state"
+    if step and steps is not None and step >= steps:
+        return f"'step' is {step}, not inside an epoch of {steps} batches"
+    if step:
+        meter = ck["meter"]
+        for key, kind in _METER.items():
+            if not isinstance(meter.get(key), kind):
+                return f"the snapshot's meter has no {key!r} of type {kind}"
+        losses = meter["losses"]
+        held = [0 if losses is None else len(losses), len(meter["outs"]), len(meter["ys"])]
+        if held[0] == 0 and losses is not None or max(held) > step:  # those since a look
+            return (f"the snapshot's meter holds {held[0]} losses, {held[1]} outputs and "
+                    f"{held[2]} targets for {step} steps")
+    rngs = {"'rng'": ck["rng"], "'rng_epoch'": ck.get("rng_epoch") if step else None,
+            **{f"'rng_ranks'[{i}]": r for i, r in enumerate(ck["rng_ranks"] or [])}}
+    for where, rng in rngs.items():
+        wrong = rng is not None and _rng_damage(rng)
+        if wrong:
+            return f"{where} {wrong}"
+    if isinstance(ck["best"], float) and math.isnan(ck["best"]):
+        return "'best' is nan (no epoch could ever improve on it)"
+    if ck["stopped"] not in _STOPPED:
+        return f"'stopped' is {ck['stopped']!r}; expected one of {_STOPPED}"
     opt = ck["optimizer"]
     if not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o) for o in (
             [opt] if "param_groups" in opt else opt.values() or [{}])):
@@ -1254,6 +1279,53 @@ def _damage(ck):
         return f"its history's epochs are not 1..{epoch}"
     if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
         return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
+    return None
+
+
+def _rng_damage(rng):
+    """What keeps ``rng`` (a saved random state) from loading, tried on throwaway
+    generators so that nothing of this process changes; None when it loads."""
+    if not isinstance(rng, dict):
+        return f"is a {type(rng).__name__}, not a random state"
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate(_tuples(rng["python"]))
+        for state in ([rng["batches"]] if "batches" in rng else []) + list(rng.get("loaders", [])):
+            torch.Generator().set_state(state)
+        np = sys.modules.get("numpy")
+        if np is not None and "numpy" in rng:
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.RandomState().set_state(
+                (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except KeyError as e:
+        return f"has no {e.args[0]!r} random state"
+    except (RuntimeError, TypeError, ValueError) as e:
+        return f"does not load as a random state ({str(e)[:80]})"
+    return None
+
+
+def _optimizer_damage(ck, optimizer):
+    """A state tensor of torch.optim's optimizers that is not its parameter's shape
+    (Adam's exp_avg, SGD's momentum_buffer, ...): torch would load it and fail at the
+    first step, after the model was loaded. None when all fit (or cannot be told)."""
+    saved = ck["optimizer"]
+    for name, opt in _named(optimizer).items():
+        state = saved.get(name) if name else saved
+        kind = type(opt)
+        if (not isinstance(state, dict) or not kind.__module__.startswith("torch.optim")
+                or kind.__name__ in ("Adafactor", "LBFGS", "SparseAdam")):
+            continue
+        params = [p for g in opt.param_groups for p in g["params"]]
+        ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+        if len(ids) != len(params):
+            continue  # named by _check_optimizer_fits, with the groups' sizes
+        shape = {i: p.shape for i, p in zip(ids, params)}
+        for i, st in state.get("state", {}).items():
+            for key, v in (st.items() if isinstance(st, dict) else ()):
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != shape.get(i, v.shape):
+                    what = f"optimizer {name!r}" if name else "the optimizer"
+                    return (f"{what}'s {key!r} of parameter {i} has shape {tuple(v.shape)}, "
+                            f"the parameter {tuple(shape[i])}")
     return None
 
 

@@ -773,6 +773,74 @@ class DamagedLastTest(Quiet):
         self.assertEqual(h["epoch"], [1, 2, 3])  # the good file still resumes
 
 
+    def test_damage_below_the_top_level_is_refused_before_anything_is_loaded(self):
+        # Each raised a raw KeyError/RuntimeError/TypeError after the model and optimizer
+        # were loaded and history.csv rewritten, or was accepted silently.
+        X, y = binary_data(64)
+        d = self.tmpdir()
+        model = mlp()
+
+        def stop_in_epoch_2(step, loss):  # after the snapshot of step 11 (epoch 2, batch 3)
+            if step == 11:
+                raise Interrupt
+        with mock.patch.object(loops, "_TICK_SECONDS", 0), self.assertRaises(Interrupt):
+            self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                     epochs=3, batch_size=8, checkpoint=d, save_every=0,
+                     on_batch_end=stop_in_epoch_2, metrics={"acc": "binary_accuracy"})
+        path = os.path.join(d, "last.pt")
+        ck = torch.load(path, weights_only=True)
+        self.assertEqual((ck["epoch"], ck["step"]), (1, 2))
+        with open(path, "rb") as f:
+            good = f.read()
+
+        def changed(**kw):
+            return {**ck, **kw}
+        rng, opt_state = ck["rng"], ck["optimizer"]
+        first = next(iter(opt_state["state"]))
+        cases = {
+            "a random state missing": (changed(rng={k: v for k, v in rng.items()
+                                                    if k != "python"}),
+                                       "'rng' has no 'python' random state"),
+            "a torch RNG state of the wrong size": (changed(rng={**rng, "torch":
+                                                                 rng["torch"][:100]}),
+                                                    "'rng' does not load as a random state"),
+            "Adam's exp_avg of the wrong shape": (changed(optimizer={**opt_state, "state": {
+                **opt_state["state"], first: {**opt_state["state"][first],
+                                              "exp_avg": torch.zeros(3)}}}),
+                "the optimizer's 'exp_avg' of parameter 0 has shape (3,)"),
+            "an empty meter": (changed(meter={}), "the snapshot's meter has no 'loss_sum'"),
+            "rng_epoch None": (changed(rng_epoch=None), "'rng_epoch' is a NoneType"),
+            "step 999": (changed(step=999), "'step' is 999, not inside an epoch of 8 batches"),
+            "losses for more steps": (changed(meter={**ck["meter"], "losses": torch.zeros(5)}),
+                                      "the snapshot's meter holds 5 losses"),
+            "best nan": (changed(best=float("nan")), "'best' is nan"),
+            "stopped bogus": (changed(stopped="bogus"), "'stopped' is 'bogus'"),
+        }
+        fresh = mlp(seed=4)
+        opt = torch.optim.Adam(fresh.parameters())
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with open(os.path.join(d, "history.csv")) as f:
+            csv_before = f.read()
+        for name, (content, says) in cases.items():
+            with self.subTest(name):
+                torch.save(content, path)
+                with self.assertRaises(ValueError) as err:
+                    self.fit(fresh, (X, y), torch.nn.BCELoss(), opt, epochs=3, batch_size=8,
+                             checkpoint=d, resume=True, save_every=0,
+                             metrics={"acc": "binary_accuracy"})
+                self.assertIn(f"{path} is damaged: {says}", str(err.exception))
+                self.assertTrue(all(torch.equal(v, fresh.state_dict()[k])
+                                    for k, v in before.items()))
+                self.assertEqual(opt.state_dict()["state"], {})
+                with open(os.path.join(d, "history.csv")) as f:
+                    self.assertEqual(f.read(), csv_before)
+        with open(path, "wb") as f:
+            f.write(good)
+        h = self.fit(fresh, (X, y), torch.nn.BCELoss(), opt, epochs=3, batch_size=8,
+                     checkpoint=d, resume=True, save_every=0, metrics={"acc": "binary_accuracy"})
+        self.assertEqual(h["epoch"], [1, 2, 3])  # the good file still resumes
+
+
 class Evil:
     def __init__(self, marker):
         self.marker = marker
