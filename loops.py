@@ -135,14 +135,20 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     record = _Record(plan.keys, monitor=plan.monitor, mode=plan.mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best,
                      later=train_step is not None or val_fn is not None)
+    settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+                "accumulate": accumulate, "precision": precision,
+                "rows": _rows(train), "batches": plan.train.steps}  # saved; compared on resume
     store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world, resume=resume,
-                   scaler=stepper.scaler, loaders=plan.train.generators)  # holds the lock
+                   scaler=stepper.scaler, loaders=plan.train.generators,
+                   settings=settings)  # holds the lock
     printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
 
     epoch = 1
     try:
         snapshot = store.resume(record, epochs, plan.train.steps) if resume else None
+        if store.changed:
+            printer.line(store.changed)
         epoch = record.epoch + 1
         if snapshot is None and record.epoch and record.epochs_to_run(epochs):
             _hook_again(on_epoch_end, record, store, world)  # it may not have returned
@@ -1077,7 +1083,7 @@ class _Store:
     FORMAT = "loops/1"
 
     def __init__(self, directory, model, optimizer, scheduler, gen, *, world, scaler=None,
-                 loaders=(), resume=True):
+                 loaders=(), resume=True, settings=None):
         self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
         self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
@@ -1095,6 +1101,8 @@ class _Store:
                 _refuse_a_held_run(directory, self.last_path)
             _remove_own_temps(self.dir)  # only now: another run's would be in flight
         self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
+        self.settings = settings  # how the run trains (batch size, ...): compared on resume
+        self.changed = None  # a resume's line on the settings it changed, if any
 
     def kept(self):
         """What the directory holds for the run, in words: 'last.pt holds epoch 2'."""
@@ -1151,7 +1159,7 @@ class _Store:
                     **record.state(),
                     scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
                     scaler=None if self.scaler is None else self.scaler.state_dict(),
-                    rng=rng, rng_ranks=ranks, step=step,
+                    rng=rng, rng_ranks=ranks, step=step, settings=self.settings,
                     meter=None if meter is None else meter.state_dict(),
                     **({} if start is None else start.state()))
             self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
@@ -1209,6 +1217,26 @@ class _Store:
         if (ck.get("scaler") is None) != (self.scaler is None):
             raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
                              "precision='fp16' (its GradScaler); resume with the same precision")
+        self.changed = self._changed_settings(ck)
+
+    def _changed_settings(self, ck):
+        """A line on the settings this run changes from last.pt's, or None. Inside an
+        epoch (a snapshot) none may change: the rows already trained, the order and the
+        partial sums are those of the saved settings, so it is refused, naming each."""
+        saved, given = ck.get("settings"), self.settings
+        if not isinstance(saved, dict) or given is None:  # written before settings were kept
+            return None
+        changed = [f"{k} {given[k]!r} (last.pt: {saved[k]!r})" for k in given
+                   if k in saved and saved[k] != given[k]]
+        if not changed:
+            return None
+        if ck["step"]:
+            raise ValueError(f"{self.last_path} stopped inside epoch {ck['epoch'] + 1}, at batch "
+                             f"{ck['step']}, and this run changes {', '.join(changed)}: the "
+                             "epoch cannot go on with other rows or another order. Resume with "
+                             "the saved settings (change them at an epoch's end)")
+        return (f"resuming after epoch {ck['epoch']} with {', '.join(changed)}: the epochs "
+                "from here train so")
 
 
 _NUMBER, _NONE = (int, float), type(None)
@@ -1280,6 +1308,16 @@ def _damage(ck, steps=None):
     if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
         return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
     return None
+
+
+def _rows(data):
+    """The rows of training data: of (X, y) tensors, or of a DataLoader's dataset if sized."""
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        return len(data[0])
+    try:
+        return len(data.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _rng_damage(rng):

@@ -841,6 +841,60 @@ class DamagedLastTest(Quiet):
         self.assertEqual(h["epoch"], [1, 2, 3])  # the good file still resumes
 
 
+class OtherSettingsTest(Quiet):
+    def test_a_snapshot_resumed_with_other_settings_is_refused_and_an_epoch_end_says_so(self):
+        # A snapshot (epoch 2, batch 2 of 8) resumed with batch_size=16 skipped 2 * 16 rows;
+        # shuffle, the data's rows, accumulate and bf16 changed were accepted silently too.
+        X, y = binary_data(64)
+        d = self.tmpdir()
+        model = mlp()
+
+        def stop_in_epoch_2(step, loss):
+            if step == 11:
+                raise Interrupt
+        with mock.patch.object(loops, "_TICK_SECONDS", 0), self.assertRaises(Interrupt):
+            self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                     epochs=3, batch_size=8, checkpoint=d, save_every=0,
+                     on_batch_end=stop_in_epoch_2)
+        path = os.path.join(d, "last.pt")
+        with open(path, "rb") as f:
+            good = f.read()
+        self.assertEqual(loops.load_checkpoint(path)["step"], 2)
+        cases = {"batch_size": (dict(batch_size=16), "batch_size 16 (last.pt: 8)"),
+                 "shuffle": (dict(shuffle=False), "shuffle False (last.pt: True)"),
+                 "rows": (dict(data=(X[:48], y[:48])), "rows 48 (last.pt: 64)"),
+                 "accumulate": (dict(accumulate=3), "accumulate 3 (last.pt: 1)"),
+                 "precision": (dict(precision="bf16"), "precision 'bf16' (last.pt: None)")}
+        fresh = mlp(seed=4)
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        for name, (kw, says) in cases.items():
+            with self.subTest(name):
+                kw = {"batch_size": 8, **kw}
+                opt = torch.optim.Adam(fresh.parameters())
+                with self.assertRaisesRegex(ValueError, rf"{re.escape(path)} stopped inside "
+                                            rf"epoch 2, at batch 2, and this run changes "
+                                            rf".*{re.escape(says)}"):
+                    self.fit(fresh, kw.pop("data", (X, y)), torch.nn.BCELoss(), opt, epochs=3,
+                             checkpoint=d, resume=True, save_every=0, **kw)
+                self.assertTrue(all(torch.equal(v, fresh.state_dict()[k])
+                                    for k, v in before.items()))
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(), good)
+        # at an epoch's end a new batch size can go on: said in one line
+        d2 = self.tmpdir()
+        model = mlp()
+        self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                 epochs=1, batch_size=8, checkpoint=d2)
+        model = mlp()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            h = loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters()),
+                          epochs=2, batch_size=16, checkpoint=d2, resume=True, verbose=2)
+        self.assertEqual(h["epoch"], [1, 2])
+        self.assertIn("resuming after epoch 1 with batch_size 16 (last.pt: 8), batches 4 "
+                      "(last.pt: 8): the epochs from here train so", out.getvalue())
+
+
 class Evil:
     def __init__(self, marker):
         self.marker = marker
