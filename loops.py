@@ -135,26 +135,17 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     record = _Record(plan.keys, monitor=plan.monitor, mode=plan.mode, min_delta=min_delta,
                      patience=patience, keep_best=restore_best,
                      later=train_step is not None or val_fn is not None)
-    settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
-                "accumulate": accumulate, "precision": precision,
-                "rows": _rows(train), "batches": plan.train.steps}  # saved; compared on resume
     store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world, resume=resume,
                    scaler=stepper.scaler, loaders=plan.train.generators,
-                   settings=settings)  # holds the lock
+                   settings=plan.settings)  # holds the lock
     printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
 
     epoch = 1
     try:
-        snapshot = store.resume(record, epochs, plan.train.steps) if resume else None
-        if store.changed:
-            printer.line(store.changed)
+        snapshot = _resume(store, record, epochs, plan.train.steps, printer, on_epoch_end,
+                           world) if resume else None
         epoch = record.epoch + 1
-        if snapshot is None and record.epoch and record.epochs_to_run(epochs):
-            _hook_again(on_epoch_end, record, store, world)  # it may not have returned
-        if not record.epochs_to_run(epochs):
-            printer.line(f"nothing to do: {record.epoch} epochs done"
-                         + (" (training had stopped early)" if record.stopped else ""))
         for epoch in record.epochs_to_run(epochs):
             # Train: the epoch's batches and sums (where a mid-epoch snapshot stopped,
             # when resuming one), then a step on each batch, looked at now and then.
@@ -1064,6 +1055,20 @@ def _ask_hook(on_epoch_end, epoch, logs, record, store, world):
     if world.any(asked):
         record.stopped = "on_epoch_end"
         store.save_last(record)
+
+
+def _resume(store, record, epochs, steps, printer, on_epoch_end, world):
+    """Continue from last.pt, if there is one (saying what changed, or that nothing is
+    left to do); its dict when it is a mid-epoch snapshot, else None."""
+    snapshot = store.resume(record, epochs, steps)
+    if store.changed:
+        printer.line(store.changed)
+    if snapshot is None and record.epoch and record.epochs_to_run(epochs):
+        _hook_again(on_epoch_end, record, store, world)  # it may not have returned
+    if not record.epochs_to_run(epochs):
+        printer.line(f"nothing to do: {record.epoch} epochs done"
+                     + (" (training had stopped early)" if record.stopped else ""))
+    return snapshot
 
 
 def _hook_again(on_epoch_end, record, store, world):
@@ -2735,6 +2740,7 @@ class _Plan(NamedTuple):
     monitor: str         # add theirs when they first return)
     mode: str            # "min" or "max"
     percent: set         # keys shown as percentages
+    settings: dict       # how the run trains (batch size, ...): saved, compared on resume
 
 
 def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
@@ -2774,8 +2780,11 @@ def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batc
     percent |= {"val_" + k for k in percent}
     _try_first_val_batch(model, val_data, _seam(loss_fn, _autocast(precision, device), forward),
                          stats)
+    settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+                "accumulate": accumulate, "precision": precision, "rows": _rows(train),
+                "batches": train_data.steps}  # saved in last.pt; compared on resume
     return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
-                 monitor, _check_mode(mode, monitor, stats), percent)
+                 monitor, _check_mode(mode, monitor, stats), percent, settings)
 
 
 def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
