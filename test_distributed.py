@@ -19,7 +19,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = r"""
 import json, os, sys, time, torch
 import loops
-from test_loops import ctrl_c_as_usual
 mode, out, ck, epochs, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 
 def data():

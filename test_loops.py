@@ -1323,8 +1323,7 @@ class ProgressTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         # The scripts the tests read, all at once: each mostly sleeps or imports torch.
-        runs = {"live": lambda: run_in_pty(PROGRESS_SCRIPT),
-                "narrow": lambda: run_in_pty(NARROW_SCRIPT, columns=50),
+        runs = {"narrow": lambda: run_in_pty(NARROW_SCRIPT, columns=50),
                 "wide": lambda: run_in_pty(NARROW_SCRIPT, columns=200),
                 "pipe": lambda: run_python(PROGRESS_SCRIPT),
                 "verbose 2": lambda: run_in_pty(PROGRESS_SCRIPT, "2")}
@@ -1333,7 +1332,7 @@ class ProgressTest(unittest.TestCase):
         cls.ran = {name: f.result() for name, f in futures.items()}
 
     def test_live_line_on_a_terminal(self):
-        out, seconds, p = self.ran["live"]
+        out, seconds, p = self.ran["wide"]  # with validation and two metrics
         self.assertEqual(p.returncode, 0, p.stderr_text)
         out = out.replace("\r\n", "\n")  # the terminal turns \n into \r\n
         lines = out.split("\n")
@@ -1344,7 +1343,8 @@ class ProgressTest(unittest.TestCase):
         for i, line in enumerate(lines[:2], 1):
             updates = line.split("\r")
             self.assertRegex(updates[1], rf"^epoch {i}/2  \d+/200  \d+ it/s  ETA [\d.]+s  loss ")
-            self.assertRegex(updates[-1].rstrip(), rf"^epoch {i}/2  loss \d\.\d{{4}}  [\d.]+s")
+            self.assertRegex(updates[-1].rstrip(), rf"^epoch {i}/2  loss \d\.\d{{4}}  mae .*  "
+                                                   rf"val_rmse \d\.\d{{4}}  [\d.]+s")
 
     def test_live_line_fits_a_narrow_terminal(self):
         out, _, p = self.ran["narrow"]

@@ -293,7 +293,7 @@ def overhead(device, quick):
     out = {}
     for name, (wl, train, test, count, repeats) in cases.items():
         diffs = []
-        for r in range(3 if quick else repeats):
+        for r in range(2 if quick else repeats):
             times = {}
             for who, fn in (("hand", hand_loop), ("fit", fit_call(0))):
                 gc.collect()
@@ -570,8 +570,9 @@ def main():
     plot_ms = plot_speed()
     n = 1 if args.quick else 5
     imports = {"plots_ascii": import_ms("plots_ascii", runs=n),
-               "loops (torch already imported)": import_ms("loops", after="torch", runs=n),
-               "torch": import_ms("torch", runs=n)}
+               "loops (torch already imported)": import_ms("loops", after="torch", runs=n)}
+    if not args.quick:  # the unit, and a second of CPU: left out of a smoke run
+        imports["torch"] = import_ms("torch", runs=n)
     print(f"plots_ascii.line_plot, 10,000 points at 72x18: {plot_ms:.1f} ms")
     print("import: " + ", ".join(f"{k} {v:.1f} ms" for k, v in imports.items()))
     results.update(scaling={str(k): v for k, v in scale.items()}, memory=mem,
