@@ -20,6 +20,13 @@ plots_ascii and the imports, and (on CUDA) counts host-device synchronisations
 per epoch. Mixed precision (bf16 autocast) and gradient accumulation are each
 timed against the same technique written into the hand loop; on CUDA, fit in
 bf16 is also timed against fit in fp32.
+
+--instructions counts instead of timing: CPU instructions per epoch under
+valgrind's cachegrind (a 3-epoch run minus a 1-epoch run, halved), one thread,
+a fixed hash seed. fit's time-based looks (progress refresh, NaN look) then
+read SteadyClock, a stand-in clock that advances 1 ms per reading, so they come
+at the same steps however slow valgrind or a busy machine makes the run: the
+count does not move with load.
 """
 import argparse
 import contextlib
