@@ -203,7 +203,7 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
                                 scheduler_interval=scheduler_interval, shuffle=shuffle,
                                 clip_grad_norm=clip_grad_norm, precision=precision,
                                 accumulate=accumulate, progress=progress, forward=forward)
-    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
+    stats = _metric_table(metrics, loss_fn)
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
                      drop_last=drop_last, pairs=forward is None, accumulate=accumulate)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
@@ -226,7 +226,7 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
     ``forward(model, batch) -> (y_pred, y)`` as in fit."""
     device = _check_evaluate(model, loss_fn, device=device, precision=precision,
                              forward=forward)
-    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
+    stats = _metric_table(metrics, loss_fn)
     source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
                      pairs=forward is None)
     seam = _seam(loss_fn, _autocast(precision, device), forward)
@@ -2108,24 +2108,50 @@ def _labels(p, y):
     return y.reshape(p.shape[:-1])
 
 
-def _correct(p, y):
+def _kept(y, ignore):
+    """Which targets count: all, or those that are not the ignored label (class indices
+    only: a loss's ``ignore_index``, -100 by default in CrossEntropyLoss)."""
+    return None if ignore is None or y.is_floating_point() else y != ignore
+
+
+def _right(right, keep):
+    """[right rows, rows counted] as one tensor, the ignored rows in neither."""
+    if keep is None:
+        return torch.stack([right.sum(), right.new_tensor(right.numel(), dtype=torch.long)])
+    return torch.stack([(right & keep).sum(), keep.sum()])
+
+
+def _correct(p, y, ignore):
     if not _scores(p):
         raise ValueError(f"accuracy expects class scores of shape (N, C) with C >= 2, got "
                          f"{tuple(p.shape)}; for one probability per row use binary_accuracy")
-    return p.argmax(-1) == _labels(p, y)
+    labels = _labels(p, y)
+    return _right(p.argmax(-1) == labels, _kept(labels, ignore))
 
 
-def _counts(p, y, cut):
+def _binary_right(p, y, cut, ignore):
+    y = y.reshape(p.shape)
+    return _right((p > cut) == (y > 0.5), _kept(y, ignore))
+
+
+def _counts(p, y, cut, ignore=None):
     """Confusion counts: for one value per row [tn, fn, fp, tp] (``p`` positive above
-    ``cut``, ``y`` above 0.5); for class scores the C x C counts, rows true."""
+    ``cut``, ``y`` above 0.5); for class scores the C x C counts, rows true. Rows whose
+    target is ``ignore`` count nowhere."""
     if _scores(p):
         k = p.shape[-1]
-        cells = _labels(p, y).reshape(-1).long() * k + p.argmax(-1).reshape(-1)
-        return torch.bincount(cells, minlength=k * k)[:k * k]  # a label >= C counts nowhere
-    pred, true = (p > cut).reshape(-1), (y > 0.5).reshape(-1)
-    if pred.numel() != true.numel():
-        raise ValueError(f"{_shapes(p, y)} do not match")
-    return torch.bincount(pred.long() * 2 + true.long(), minlength=4)
+        labels = _labels(p, y).reshape(-1).long()
+        cells = labels * k + p.argmax(-1).reshape(-1)
+    else:
+        k, labels = 2, y.reshape(-1)
+        pred, true = (p > cut).reshape(-1), y.reshape(-1) > 0.5
+        if pred.numel() != true.numel():
+            raise ValueError(f"{_shapes(p, y)} do not match")
+        cells = pred.long() * 2 + true.long()
+    keep = _kept(labels, ignore)
+    if keep is not None:
+        cells = torch.where(keep, cells, k * k)  # a cell past the table: sliced off below
+    return torch.bincount(cells, minlength=k * k)[:k * k]  # a label >= C counts nowhere
 
 
 def _class_rows(p, y):
@@ -2159,6 +2185,10 @@ def _ratio(s, n):
     return s[0] / n if n else math.nan
 
 
+def _share(s, n):  # [right, counted]
+    return s[0] / s[1] if s[1] else math.nan
+
+
 def _safe_div(a, b):
     return a / b if b else 0.0  # scikit-learn's zero_division=0
 
@@ -2178,14 +2208,16 @@ def _n_none(p, y):  # or nothing (a maximum)
 _MAPE_EPS = 1e-7  # as Keras: |y| is clamped so that a zero target does not divide by zero
 
 
-def _stats(cut):
-    """The built-in metrics, with one-value-per-row predictions positive above ``cut``."""
+def _stats(cut, ignore=None):
+    """The built-in metrics, with one-value-per-row predictions positive above ``cut`` and
+    the rows whose class-index target is ``ignore`` left out."""
     def counts(p, y):
-        return _counts(p, y, cut)
+        return _counts(p, y, cut, ignore)
     table = {
-        "accuracy": _Stat(lambda p, y: _correct(p, y).sum(), _n_rows, _ratio, percent=True),
-        "binary_accuracy": _Stat(lambda p, y: ((p > cut) == (y > 0.5).reshape(p.shape)).sum(),
-                                 _n_values, _ratio, percent=True),
+        "accuracy": _Stat(lambda p, y: _correct(p, y, ignore), _n_none, _share, size=2,
+                          percent=True),
+        "binary_accuracy": _Stat(lambda p, y: _binary_right(p, y, cut, ignore), _n_none,
+                                 _share, size=2, percent=True),
         "mse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
                      _ratio),
         "rmse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
@@ -2203,24 +2235,30 @@ def _stats(cut):
         "f1": _Stat(counts, _class_rows,
                     _macro(lambda tp, fp, fn: _safe_div(2 * tp, 2 * tp + fp + fn)), size=4),
     }
-    higher = ("accuracy", "binary_accuracy", "precision", "recall", "f1")  # the errors: lower
-    return {k: st._replace(better="max" if k in higher else "min") for k, st in table.items()}
+    return {k: st._replace(better="max" if k in _READS_LABELS else "min")  # errors: lower
+            for k, st in table.items()}
+
+
+_READS_LABELS = ("accuracy", "binary_accuracy", "precision", "recall", "f1")
 
 
 _STATS = _stats(0.5)
-_LOGIT_STATS = _stats(0.0)  # for a model trained with BCEWithLogitsLoss
 
 
-def _reads_logits(loss_fn):
-    """Whether the model's outputs are logits for the binary metrics."""
-    return isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
+def _ignored_label(loss_fn):
+    """The class index that ``loss_fn`` leaves out (CrossEntropyLoss/NLLLoss), or None."""
+    if isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return loss_fn.ignore_index
+    return None
 
 
 def _metric(name, doc):
     """The public function of built-in metric ``name``: its statistic over the rows given,
     finished (what fit computes over an epoch, computed over one call's rows)."""
-    def metric(y_pred, y, *, logits=False):
-        st = (_LOGIT_STATS if logits else _STATS)[name]
+    def metric(y_pred, y, *, logits=False, ignore_index=None):
+        if ignore_index is not None and name not in _READS_LABELS:
+            raise TypeError(f"{name} takes no ignore_index: it reads values, not class labels")
+        st = _stats(0.0 if logits else 0.5, ignore_index)[name]
         with torch.no_grad():
             s = st.stat(y_pred, y).reshape(-1).tolist()
         return torch.tensor(st.finish(s, st.count(y_pred, y)), dtype=torch.float64)
@@ -2231,10 +2269,13 @@ def _metric(name, doc):
 
 _ABOUT_LOGITS = (" With ``logits=True`` one value per row is a logit, positive above 0"
                  " (fit, evaluate and train_epoch do this for a BCEWithLogitsLoss model).")
+_ABOUT_IGNORED = (" Rows whose class-index target is ``ignore_index`` count nowhere (fit, evaluate"
+                  " and train_epoch pass a CrossEntropyLoss/NLLLoss's own, -100 by default).")
 accuracy = _metric("accuracy", "Fraction of rows whose arg-max class equals the label "
-                   "(an index, (N,) or (N, 1), or a one-hot row).")
+                   "(an index, (N,) or (N, 1), or a one-hot row)." + _ABOUT_IGNORED)
 binary_accuracy = _metric("binary_accuracy", "Fraction of probabilities on the right side "
-                          "of 0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS)
+                          "of 0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS
+                          + _ABOUT_IGNORED)
 mse = _metric("mse", "Mean squared error.")
 rmse = _metric("rmse", "Root of the mean squared error (of the whole set, not a mean of roots).")
 mae = _metric("mae", "Mean absolute error.")
@@ -2243,7 +2284,7 @@ max_error = _metric("max_error", "Largest absolute error.")
 _ABOUT_PRF = (" One probability per row: binary, positive above 0.5. Class scores (N, C): the"
               " macro average over the classes present in targets or predictions, as"
               " scikit-learn's average='macro'. 0 where nothing is predicted (or present)."
-              + _ABOUT_LOGITS)
+              + _ABOUT_LOGITS + _ABOUT_IGNORED)
 precision = _metric("precision", "Precision, tp / (tp + fp)." + _ABOUT_PRF)
 recall = _metric("recall", "Recall, tp / (tp + fn)." + _ABOUT_PRF)
 f1 = _metric("f1", "F1 score, 2 tp / (2 tp + fp + fn)." + _ABOUT_PRF)
@@ -2263,12 +2304,13 @@ def _classes(t, num_classes, cut, what):
     return t.reshape(-1).long()
 
 
-def confusion_matrix(y_pred, y, num_classes, *, logits=False):
+def confusion_matrix(y_pred, y, num_classes, *, logits=False, ignore_index=None):
     """Counts as a (num_classes, num_classes) int64 tensor: rows true, columns predicted.
 
     Predictions are class numbers, class scores (N, C) (their arg-max) or, for two
     classes, one probability per row (positive above 0.5, or a logit above 0 with
-    ``logits=True``); targets likewise. A class outside 0..num_classes-1 is a ValueError."""
+    ``logits=True``); targets likewise. Rows whose class-number target is ``ignore_index``
+    are left out. A class outside 0..num_classes-1 is a ValueError."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"confusion_matrix: num_classes must be an int >= 1, got "
                          f"{num_classes!r}")
@@ -2279,6 +2321,9 @@ def confusion_matrix(y_pred, y, num_classes, *, logits=False):
         if true.numel() != pred.numel():
             raise ValueError(f"confusion_matrix: {pred.numel()} predictions for "
                              f"{true.numel()} targets")
+        keep = _kept(y.reshape(-1), ignore_index) if not _scores(y) else None
+        if keep is not None:
+            pred, true = pred[keep], true[keep]
         for what, c in (("predicted", pred), ("true", true)):
             if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
                 raise ValueError(f"confusion_matrix: a {what} class is outside 0..{k - 1} "
@@ -2287,16 +2332,18 @@ def confusion_matrix(y_pred, y, num_classes, *, logits=False):
         return torch.bincount(true * k + pred, minlength=k * k).reshape(k, k).cpu()
 
 
-def _metric_table(metrics, *, logits=False):
+def _metric_table(metrics, loss_fn=None):
     """{"name": fn or built-in name} -> {"name": _Stat}; TypeError/ValueError naming the key.
-    ``logits``: the binary metrics read one value per row as a logit (a model trained with
-    BCEWithLogitsLoss); a function of the user's gets the outputs as they are."""
+    The built-in metrics follow ``loss_fn``: after a BCEWithLogitsLoss the binary ones read
+    one value per row as a logit; a CrossEntropyLoss/NLLLoss's ``ignore_index`` rows count
+    nowhere. A function of the user's gets the outputs as they are."""
     if metrics is None:
         return {}
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict {{'name': fn or 'accuracy', ...}}, got "
                         f"{type(metrics).__name__}")
-    builtins = _LOGIT_STATS if logits else _STATS
+    logits = isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
+    builtins = _stats(0.0 if logits else 0.5, _ignored_label(loss_fn))
     table = {}
     for key, fn in metrics.items():
         if not isinstance(key, str) or not key or key.startswith("val_") or key in (
@@ -2760,7 +2807,7 @@ def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batc
         checkpoint=checkpoint, resume=resume, save_every=save_every, precision=precision,
         accumulate=accumulate, shuffle=shuffle, seed=seed, train=train, forward=forward,
         train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
-    stats = _metric_table(metrics, logits=_reads_logits(loss_fn))
+    stats = _metric_table(metrics, loss_fn)
     train_data = _source(train, what="train", batch_size=batch_size, device=device,
                          reused=epochs > 1, world=world, drop_last=drop_last,
                          accumulate=accumulate,

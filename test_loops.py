@@ -508,6 +508,49 @@ class WeightedLossTest(Quiet):
         self.assertClose(loops.evaluate(model, (X, y), loss_fn, batch_size=7)["loss"], whole,
                          rel=1e-6)
 
+    def test_rows_the_loss_ignores_count_in_no_metric(self):
+        X, y = self.data()
+        model = mlp(n_out=3, sigmoid=False)
+        y1 = torch.where(y == -100, 1, y)  # class 1 is the ignored one here
+        names = ["accuracy", "precision", "recall", "f1"]
+        with torch.no_grad():
+            scores = model(X).cpu()
+        for loss_fn, t in ((torch.nn.CrossEntropyLoss(), y),
+                           (torch.nn.CrossEntropyLoss(ignore_index=1), y1)):
+            ignored = loss_fn.ignore_index
+            keep = (t != ignored).cpu()
+            want = {"accuracy": oracle("accuracy", scores[keep], t.cpu()[keep]),
+                    **{n: macro_oracle(n, scores[keep], t.cpu()[keep]) for n in names[1:]}}
+            h = self.fit(model, (X, t), loss_fn, torch.optim.SGD(model.parameters(), lr=0.0),
+                         epochs=1, batch_size=7, val=(X, t), metrics={n: n for n in names})
+            ev = loops.evaluate(model, (X, t), loss_fn, metrics={n: n for n in names},
+                                batch_size=1)
+            for n in names:
+                for got in (h[n][0], h["val_" + n][0], ev[n],
+                            getattr(loops, n)(scores, t.cpu(), ignore_index=ignored).item()):
+                    self.assertClose(got, want[n], rel=1e-12, msg=f"{n}, ignoring {ignored}")
+            cm = loops.confusion_matrix(scores, t.cpu(), 3, ignore_index=ignored)
+            self.assertEqual(int(cm.sum()), int(keep.sum()))
+            self.assertEqual(cm.trace().item() / cm.sum().item(), want["accuracy"])
+        # counted as wrong before: the ignored rows are a fifth of the set here
+        self.assertNotEqual(loops.accuracy(scores, y.cpu()).item(), want["accuracy"])
+        with self.assertRaisesRegex(TypeError, "mse takes no ignore_index"):
+            loops.mse(scores, y.cpu(), ignore_index=-100)
+        try:
+            from sklearn import metrics as skm
+        except ImportError:
+            return
+        keep = (y != -100).cpu()
+        t, pred = y.cpu()[keep], scores.argmax(1)[keep]
+        self.assertEqual(loops.accuracy(scores, y.cpu(), ignore_index=-100).item(),
+                         skm.accuracy_score(t, pred))
+        for n in names[1:]:
+            self.assertClose(getattr(loops, n)(scores, y.cpu(), ignore_index=-100).item(),
+                             getattr(skm, n + "_score")(t, pred, average="macro",
+                                                        zero_division=0), rel=1e-12)
+        self.assertTrue(torch.equal(loops.confusion_matrix(scores, y.cpu(), 3, ignore_index=-100),
+                                    torch.from_numpy(skm.confusion_matrix(t, pred))))
+
 
 class DropLastTest(Quiet):
     def test_reproduces_the_tutorial_loop_bit_for_bit(self):
