@@ -2708,10 +2708,13 @@ def _cycled(source, gen):
 def _suggestion(lrs, losses):
     """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss:
     there the rate is already about to be too high (the average lags); the steepest
-    descent, the other usual rule, proved too high where the stable range is known."""
-    low = min(range(len(lrs)), key=losses.__getitem__)
+    descent, the other usual rule, proved too high where the stable range is known.
+    The first tenth of the points is skipped, as fastai does: on a flat start the first
+    batch's loss, averaged over nothing yet, can be the lowest. Never the range's edge."""
+    skip = max(1, len(lrs) // 10)
+    low = min(range(skip, len(lrs) - 1) or range(len(lrs)), key=losses.__getitem__)
     target = math.log(lrs[low] / 10)
-    return min(lrs[:low + 1], key=lambda v: abs(math.log(v) - target))
+    return min(lrs[skip:low + 1] or lrs[:low + 1], key=lambda v: abs(math.log(v) - target))
 
 
 class _Before:

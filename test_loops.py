@@ -809,6 +809,24 @@ class LrFindTest(Quiet):
         self.assertEqual(len(r["loss"]), len(r["lr"]))
         self.assertIn(r["suggestion"], r["lr"])  # one of the rates tried
 
+    def test_a_flat_start_does_not_pull_the_suggestion_to_the_edge(self):
+        import datasets
+        (X, y), _ = datasets.linear()
+        X, y, loss_fn = X.to(DEVICE), y.to(DEVICE), torch.nn.MSELoss()
+        # seeds whose first batch's loss was the curve's lowest point (suggestion: start_lr)
+        for batch_size, seed in ((8, 0), (8, 22), (10, 28), (16, 28), (8, 1)):
+            torch.manual_seed(seed)
+            model = torch.nn.Linear(1, 1).to(DEVICE)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            r = loops.lr_find(model, (X, y), loss_fn, opt, batch_size=batch_size)
+            self.assertLess(r["lr"][0], r["suggestion"], msg=seed)
+            self.assertLess(r["suggestion"], r["lr"][-1], msg=seed)
+            before = loops.evaluate(model, (X, y), loss_fn)["loss"]
+            opt.param_groups[0]["lr"] = r["suggestion"]
+            self.fit(model, (X, y), loss_fn, opt, epochs=5, batch_size=batch_size)
+            after = loops.evaluate(model, (X, y), loss_fn)["loss"]
+            self.assertLess(after, 0.75 * before, msg=f"seed {seed} at {r['suggestion']:g}")
+
     def test_model_optimizer_and_random_state_are_left_as_found(self):
         X, y, model, opt = self.setup()
         loss_fn = torch.nn.BCELoss()
