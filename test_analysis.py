@@ -1,6 +1,9 @@
 """Tests of analysis.py on small inputs with exact expectations."""
 import math
+import os
 import re
+import subprocess
+import sys
 import unittest
 
 import torch
@@ -10,6 +13,8 @@ import datasets
 import loops
 import plots_ascii
 from test_plots import parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class PredictionsTest(unittest.TestCase):
@@ -107,6 +112,69 @@ class TsneTest(unittest.TestCase):
         sk = TSNE(perplexity=30, init="random", random_state=0, method="exact").fit(
             np.asarray(X, dtype=np.float64))
         self.assertLess(kl[-1], sk.kl_divergence_ * 1.15)
+
+    def test_affinities_are_scikit_learns_over_the_nearest_neighbours(self):
+        g = torch.Generator().manual_seed(3)
+        X = torch.randn(300, 6, generator=g, dtype=torch.float64)
+        starts, rows, cols, p = analysis._affinities(X, 10.0)
+        self.assertAlmostEqual(float(p.sum()), 1.0, places=12)
+        P = torch.zeros(300, 300, dtype=torch.float64)
+        P[rows, cols] = p
+        self.assertTrue(torch.equal(P, P.T))  # symmetric
+        self.assertTrue(torch.equal(starts[1:] - starts[:-1], torch.bincount(rows, minlength=300)))
+        try:
+            from sklearn.manifold._t_sne import _joint_probabilities_nn
+            from sklearn.neighbors import NearestNeighbors
+        except ImportError:
+            return
+        k = int(3 * 10.0 + 1)
+        graph = NearestNeighbors(n_neighbors=k).fit(X.numpy()).kneighbors_graph(mode="distance")
+        graph.data **= 2
+        want = _joint_probabilities_nn(graph, 10.0, 0).toarray()
+        want = torch.from_numpy(want)
+        self.assertTrue(torch.equal(P > 0, want > 0))  # the same pairs
+        self.assertLess(((P - want).abs().max() / want.max()).item(), 1e-3)  # bisection's tol
+
+    def test_rows_that_are_not_finite_are_refused_by_row_and_scale_does_not_matter(self):
+        g = torch.Generator().manual_seed(4)
+        X = torch.randn(120, 5, generator=g, dtype=torch.float64)
+        for bad in (math.nan, math.inf, -math.inf):
+            Z = X.clone()
+            Z[17, 2] = bad
+            with self.assertRaisesRegex(ValueError, "row 17 of the points is not finite"):
+                analysis.tsne_2d(Z, steps=5)
+        small, _ = analysis.tsne_2d(X, steps=60)
+        for huge in ((X * 1e200).tolist(), (X * 1e200).numpy()):  # a list: not float32
+            coords, kl = analysis.tsne_2d(huge, steps=60)
+            self.assertTrue(torch.isfinite(coords).all() and math.isfinite(kl[-1]))
+            self.assertLess((coords - small).abs().max().item(), 1e-3)
+
+    def test_tsne_view_wants_a_label_per_point_and_draws_three_points(self):
+        with self.assertRaisesRegex(ValueError, "200 points and 100 labels; expected one label "
+                                                "per point"):
+            analysis.tsne_view(torch.randn(200, 5), torch.arange(100), title="x")
+        with self.assertRaisesRegex(ValueError, "pca_view: 200 points and 100 labels"):
+            analysis.pca_view(torch.randn(200, 5), torch.arange(100), title="x")
+        view = analysis.tsne_view(torch.randn(3, 5), torch.arange(3), title="three", steps=20)
+        self.assertIn("three: t-SNE, perplexity 1,", view)  # the one it chose, not 30
+        inside = "".join(re.split(r"[|+]", line, maxsplit=1)[-1]
+                         for line in view.splitlines()[2:-1])  # past the y axis' ticks
+        self.assertEqual(sorted(c for c in inside if c.isdigit()), ["0", "1", "2"])
+
+    def test_memory_grows_with_the_points_not_their_square(self):
+        # 12,000 points: one N x N float64 matrix alone would be 1.15 GB
+        code = ("import resource, torch, analysis\n"
+                "X = torch.randn(12000, 10, generator=torch.Generator().manual_seed(0))\n"
+                "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                "coords, kl = analysis.tsne_2d(X, steps=2)\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "
+                "tuple(coords.shape))\n")
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "PYTHONPATH": HERE})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        grown, shape = out.stdout.split(" ", 1)
+        self.assertEqual(shape.strip(), "(12000, 2)")
+        self.assertLess(int(grown) * 1024, 600 * 2 ** 20)  # ru_maxrss is in KiB
 
 
 class MistakesTest(unittest.TestCase):
