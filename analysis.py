@@ -235,9 +235,11 @@ def summary(model, example_input):
     the size of parameters and buffers in memory.
 
     ``example_input`` is one batch (a tensor, or a tuple of model arguments); the
-    forward pass runs once in eval mode without grad, so the model's mode, weights
-    and buffers (BatchNorm's running statistics) are as they were, and the hooks
-    are removed afterwards.
+    forward pass runs once in eval mode without grad, and afterwards the model's mode
+    and its buffers are as they were, even those its ``forward`` updates in eval mode
+    or replaces (each module's buffers: the same tensors, their values copied back);
+    the hooks are removed. Parameters are not copied (a forward that changes its own
+    weights in place would change them).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"summary: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -248,6 +250,8 @@ def summary(model, example_input):
         handles.append(module.register_forward_pre_hook(_noting(rows, name)))
         handles.append(module.register_forward_hook(_noting(rows, name, output=True)))
     modes = [m.training for m in model.modules()]
+    buffers = [(m, dict(m._buffers)) for m in model.modules()]
+    values = {id(b): b.clone() for _, bs in buffers for b in bs.values() if b is not None}
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
@@ -258,6 +262,13 @@ def summary(model, example_input):
             h.remove()
         for m, training in zip(model.modules(), modes):
             m.training = training
+        with torch.no_grad():
+            for m, bs in buffers:
+                m._buffers.clear()
+                m._buffers.update(bs)
+                for b in bs.values():
+                    if b is not None:
+                        b.copy_(values[id(b)])
     table = [("layer", "type", "output shape", "params")]
     for name, (module, shape) in rows.items():
         own = sum(p.numel() for p in module.parameters(recurse=False))

@@ -82,6 +82,32 @@ class SummaryTest(unittest.TestCase):
                              for m in model.modules()), 0)
 
 
+class SummaryBuffersTest(unittest.TestCase):
+    def test_buffers_a_forward_changes_in_eval_mode_are_as_they_were(self):
+        class Counting(torch.nn.Module):  # updates one buffer in place, replaces another
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(3, 2)
+                self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+                self.register_buffer("last", torch.zeros(3), persistent=False)
+
+            def forward(self, x):
+                self.calls += 1
+                self.last = x.mean(0)
+                return self.lin(x)
+        model = torch.nn.Sequential(Counting(), torch.nn.ReLU())
+        inner = model[0]
+        calls, last = inner.calls, inner.last
+        analysis.summary(model, torch.randn(4, 3))
+        self.assertIs(inner.calls, calls)
+        self.assertIs(inner.last, last)  # the same tensor objects, back in their places
+        self.assertEqual(inner.calls.item(), 0)
+        self.assertTrue(torch.equal(inner.last, torch.zeros(3)))
+        self.assertEqual(list(inner._buffers), ["calls", "last"])
+        model(torch.randn(4, 3))  # the buffers still work as buffers
+        self.assertEqual(inner.calls.item(), 1)
+
+
 class TsneTest(unittest.TestCase):
     def test_well_separated_clusters_stay_separated_and_kl_falls(self):
         g = torch.Generator().manual_seed(0)
