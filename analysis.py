@@ -137,7 +137,7 @@ def _labelled(points, labels, who):
     return points.reshape(len(points), -1), labels
 
 
-def pca_view(points, labels, *, title, max_points=600, width=72, height=24):
+def pca_view(points, labels, *, title, max_points=600, width=None, height=24):
     """A 2-D PCA scatter of the points, each drawn as its label (the class digit)."""
     points, labels = _labelled(points, labels, "pca_view")
     coords, explained = pca_2d(points)
@@ -453,7 +453,7 @@ def _affinities(X, perplexity, tol=1e-5, tries=64):
 
 
 def tsne_view(points, labels, *, title, max_points=1000, perplexity=30.0, steps=500, seed=0,
-              width=72, height=24):
+              width=None, height=24):
     """A 2-D t-SNE scatter of the points (a fixed sample of at most ``max_points``), each
     drawn as its label (the class digit), beside pca_view."""
     points, labels = _labelled(points, labels, "tsne_view")

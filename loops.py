@@ -68,6 +68,7 @@ import csv
 import functools
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -133,7 +134,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                        accumulate=accumulate, device=device, loss_fn=loss_fn, world=world,
                        train_step=train_step)
     record = _Record(plan.keys, monitor=plan.monitor, mode=plan.mode, min_delta=min_delta,
-                     patience=patience, keep_best=restore_best,
+                     patience=patience, keep_best=restore_best, better=plan.better,
                      later=train_step is not None or val_fn is not None)
     store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world, resume=resume,
                    scaler=stepper.scaler, loaders=plan.train.generators,
@@ -186,7 +187,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         store.release()
     if restore_best:
         record.restore_best(model, store.best_path)
-    return record.history
+    return record.result()
 
 
 def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32, shuffle=True,
@@ -932,8 +933,9 @@ class _Record:
               "mode")
 
     def __init__(self, keys, *, monitor, mode, min_delta=0.0, patience=None, keep_best=False,
-                 later=False):
+                 later=False, better=None):
         self.history = {k: [] for k in keys}
+        self.better = better or {}  # each value's better direction, where it is known
         self.later = later  # train_step's and val_fn's names join at the first epoch
         self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
         self.patience, self.keep_best = patience, keep_best
@@ -944,6 +946,15 @@ class _Record:
 
     def state(self):
         return {k: getattr(self, k) for k in self._SAVED}
+
+    def result(self):
+        """The history fit returns: a dict, with ``better`` (see _History)."""
+        return _History(self.history, self.better)
+
+    def about(self):
+        """run.json's content: what plots need to know of the run and cannot see in
+        history.csv, the monitor, its mode and which direction is better for each value."""
+        return {"monitor": self.monitor, "mode": self.mode, "better": self.better}
 
     def load(self, state):
         for k in self._SAVED:
@@ -1009,6 +1020,25 @@ class _Record:
             load_checkpoint(best_path, model)
 
 
+class _History(dict):
+    """fit's history, ``{key: [value per epoch]}``, and ``better``: ``{key: "min" or
+    "max"}`` for each value whose better direction is known (the loss, the built-in
+    metrics, the monitor by its mode); plots_ascii marks a best only for those."""
+
+    def __init__(self, history, better):
+        super().__init__(history)
+        self.better = dict(better)
+
+
+def _directions(stats, monitor, mode):
+    """{history key: "min" or "max"} for each value whose direction is known: the loss,
+    the built-in metrics (their val_ values too) and the monitor, by fit's mode."""
+    better = {"loss": "min", **{k: st.better for k, st in stats.items() if st.better}}
+    better.update({"val_" + k: d for k, d in better.items()})
+    better[monitor] = better[monitor.removeprefix("val_")] = mode  # the same value's
+    return better                                                  # training side too
+
+
 @contextlib.contextmanager
 def _nan_stops_training(epoch, printer, model, store):
     """A FloatingPointError (a non-finite loss) stops training with a message naming the
@@ -1042,9 +1072,9 @@ def _interrupted(stop, epoch, record, store, printer, world):
     printer.line(f"interrupted during epoch {epoch}: {what} {record.epoch} completed "
                  f"epochs; {store.kept()}")
     if not interactive:
-        stop.history = record.history
+        stop.history = record.result()
         raise stop
-    return record.history
+    return record.result()
 
 
 def _ask_hook(on_epoch_end, epoch, logs, record, store, world):
@@ -1082,7 +1112,8 @@ def _hook_again(on_epoch_end, record, store, world):
 # --- checkpoints --------------------------------------------------------------
 
 class _Store:
-    """A run's checkpoint directory: best.pt, last.pt and history.csv, written by rank 0.
+    """A run's checkpoint directory: best.pt, last.pt, history.csv and run.json (what
+    plots need to know: monitor, mode, directions), written by rank 0.
     What last.pt holds is written by ``save_last`` and read by ``resume``, side by side;
     without a directory nothing is written and there is nothing to resume."""
     FORMAT = "loops/1"
@@ -1100,6 +1131,7 @@ class _Store:
         if self.dir is not None:
             self.last_path, self.best_path, self.csv_path = (
                 os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
+        self.described = False  # run.json, written with the first epoch's files
         if self.lock is not None:
             if not resume and os.path.exists(self.last_path):  # again, now under the lock:
                 self.release()  # a run that started beside this one may have finished
@@ -1147,6 +1179,10 @@ class _Store:
             self.save_last(record)
             if self.writer:
                 _write_csv(self.csv_path, record.history)
+            if self.writer and not self.described:
+                _atomic_write(os.path.join(self.dir, "run.json"),
+                              lambda f: f.write(json.dumps(record.about()).encode()))
+                self.described = True
 
     def save_last(self, record, start=None, step=0, meter=None):
         """last.pt at the end of an epoch or, given the epoch's start, its meter and the
@@ -2791,6 +2827,7 @@ class _Plan(NamedTuple):
     mode: str            # "min" or "max"
     percent: set         # keys shown as percentages
     settings: dict       # how the run trains (batch size, ...): saved, compared on resume
+    better: dict         # each value's better direction, where known (for plots)
 
 
 def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
@@ -2833,8 +2870,9 @@ def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batc
     settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
                 "accumulate": accumulate, "precision": precision, "rows": _rows(train),
                 "batches": train_data.steps}  # saved in last.pt; compared on resume
+    mode = _check_mode(mode, monitor, stats)
     return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
-                 monitor, _check_mode(mode, monitor, stats), percent, settings)
+                 monitor, mode, percent, settings, _directions(stats, monitor, mode))
 
 
 def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,

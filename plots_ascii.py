@@ -11,17 +11,20 @@ with a short note.
     >>> import plots_ascii
     >>> print(plots_ascii.sparkline([3, 1, 4, 1, 5, 9, 2, 6]))
     :_-_+@.*
-    >>> chart = plots_ascii.line_plot({"loss": [1.0, 0.5, 0.3]}, width=40, height=6)
+    >>> chart = plots_ascii.line_plot({"acc": [0.5, 0.8, 0.7]}, width=40, height=6,
+    ...                               better="max")
     >>> chart.splitlines()[-1]
-    '* loss  last 0.300  best 0.300 @ 3'
+    '* acc  last 0.700  best 0.800 @ 2'
 
 From a shell, compare runs by their history.csv files, one series per run:
 
     python plots_ascii.py runs/a/history.csv runs/b/history.csv --keys loss,val_loss
 """
 import argparse
+import json
 import math
 import os
+import shutil
 import sys
 from typing import NamedTuple
 
@@ -34,7 +37,11 @@ BEST = "@"
 OVERLAP = "&"  # where two series share a cell
 RAMP = " .:-=+*#%@"
 SPARK = "_.:-=+*#%@"  # like RAMP, but the lowest value stays visible (a space is a NaN)
-_MAXIMISED = ("acc", "accuracy", "precision", "recall", "f1", "auc", "r2")
+
+
+def _width(width):
+    """``width`` as given, else the terminal's (COLUMNS when set), else 80 (a log)."""
+    return shutil.get_terminal_size((80, 24)).columns if width is None else width
 
 
 # --- input ------------------------------------------------------------------------
@@ -216,23 +223,34 @@ def _stepped(name):
     return name == "lr" or name.endswith("_lr")
 
 
-def _best(name, values):
-    """(index, value) of the best finite value: max for accuracy-like names, else min;
-    None for a learning rate, which has no best."""
+def _direction(name, better):
+    """"max", "min" or None (not known) for series ``name``: from ``better`` (one
+    direction for every series, or {name: direction or None}), else "min" for a series named
+    loss or val_loss (as loops.fit's mode="auto"); a learning rate has none."""
     if _stepped(name):
         return None
+    if isinstance(better, str):
+        return better
+    if better and name in better:  # None there: known to be unknown
+        return better[name]
+    return "min" if name in ("loss", "val_loss") else None
+
+
+def _best(name, values, better=None):
+    """(index, value) of the best finite value (the first of equals), None where the
+    direction is not known: never a guess from the name."""
+    direction = _direction(name, better)
     finite = [(v, i) for i, v in enumerate(values) if math.isfinite(v)]
-    if not finite:
+    if direction is None or not finite:
         return None
-    maximise = any(name.lower().removeprefix("val_").startswith(m) for m in _MAXIMISED)
-    v, i = (max(finite, key=lambda p: (p[0], -p[1])) if maximise
+    v, i = (max(finite, key=lambda p: (p[0], -p[1])) if direction == "max"
             else min(finite, key=lambda p: (p[0], p[1])))
     return i, v
 
 
-def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel=None,
+def line_plot(series, *, width=None, height=18, title=None, xlabel="epoch", ylabel=None,
               logy=False, ymin=None, ymax=None, marks=None, mark_label=None, unicode=False,
-              x=None, logx=False):
+              x=None, logx=False, better=None):
     """Plot ``{"name": values}`` against x = 1, 2, ... (epochs); one glyph per series.
 
     ``x``: the x values instead (increasing, one per point of the longest series),
@@ -243,10 +261,14 @@ def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel
     stopped early) ends where its epochs end. ``marks`` are x values to highlight:
     a ':' column (``mark_label`` says what it is), where a series whose best value
     lies on it is drawn as '@'; '&' is a cell two series share. The legend below the
-    frame gives each series' last and best value (the maximum for accuracy-like
-    names, else the minimum). Learning rates ("lr", "*_lr") are drawn as steps, with
-    no best.
+    frame gives each series' last value, and its best where the direction is known:
+    ``better`` is "max" or "min" for every series or ``{"name": "max", ...}``; a series
+    named loss or val_loss is "min"; any other gets no best (never a guess from its
+    name; plot_history passes what loops.fit knew). Learning rates ("lr", "*_lr") are
+    drawn as steps, with no best. ``width``: the whole chart's, default the terminal's
+    (80 in a log or a pipe).
     """
+    width = _width(width)
     if not isinstance(series, dict):
         series = {"": series}
     raw = {k: _floats(v, f"series {k!r}") for k, v in series.items()}
@@ -260,14 +282,14 @@ def line_plot(series, *, width=72, height=18, title=None, xlabel="epoch", ylabel
     glyphs = dict(zip(data, _cycle(UNICODE_GLYPHS if unicode else GLYPHS, len(data))))
     mark_cols = (_mark_columns(marks, n, cols) if scale is None
                  else {scale.column(v, cols) for v in marks or () if scale.holds(v)})
-    grid = _grid(data, yr, glyphs, mark_cols, n, cols, height)
+    grid = _grid(data, yr, glyphs, mark_cols, n, cols, height, better)
     lines = ([title.center(width).rstrip()] if title else []) + ([ylabel] if ylabel else [])
     lines += _frame(grid, ticks, yr, label_w, unicode)
     x_ticks = ([(str(v), c) for v, c in _x_ticks(n, cols)] if scale is None
                else scale.ticks(cols))
     lines += _x_axis(x_ticks, cols, label_w, xlabel, unicode)
     at = None if scale is None else (lambda i: _mark_text(scale.xs[i]))
-    lines += _legend(raw, glyphs, yr.clipped, n, at)
+    lines += _legend(raw, glyphs, yr.clipped, n, at, better)
     if any(OVERLAP in row for row in grid):
         lines.append(f"{OVERLAP} two series in one place")
     if mark_cols:
@@ -398,7 +420,7 @@ def _mark_columns(marks, n, cols):
     return out
 
 
-def _grid(data, yr, glyphs, mark_cols, n, cols, height):
+def _grid(data, yr, glyphs, mark_cols, n, cols, height, better=None):
     """The plotting area as rows of characters: the marked columns, then each series on
     the shared x axis; a cell two series cross shows OVERLAP, so neither hides the other."""
     grid = [[" "] * cols for _ in range(height)]
@@ -408,7 +430,7 @@ def _grid(data, yr, glyphs, mark_cols, n, cols, height):
     drawn = set(glyphs.values()) | {BEST, OVERLAP}
     for k, glyph in glyphs.items():
         edge = [yr.hi if v == math.inf else yr.lo if v == -math.inf else v for v in yr.ys[k]]
-        best = _best(k, data[k])
+        best = _best(k, data[k], better)
         best_col = None if best is None else (
             cols // 2 if n == 1 else round(best[0] / (n - 1) * (cols - 1)))
         for c, span in enumerate(_column_spans(edge, cols, n, stepped=_stepped(k))):
@@ -457,7 +479,7 @@ def _x_axis(ticks, cols, label_w, xlabel, unicode):
     return lines
 
 
-def _legend(data, glyphs, clipped, n, at=None):
+def _legend(data, glyphs, clipped, n, at=None, better=None):
     """A line per series below the frame: its glyph, name, last and best value (and
     how many of the axis' n points it has, when it stopped early). ``at(i)``: the
     x of point i as text (default: the epoch, i + 1)."""
@@ -468,7 +490,7 @@ def _legend(data, glyphs, clipped, n, at=None):
         vals = data[k]
         parts = [f"{glyph} {k:<{name_w}}" if name_w else glyph]
         if any(math.isfinite(v) for v in vals):
-            best = _best(k, vals)
+            best = _best(k, vals, better)
             parts.append(f"last {_short(vals[-1])}")
             if best is not None:
                 parts.append(f"best {_short(best[1])} @ {at(best[0])}")
@@ -503,7 +525,7 @@ def _x_ticks(n, cols):
     return ticks
 
 
-def plot_history(history, keys=None, *, monitor=None, **kw):
+def plot_history(history, keys=None, *, monitor=None, better=None, **kw):
     """One chart per metric, ``x`` beside ``val_x``; every chart marks the same epoch,
     the one ``loops.fit`` kept in best.pt, read from the history's ``best_epoch``
     column (fit decides it, with its monitor, mode and min_delta; nothing is decided
@@ -511,8 +533,11 @@ def plot_history(history, keys=None, *, monitor=None, **kw):
     know it. A history without that column gets no mark.
 
     ``history`` is what ``loops.fit`` returns (or reads from history.csv); ``keys``
-    picks the base names to draw.
+    picks the base names to draw. A series' best is given where its direction is
+    known: ``better`` ({"val_acc": "max", ...}), by default fit's ``history.better``
+    (the loss, the built-in metrics, the monitor by fit's mode); see line_plot.
     """
+    better = better if better is not None else getattr(history, "better", None)
     skip = ("epoch", "lr", "time", "best_epoch")
     bases = [k for k in history if not k.startswith(("val_", "lr_")) and k not in skip]
     bases += [k[4:] for k in history if k.startswith("val_") and k[4:] not in bases]
@@ -534,7 +559,7 @@ def plot_history(history, keys=None, *, monitor=None, **kw):
     charts = []
     for k in bases:
         series = {name: history[name] for name in (k, "val_" + k) if name in history}
-        charts.append(line_plot(series, title=k, **opts))
+        charts.append(line_plot(series, title=k, better=better, **opts))
     return "\n\n".join(charts)
 
 
@@ -656,9 +681,10 @@ def image(pixels, *, invert=False):
     return "\n".join(out)
 
 
-def scatter(xs, ys, *, labels=None, width=72, height=24, title=None):
+def scatter(xs, ys, *, labels=None, width=None, height=24, title=None):
     """Points in a frame; with ``labels``, each label's own marker (a one-character label
-    such as a class digit is its own marker) and a legend."""
+    such as a class digit is its own marker) and a legend. ``width`` as line_plot's."""
+    width = _width(width)
     x, y = _floats(xs, "xs"), _floats(ys, "ys")
     if len(x) != len(y):
         raise ValueError(f"scatter: {len(x)} xs but {len(y)} ys")
@@ -769,6 +795,19 @@ def _read_history(path):
     return history
 
 
+def _read_directions(path):
+    """{key: "min" or "max"} that loops.fit saved beside a history.csv (run.json's
+    "better"); {} where there is none or it cannot be read: then no best is claimed
+    but the loss's."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "run.json"), encoding="utf-8") as f:
+            better = json.load(f).get("better", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in better.items() if v in ("min", "max")} if isinstance(
+        better, dict) else {}
+
+
 def _run_name(path, taken):
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)[:-1]
     name = parts[-1] if parts else path
@@ -803,7 +842,8 @@ def _parser():
     p.add_argument("paths", nargs="*", metavar="RUN/history.csv")
     p.add_argument("--keys", default=None, help="columns to draw, e.g. loss,val_loss "
                    "(default: all but epoch and time)")
-    p.add_argument("--width", type=_at_least(20), default=72, help="characters (>= 20)")
+    p.add_argument("--width", type=_at_least(20), default=None,
+                   help="characters (>= 20; default: the terminal's, 80 in a pipe)")
     p.add_argument("--height", type=_at_least(3), default=18, help="rows (>= 3)")
     return p
 
@@ -815,11 +855,12 @@ def main(argv=None):
         if not args.paths:
             raise ValueError("no history.csv given; usage: python plots_ascii.py "
                              "RUN/history.csv [RUN2/history.csv ...] [--keys loss,val_loss]")
-        runs = {}
+        runs, better = {}, {}
         for p in args.paths:
             if not os.path.isfile(p):
                 raise ValueError(f"{p}: no such file")
-            runs[_run_name(p, runs)] = _read_history(p)
+            name = _run_name(p, runs)
+            runs[name], better[name] = _read_history(p), _read_directions(p)
         known = [k for h in runs.values() for k in h if k not in ("epoch", "time", "best_epoch")]
         keys = args.keys.split(",") if args.keys else list(dict.fromkeys(known))
         missing = [k for k in keys if k not in known]
@@ -832,7 +873,10 @@ def main(argv=None):
     charts = []
     for k in keys:
         series = {name: h[k] for name, h in runs.items() if k in h}
-        charts.append(line_plot(series, width=args.width, height=args.height, title=k))
+        directions = {name: better[name].get(k, "min" if k in ("loss", "val_loss") else None)
+                      for name in series}  # a run's own, from its run.json
+        charts.append(line_plot(series, width=args.width, height=args.height, title=k,
+                                better=directions))
     try:
         print("\n\n".join(charts), flush=True)
     except BrokenPipeError:  # `| head` has read enough: end quietly, as cat does

@@ -287,7 +287,7 @@ class RunsAreKeptTest(unittest.TestCase):
         self.assertIn("quickstart-2/", p.stdout)
         self.assertEqual({n: digest(os.path.join(first, n)) for n in os.listdir(first)}, before)
         self.assertEqual(sorted(os.listdir(os.path.join(runs, "quickstart-2"))),
-                         ["best.pt", "history.csv", "last.pt"])
+                         ["best.pt", "history.csv", "last.pt", "run.json"])
         # --resume continues the newest run: nothing left to do there; and beside it (they
         # touch different directories), --name picks a directory exactly: one that holds a
         # run is refused without --resume
@@ -361,7 +361,7 @@ class RecipesTest(unittest.TestCase):
         self.assertNotIn("\r", out)
         for pattern in patterns:
             self.assertRegex(out, pattern)
-        self.assertEqual(files, ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(files, ["best.pt", "history.csv", "last.pt", "run.json"])
         return out
 
     def test_linear(self):

@@ -272,7 +272,7 @@ class DistributedTest(unittest.TestCase):
         for k, v in whole.items():
             self.assertAlmostEqual(r0["history"]["val_" + k][-1], v, delta=1e-6)
         # one writer, one speaker
-        self.assertEqual(sorted(os.listdir(ck)), ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(sorted(os.listdir(ck)), ["best.pt", "history.csv", "last.pt", "run.json"])
         self.assertEqual(len([ln for ln in stdout.splitlines() if ln.startswith("epoch ")]), 3)
         keys = torch.load(os.path.join(ck, "last.pt"), weights_only=True)["model"].keys()
         self.assertEqual(set(keys), set(r0["model"]))  # saved unwrapped: no "module." prefix
@@ -356,7 +356,7 @@ class RecipeTest(unittest.TestCase):
         rc, stdout, err, runs, _ = job("housing recipe")
         self.assertEqual(rc, 0, err[-3000:])
         self.assertEqual(sorted(os.listdir(os.path.join(runs, "housing"))),
-                         ["best.pt", "history.csv", "last.pt"])
+                         ["best.pt", "history.csv", "last.pt", "run.json"])
         lines = stdout.splitlines()
         self.assertEqual(len([ln for ln in lines if ln.startswith("epoch ")]), 2)  # rank 0 only
         self.assertEqual(len([ln for ln in lines if ln.startswith("test: RMSE")]), 1)

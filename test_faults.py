@@ -323,7 +323,7 @@ class OneRunPerDirectoryTest(Quiet):
         self.assertEqual(p.wait(timeout=120), 0, p.stderr.read())
         p.stdout.close(), p.stderr.close()
         assert_same_run(self, torch.load(out, weights_only=True), reference_run(self))
-        self.assertEqual(sorted(os.listdir(run)), ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(sorted(os.listdir(run)), ["best.pt", "history.csv", "last.pt", "run.json"])
 
     def small_fit(self, d, epochs=1, **kw):
         X, y = regression_data(32)
@@ -365,7 +365,7 @@ class OneRunPerDirectoryTest(Quiet):
             with open(os.path.join(d, ".lock"), "w") as f:
                 f.write(left)
             self.small_fit(d)
-            self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+            self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt", "run.json"])
 
     def test_two_new_runs_started_together_never_train_over_each_other(self):
         # B passed the "already holds a run" check before A wrote last.pt, then took the lock
@@ -385,7 +385,7 @@ class OneRunPerDirectoryTest(Quiet):
         self.assertEqual(ck["epoch"], 2)  # A's, whole
         for k, v in a[0].state_dict().items():
             self.assertTrue(torch.equal(v, ck["model"][k]), k)
-        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt", "run.json"])
 
     def test_a_restart_right_after_a_kill_is_not_kept_out_by_dataloader_workers(self):
         # Forked DataLoader workers inherited the lock and outlived the killed parent by
@@ -423,7 +423,7 @@ class OneRunPerDirectoryTest(Quiet):
         self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
                  epochs=1, checkpoint=d)
         self.assertEqual(sorted(os.listdir(d)), sorted(["best.pt", "history.csv", "last.pt",
-                                                        *users]))
+                                                        "run.json", *users]))
 
 
 def kill_after_a_new_snapshot(p, last):
@@ -730,7 +730,7 @@ class AtomicWriteTest(Quiet):
             with open(os.path.join(d, name), "rb") as f:
                 self.assertEqual(f.read(), data, name)
         self.assertEqual(loops.load_checkpoint(os.path.join(d, "last.pt"))["epoch"], 2)
-        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt", "run.json"])
 
 
 class DamagedLastTest(Quiet):

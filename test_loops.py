@@ -1135,7 +1135,7 @@ class CheckpointTest(Quiet):
         for src, dst in (c.args for c in replace.call_args_list):
             self.assertEqual(os.path.dirname(src), os.path.dirname(dst))
             self.assertTrue(src.endswith(".tmp"))
-        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt"])
+        self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt", "run.json"])
         best = torch.load(os.path.join(d, "best.pt"), weights_only=True)
         last = torch.load(os.path.join(d, "last.pt"), weights_only=True)
         vl = h["val_loss"]
@@ -1533,7 +1533,7 @@ class FrontDoorTest(unittest.TestCase):
                                env={**os.environ, "PYTHONPATH": HERE})
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertEqual(sorted(os.listdir(os.path.join(d, "runs", "demo"))),
-                             ["best.pt", "history.csv", "last.pt"])
+                             ["best.pt", "history.csv", "last.pt", "run.json"])
             # every output line the README quotes is real (all but the times)
             def no_time(line):
                 return re.sub(r"  [\d.:]+s(?=  |$)", "", line)

@@ -119,10 +119,54 @@ class LinePlotTest(unittest.TestCase):
         rows = parse(pa.line_plot({"a": values}, width=60, height=10))[0]
         self.assertIn("*", rows[0])  # the one spike among 5000 points reaches the top
 
-    def test_best_is_min_for_losses_and_max_for_accuracy(self):
-        chart = pa.line_plot({"val_loss": [3, 1, 2], "val_acc": [0.2, 0.9, 0.5]})
+    def test_a_best_only_where_the_direction_is_known(self):
+        series = {"val_loss": [3, 1, 2], "val_acc": [0.2, 0.9, 0.5], "prec": [0.7, 0.4, 0.6]}
+        chart = pa.line_plot(series)  # the loss is known; the others' names are not read
         self.assertIn("val_loss  last 2.000  best 1.000 @ 2", chart)
+        self.assertRegex(chart, r"val_acc   last 0\.500\n")
+        self.assertRegex(chart, r"prec      last 0\.600\n")
+        chart = pa.line_plot(series, better={"val_acc": "max", "prec": "max"})
         self.assertIn("val_acc   last 0.500  best 0.900 @ 2", chart)
+        self.assertIn("prec      last 0.600  best 0.700 @ 1", chart)  # not a "prec"-ision guess
+        self.assertIn("val_loss  last 2.000  best 1.000 @ 2", chart)
+        chart = pa.line_plot(series, better="max")  # one direction for every series
+        self.assertIn("val_loss  last 2.000  best 3.000 @ 1", chart)
+        chart = pa.line_plot(series, better={"val_loss": None})  # known to be unknown
+        self.assertRegex(chart, r"val_loss  last 2\.000\n")
+
+    def test_width_defaults_to_the_terminal_and_to_80_in_a_log(self):
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        code = ("import plots_ascii as pa\n"
+                "print(pa.line_plot({'loss': [3, 1, 2]}, title='t'))\n"
+                "print(pa.scatter([1, 2, 3], [3, 1, 2]))")
+        p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                           text=True, timeout=300, env=env)
+        widths = [len(ln) for ln in p.stdout.splitlines()]
+        self.assertEqual(max(widths), 80, p.stdout)  # into a pipe: a log's 80
+        import pty
+        import struct
+        import termios
+        import fcntl
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 70, 0, 0))
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=follower,
+                             stderr=follower, env=env)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            out += chunk
+        p.wait(timeout=300)
+        os.close(leader)
+        lines = out.decode().replace("\r\n", "\n").splitlines()
+        self.assertEqual(max(len(ln) for ln in lines), 70, out)  # a 70-column terminal
+        self.assertEqual(max(len(ln) for ln in pa.line_plot({"a": [1, 2]}, width=50)
+                             .splitlines()), 50)  # width= still decides
 
     def test_never_raises_on_data(self):
         cases = {"empty": {}, "empty series": {"a": []}, "all nan": {"a": [NAN, NAN]},
@@ -193,6 +237,8 @@ class ReadableChartsTest(unittest.TestCase):
         five = self.columns_of(chart, "o&")
         self.assertEqual(five[0], 0)
         self.assertEqual(five[-1], round(4 / 9 * (cols - 1)))  # epoch 5 of 10, not the edge
+        self.assertIn("o five  last 1.000  5 of 10", chart)  # no direction: no best
+        chart = pa.line_plot({"ten": range(1, 11), "five": [1] * 5}, better="min")
         self.assertIn("o five  last 1.000  best 1.000 @ 1  5 of 10", chart)
 
     def test_a_step_schedule_is_drawn_as_steps_with_no_best(self):
@@ -260,7 +306,8 @@ class PlotHistoryTest(unittest.TestCase):
         h = {"epoch": [1, 2, 3], "loss": [0.9, 0.5, 0.4], "val_loss": [1.0, 0.6, 0.7],
              "acc": [0.5, 0.7, 0.8], "val_acc": [0.4, 0.6, 0.65], "lr": [0.1] * 3,
              "time": [1.0] * 3, "best_epoch": [1, 2, 2]}
-        charts = pa.plot_history(h, width=30, height=5).split("\n\n")
+        better = {"acc": "max", "val_acc": "max"}  # as fit's history.better says
+        charts = pa.plot_history(h, width=30, height=5, better=better).split("\n\n")
         self.assertEqual(len(charts), 2)  # loss and acc: best_epoch is not drawn
         self.assertEqual(charts[1], GOLDEN_HISTORY_ACC)  # acc is best at 3, fit kept 2
         for chart in charts:

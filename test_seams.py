@@ -78,6 +78,55 @@ class ModeTest(Seams):
             want = (max if direction == "max" else min)(values)
             self.assertEqual(values[best - 1], want, (monitor, values, best))
 
+    def test_plots_mark_the_best_the_run_saved_and_no_other(self):
+        import json
+        import subprocess
+        import sys
+        import plots_ascii
+        X, y = classes()
+        train, val = (X[:110], y[:110]), (X[110:], y[110:])
+        mine = {"prec": "precision", "acc": loops.accuracy,
+                "top2": lambda p, t: (p.topk(2, 1).indices == t[:, None]).any(1).double().mean()}
+        runs = []
+        for lr in (0.05, 0.2):
+            d = os.path.join(self.tmpdir(), f"lr{lr}")
+            model = net()
+            h = self.fit(model, train, torch.nn.CrossEntropyLoss(),
+                         torch.optim.SGD(model.parameters(), lr), epochs=6, val=val, metrics=mine,
+                         monitor="val_top2", mode="max", checkpoint=d, batch_size=16)
+            want = {"loss": "min", "val_loss": "min", "prec": "max", "val_prec": "max",
+                    "acc": "max", "val_acc": "max", "top2": "max", "val_top2": "max"}
+            self.assertEqual(h.better, want)  # top2 is known by the monitor's mode only
+            with open(os.path.join(d, "run.json")) as f:
+                self.assertEqual(json.load(f), {"monitor": "val_top2", "mode": "max",
+                                                "better": want})
+            runs.append((d, h))
+        h = runs[0][1]
+        self.assertNotEqual(h["val_acc"].index(max(h["val_acc"])), 0)  # the case it hid in
+        chart = plots_ascii.plot_history(h, keys=["acc", "prec"], width=60)
+        for key in ("val_acc", "val_prec", "acc"):
+            best = max(h[key])
+            self.assertIn(f"{key}  last ", chart)
+            self.assertRegex(chart, rf"{key} +last [0-9.]+  best {best:.3f} @ "
+                                    rf"{h[key].index(best) + 1}\b")
+        plain = plots_ascii.plot_history(dict(h), keys=["acc"])  # a plain dict: no directions
+        self.assertNotIn("best 0", plain.replace("best.pt", ""))
+        # the command line reads each run's run.json beside its history.csv
+        paths = [os.path.join(d, "history.csv") for d, _ in runs]
+        out = subprocess.run([sys.executable, os.path.join(os.path.dirname(loops.__file__),
+                                                           "plots_ascii.py"), *paths,
+                              "--keys", "val_acc"], capture_output=True, text=True, timeout=300)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        for (d, hist), glyph in zip(runs, "*o"):
+            best = max(hist["val_acc"])
+            self.assertRegex(out.stdout, rf"[{glyph}] {os.path.basename(d)} +last [0-9.]+  best "
+                                         rf"{best:.3f} @ {hist['val_acc'].index(best) + 1}\b")
+        os.remove(os.path.join(runs[0][0], "run.json"))  # a history.csv alone: no best claimed
+        out = subprocess.run([sys.executable, os.path.join(os.path.dirname(loops.__file__),
+                                                           "plots_ascii.py"), paths[0],
+                              "--keys", "val_acc"], capture_output=True, text=True, timeout=300)
+        self.assertRegex(out.stdout, r"\* lr0\.05  last [0-9.]+\n")
+
     def test_a_monitor_of_unknown_direction_is_refused_before_any_work(self):
         X, y = classes()
         model = net()
