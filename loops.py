@@ -261,6 +261,7 @@ def predict(model, X_or_data, *, batch_size=256, device=None, precision=None, fo
         outs = [seam(model, batch)[1] for batch in inputs]
     if not outs:  # on the device until here: one transfer at the end
         raise ValueError("predict: the data yielded no batches; expected at least one")
+    _refuse_output(outs[0], forward)
     return _fp32(torch.cat(outs)).cpu()
 
 
@@ -320,7 +321,11 @@ def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
         y_pred, y = _pair(forward(model, batch))
     if loss_fn is None:
         return None, y_pred, y
-    loss = loss_fn(y_pred, y)
+    try:
+        loss = loss_fn(y_pred, y)
+    except Exception as e:  # costs nothing until it raises
+        _refuse_output(y_pred, forward, e)
+        raise
     if not isinstance(loss, torch.Tensor) or loss.ndim:  # every step, but no host read
         _refuse_loss(loss)
     return loss, y_pred, y
@@ -337,6 +342,30 @@ def _pair(out):
         raise TypeError(f"forward returned {_describe(out)}; expected a pair (y_pred, y): "
                         "the outputs, and the targets the loss and metrics compare them with")
     return out
+
+
+def _refuse_output(y_pred, forward, cause=None):
+    """A TypeError for a model that returns something other than a tensor (a tuple of
+    logits and extras, a dict) where loops needs its outputs: it names forward=."""
+    if forward is None and not torch.is_tensor(y_pred):
+        raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
+                        "outputs for the loss and the metrics: pass forward=, e.g. forward="
+                        "lambda model, batch: (model(batch[0])[0], batch[1]) to take the "
+                        "first (README, 'Make it yours')") from cause
+
+
+_SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
+
+
+def _check_same_shape(loss_fn, out, y):
+    """A ValueError where ``loss_fn`` would broadcast outputs and targets of different
+    shapes ((N, 1) against (N,) gives an (N, N) mean: a wrong loss, with only torch's
+    warning)."""
+    if out.shape != y.shape:
+        raise ValueError(f"{type(loss_fn).__name__} got outputs of shape {tuple(out.shape)} "
+                         f"and targets of shape {tuple(y.shape)}: torch would broadcast them "
+                         "against each other and the loss would be wrong; give both the same "
+                         "shape (targets y.reshape(-1, 1), or outputs out.squeeze(-1))")
 
 
 def _refuse_loss(loss):
@@ -669,6 +698,7 @@ class _Meter:
         # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
         self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
         self.weigh = _target_weights(loss_fn)
+        self.loss_fn = loss_fn if isinstance(loss_fn, _SAME_SHAPE_LOSSES) else None
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
         self.loss_den = torch.zeros((), dtype=self.dtype, device=device)
@@ -697,11 +727,14 @@ class _Meter:
         self._losses.append(loss)
         self._ys.append(y)  # its rows, and for the metrics and weights its values
         self.steps += 1
+        if self.steps == 1:  # fail at the first batch, not at a fold or never
+            if self.loss_fn is not None:
+                _check_same_shape(self.loss_fn, out, y)
+            if self.stats:
+                _metric_sums(self.stats, [out], [y], self.dtype)
         if self.stats:
             self._outs.append(out)
             self._numel += out.numel()
-            if self.steps == 1:
-                _metric_sums(self.stats, [out], [y], self.dtype)  # fail here, not at a fold
         if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
             self._fold()
 

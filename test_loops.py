@@ -23,6 +23,7 @@ import tempfile
 import termios
 import time
 import unittest
+import warnings
 import weakref
 from unittest import mock
 
@@ -1039,6 +1040,60 @@ class ModesTest(Quiet):
 # --- 4. inputs ------------------------------------------------------------------------
 
 class InputsTest(Quiet):
+    def test_outputs_and_targets_a_loss_would_broadcast_are_refused_naming_both(self):
+        X, y = regression_data(64)
+        flat = y.reshape(-1)  # (N,) targets for a model with (N, 1) outputs
+        quiet = warnings.catch_warnings()  # torch's own broadcast warning comes first
+        quiet.__enter__()
+        self.addCleanup(quiet.__exit__, None, None, None)
+        warnings.simplefilter("ignore", UserWarning)
+        for loss_fn in (torch.nn.MSELoss(), torch.nn.L1Loss(), torch.nn.HuberLoss()):
+            model = mlp(sigmoid=False)
+            before = copy.deepcopy(model.state_dict())
+            with self.assertRaisesRegex(ValueError, rf"val: the first validation batch.*"
+                                        rf"{type(loss_fn).__name__} got outputs of shape "
+                                        r"\(64, 1\) and targets of shape \(64,\)"):
+                self.fit(model, (X, flat), loss_fn, torch.optim.SGD(model.parameters(), 0.1),
+                         epochs=2, val=(X, flat), batch_size=16)
+            self.assertTrue(all(torch.equal(v, before[k]) for k, v in model.state_dict().items()))
+            with tempfile.TemporaryDirectory() as d:  # no validation: the first step says so
+                with self.assertRaisesRegex(ValueError, r"got outputs of shape \(16, 1\) and "
+                                                        r"targets of shape \(16,\)"):
+                    self.fit(model, (X, flat), loss_fn, torch.optim.SGD(model.parameters(), 0.1),
+                             epochs=2, batch_size=16, checkpoint=d)
+                self.assertEqual(sorted(os.listdir(d)), [])
+            with self.assertRaisesRegex(ValueError, "targets of shape"):
+                loops.evaluate(model, (X, flat), loss_fn)
+        # the same shapes train as before, and so do losses that read shapes themselves
+        model = mlp(sigmoid=False)
+        h = self.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.01),
+                     epochs=1, val=(X, y))
+        with torch.no_grad():
+            self.assertClose(h["val_loss"][0], torch.nn.functional.mse_loss(model(X), y).item(),
+                             rel=1e-6)
+
+    def test_a_model_that_returns_a_tuple_is_pointed_to_forward(self):
+        class TwoOut(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(8, 3)
+
+            def forward(self, x):
+                return self.lin(x), x.mean()
+        g = torch.Generator().manual_seed(0)
+        X, y = torch.randn(40, 8, generator=g).to(DEVICE), torch.randint(0, 3, (40,), generator=g)
+        model = TwoOut().to(DEVICE)
+        says = r"the model returned a tuple of 2 \(Tensor, Tensor\); loops needs one tensor.*forward="
+        with self.assertRaisesRegex(TypeError, says):
+            self.fit(model, (X, y.to(DEVICE)), torch.nn.CrossEntropyLoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=1)
+        with self.assertRaisesRegex(TypeError, says):
+            loops.evaluate(model, (X, y.to(DEVICE)), torch.nn.CrossEntropyLoss())
+        with self.assertRaisesRegex(TypeError, says):
+            loops.predict(model, X)
+        first = loops.predict(model, (X, y), forward=lambda m, b: (m(b[0])[0], b[1]))
+        self.assertEqual(tuple(first.shape), (40, 3))
+
     def test_a_list_of_two_tensors_says_to_pass_a_tuple(self):
         X, y = binary_data()
         model = mlp()
