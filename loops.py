@@ -499,6 +499,14 @@ def _rates(optimizer):
     return {"lr": optimizer.param_groups[0]["lr"]}
 
 
+def _group_rates(optimizer):
+    """{"lr": r} of every parameter group of every optimizer, named as the line that
+    reports one changed needs ("lr", "lr of group 1", "lr_gen")."""
+    named = optimizer.items() if isinstance(optimizer, dict) else [(None, optimizer)]
+    return {("lr" if k is None else f"lr_{k}") + (f" of group {i}" if i else ""): float(g["lr"])
+            for k, o in named for i, g in enumerate(o.param_groups)}
+
+
 def _fp32(out):
     """Outputs in fp32 at least, whatever autocast computed them in (for the metrics)."""
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
@@ -1124,13 +1132,17 @@ def _resume(store, record, epochs, steps, printer, on_epoch_end, world):
     """Continue from last.pt, if there is one (saying what changed, or that nothing is
     left to do); its dict when it is a mid-epoch snapshot, else None."""
     snapshot = store.resume(record, epochs, steps)
-    if store.changed:
-        printer.line(store.changed)
-    if snapshot is None and record.epoch and record.epochs_to_run(epochs):
-        _hook_again(on_epoch_end, record, store, world)  # it may not have returned
     if not record.epochs_to_run(epochs):
-        printer.line(f"nothing to do: {record.epoch} epochs done"
-                     + (" (training had stopped early)" if record.stopped else ""))
+        printer.line(f"nothing to do: {record.epoch} epochs done" + (
+            " (training had stopped early); to train on anyway, load its weights and optimizer "
+            f"with loops.load_checkpoint({store.last_path!r}, model, optimizer) and fit into "
+            "a new checkpoint directory" if record.stopped else
+            f"; pass epochs= above {record.epoch} (the total) to train on"))
+        return snapshot
+    for line in store.notes:  # where it goes on from, what changed
+        printer.line(line)
+    if snapshot is None and record.epoch:
+        _hook_again(on_epoch_end, record, store, world)  # it may not have returned
     return snapshot
 
 
@@ -1172,7 +1184,7 @@ class _Store:
             _remove_own_temps(self.dir)  # only now: another run's would be in flight
         self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
         self.settings = settings  # how the run trains (batch size, ...): compared on resume
-        self.changed = None  # a resume's line on the settings it changed, if any
+        self.notes = []  # a resume's lines: where it goes on, the settings and rates it changed
 
     def kept(self):
         """What the directory holds for the run, in words: 'last.pt holds epoch 2'."""
@@ -1246,7 +1258,13 @@ class _Store:
             return None
         ck = _read_checkpoint(self.last_path)
         self._check_resumable(ck, record, epochs, steps)
+        given = _group_rates(self.optimizer)
         _load_into(ck, self.last_path, self.model, self.optimizer)
+        where = f"epoch {ck['epoch'] + 1}" + (f", batch {ck['step'] + 1}," if ck["step"] else "")
+        self.notes.insert(0, f"resuming {self.dir} at {where} of {epochs} from last.pt")
+        self.notes += [f"the optimizer was given {k} {a:g}; last.pt's {b:g} is used, so "
+                       "that the run goes on as it was" for (k, a), b in
+                       zip(given.items(), _group_rates(self.optimizer).values()) if a != b]
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ck["scheduler"])
         if self.scaler is not None:
@@ -1291,7 +1309,7 @@ class _Store:
         if (ck.get("scaler") is None) != (self.scaler is None):
             raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
                              "precision='fp16' (its GradScaler); resume with the same precision")
-        self.changed = self._changed_settings(ck)
+        self.notes = [line for line in [self._changed_settings(ck)] if line]
 
     def _changed_settings(self, ck):
         """A line on the settings this run changes from last.pt's, or None. Inside an

@@ -1229,6 +1229,47 @@ class CheckpointTest(Quiet):
             charts = plots_ascii.plot_history(history).split("\n\n")
             self.assertTrue(all(": best.pt holds epoch 1 " in c for c in charts), charts[0])
 
+    def test_a_resume_says_where_it_goes_on_which_rate_it_uses_and_how_to_go_further(self):
+        X, y = regression_data(64)
+
+        def run(d, epochs, lr=0.05, **kw):
+            model = mlp(sigmoid=False)
+            opt = torch.optim.SGD(model.parameters(), lr)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                h = loops.fit(model, (X, y), torch.nn.MSELoss(), opt, epochs=epochs,
+                              checkpoint=d, resume=True, verbose=2, batch_size=16, **kw)
+            return out.getvalue(), h, model, opt
+        with tempfile.TemporaryDirectory() as d:
+            run(d, 2)
+            said, h, _, opt = run(d, 4, lr=0.01)
+            lines = said.splitlines()
+            self.assertEqual(lines[0], f"resuming {d} at epoch 3 of 4 from last.pt")
+            self.assertEqual(lines[1], "the optimizer was given lr 0.01; last.pt's 0.05 is "
+                                       "used, so that the run goes on as it was")
+            self.assertEqual(opt.param_groups[0]["lr"], 0.05)
+            self.assertEqual(h["lr"], [0.05] * 4)
+            said, _, _, _ = run(d, 4)
+            self.assertEqual(said.strip(), "nothing to do: 4 epochs done; pass epochs= above 4 "
+                                           "(the total) to train on")
+            said, h, _, _ = run(d, 5)  # as it says
+            self.assertEqual(said.splitlines()[0], f"resuming {d} at epoch 5 of 5 from last.pt")
+            self.assertEqual(len(h["loss"]), 5)
+        with tempfile.TemporaryDirectory() as d:  # stopped early: the way on it names
+            run(d, 30, patience=1, min_delta=1e9)
+            said, h, model, opt = run(d, 30, patience=1, min_delta=1e9)
+            last = os.path.join(d, "last.pt")
+            self.assertEqual(said.strip(), "nothing to do: 2 epochs done (training had stopped "
+                             "early); to train on anyway, load its weights and optimizer with "
+                             f"loops.load_checkpoint({last!r}, model, optimizer) and fit into a "
+                             "new checkpoint directory")
+            loops.load_checkpoint(last, model, opt)
+            with tempfile.TemporaryDirectory() as d2:
+                more = self.fit(model, (X, y), torch.nn.MSELoss(), opt, epochs=3, checkpoint=d2,
+                                batch_size=16)
+            self.assertEqual(len(more["loss"]), 3)
+            self.assertLess(more["loss"][-1], h["loss"][-1])
+
     def test_save_and_load_checkpoint_round_trip_with_optimizer(self):
         d = self.tmpdir()
         model = mlp()
