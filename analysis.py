@@ -67,16 +67,21 @@ def _small(img, factor):
 
 
 def _grid(images, captions, *, per_row, shrink):
+    """Images side by side, ``per_row`` to a row, each under its caption (never cut: a
+    caption wider than its image widens the column). ``shrink`` None: 28 x 28 images
+    drawn at half size, smaller ones (8 x 8 digits) as they are."""
+    if shrink is None:
+        shrink = max(1, images[0].shape[-1] // 14) if len(images) else 1
     blocks = [plots_ascii.image(_small(img, shrink).tolist()) for img in images]
-    width = max(len(line) for b in blocks for line in b.splitlines())
-    blocks = ["\n".join(line[:width].ljust(width) for line in caption.split("\n")) + "\n" + block
+    width = max(len(line) for b in [*blocks, *captions] for line in b.splitlines())
+    blocks = ["\n".join(line.ljust(width) for line in caption.split("\n")) + "\n" + block
               for caption, block in zip(captions, blocks)]
     rows = [plots_ascii.side_by_side(blocks[i:i + per_row], gap=3)
             for i in range(0, len(blocks), per_row)]
     return "\n\n".join(rows)
 
 
-def mistakes_view(X, probs, y, n=6, *, per_row=3, shrink=2, class_names=None):
+def mistakes_view(X, probs, y, n=6, *, per_row=3, shrink=None, class_names=None):
     """The most confident mistakes drawn side by side, each captioned with the true label
     and the predicted one, each with its probability ('true 4 (0.05)' over 'said 9 (0.93)')."""
     found = top_mistakes(probs, y, n)
@@ -151,10 +156,22 @@ def pca_view(points, labels, *, title, max_points=600, width=None, height=24):
                                height=height, title=head)
 
 
-def weights_view(linear, *, shape=(28, 28), n=9, per_row=3, shrink=2):
+def weights_view(linear, *, shape=None, n=9, per_row=3, shrink=None):
     """The first ``n`` rows of a Linear layer's weight, each reshaped to an image: what
-    each unit of the first layer looks for (scaled from its minimum to its maximum)."""
+    each unit of the first layer looks for (scaled from its minimum to its maximum).
+    ``shape`` (H, W): by default the square its inputs make (784: 28 x 28, 64: 8 x 8)."""
     w = linear.weight.detach().cpu()
+    inputs = w.shape[-1]
+    if shape is None:
+        side = math.isqrt(inputs)
+        if side * side != inputs:
+            raise ValueError(f"weights_view: {inputs} inputs make no square image; pass "
+                             f"shape=(H, W) with H * W = {inputs}")
+        shape = (side, side)
+    if math.prod(shape) != inputs:
+        raise ValueError(f"weights_view: shape={tuple(shape)} holds {math.prod(shape)} "
+                         f"pixels, the layer has {inputs} inputs; pass shape=(H, W) with "
+                         f"H * W = {inputs}")
     return _grid([row.reshape(shape) for row in w[:n]], [f"unit {i}" for i in range(min(n, len(w)))],
                  per_row=per_row, shrink=shrink)
 

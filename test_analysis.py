@@ -267,6 +267,27 @@ class RepresentationsTest(unittest.TestCase):
         self.assertEqual(view.count("unit "), 4)
         self.assertEqual(len(view.splitlines()), 2 * (1 + 14) + 1)  # two rows of two images
 
+    def test_views_of_other_image_sizes(self):
+        small = torch.nn.Linear(64, 5)  # an MLP on 8 x 8 digits: its own square, drawn whole
+        view = analysis.weights_view(small, n=2, per_row=2)
+        self.assertEqual(len(view.splitlines()), 1 + 8)
+        self.assertEqual(max(len(ln) for ln in view.splitlines()[1:]), 2 * 8 * 2 + 3)  # 2 a pixel
+        wide = analysis.weights_view(torch.nn.Linear(96, 2), shape=(8, 12), n=1)
+        self.assertEqual(len(wide.splitlines()), 1 + 8)
+        self.assertEqual(max(len(ln) for ln in wide.splitlines()[1:]), 12 * 2)
+        with self.assertRaisesRegex(ValueError, r"90 inputs make no square image; pass "
+                                                r"shape=\(H, W\) with H \* W = 90"):
+            analysis.weights_view(torch.nn.Linear(90, 2))
+        with self.assertRaisesRegex(ValueError, r"shape=\(28, 28\) holds 784 pixels, the layer "
+                                                r"has 64 inputs"):
+            analysis.weights_view(small, shape=(28, 28))
+        probs = torch.tensor([[0.05, 0.95], [0.9, 0.1], [0.2, 0.8]])
+        view = analysis.mistakes_view(torch.rand(3, 8, 8), probs, torch.tensor([0, 1, 0]))
+        first = view.splitlines()
+        self.assertTrue(first[0].startswith("true 0 (0.05)   "))  # whole, not "true 0 ("
+        self.assertTrue(first[1].startswith("said 1 (0.95)   "))
+        self.assertEqual(len(first), 2 + 8)  # 8 x 8 images drawn whole
+
 
 class TrainingViewsTest(unittest.TestCase):
     @classmethod
