@@ -62,6 +62,7 @@ asking such a copy for a deleted feature is an error that names the block:
 """
 import atexit
 import builtins
+import collections
 import contextlib
 import copy
 import csv
@@ -1070,6 +1071,12 @@ class _History(dict):
         super().__init__(history)
         self.better = dict(better)
 
+    def __reduce__(self):  # saved (torch.save, pickle) as an OrderedDict, which torch.load
+        return collections.OrderedDict, (list(self.items()),)  # takes with weights_only
+
+    def __deepcopy__(self, memo):
+        return _History(copy.deepcopy(dict(self), memo), self.better)
+
 
 def _directions(stats, monitor, mode):
     """{history key: "min" or "max"} for each value whose direction is known: the loss,
@@ -1364,7 +1371,7 @@ def _damage(ck, steps=None):
         return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
     if step and wrong_type(_LAST_PT_MID_EPOCH):
         return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
-    if step and steps is not None and step >= steps:
+    if step and steps is not None and step > steps:  # == steps: saved at the last batch
         return f"'step' is {step}, not inside an epoch of {steps} batches"
     if step:
         meter = ck["meter"]

@@ -861,6 +861,37 @@ class DamagedLastTest(Quiet):
         self.assertEqual(h["epoch"], [1, 2, 3])  # the good file still resumes
 
 
+    def test_a_snapshot_at_an_epochs_last_batch_resumes(self):
+        # save_every's look can come at the last batch; a kill before the epoch's end
+        # leaves that snapshot, which must resume (it was refused as "not inside an epoch")
+        X, y = binary_data(64)
+        d = self.tmpdir()
+        calls, armed = [], [True]
+
+        def val_fn(model):  # runs after the epoch's last batch, before the epoch's files
+            calls.append(1)
+            if len(calls) == 2 and armed:
+                raise Interrupt
+            return {"one": 1.0}
+
+        def run(model, **kw):
+            return self.fit(model, (X, y), torch.nn.BCELoss(),
+                            torch.optim.Adam(model.parameters()), epochs=3, batch_size=8,
+                            seed=0, val_fn=val_fn, metrics={"acc": "binary_accuracy"}, **kw)
+        with mock.patch.object(loops, "_TICK_SECONDS", 0), self.assertRaises(Interrupt):
+            run(mlp(), checkpoint=d, save_every=0)
+        ck = torch.load(os.path.join(d, "last.pt"), weights_only=True)
+        self.assertEqual((ck["epoch"], ck["step"]), (1, 8))  # epoch 2's last batch
+        resumed = mlp(seed=3)
+        h = run(resumed, checkpoint=d, resume=True, save_every=0)
+        armed.clear()  # the reference run goes through
+        whole = mlp()
+        want = run(whole)
+        self.assertTrue(same_weights(resumed, whole))
+        self.assertEqual({k: v for k, v in h.items() if k != "time"},
+                         {k: v for k, v in want.items() if k != "time"})
+
+
 class OtherSettingsTest(Quiet):
     def test_a_snapshot_resumed_with_other_settings_is_refused_and_an_epoch_end_says_so(self):
         # A snapshot (epoch 2, batch 2 of 8) resumed with batch_size=16 skipped 2 * 16 rows;

@@ -102,6 +102,11 @@ class ModeTest(Seams):
                                                 "better": want})
             runs.append((d, h))
         h = runs[0][1]
+        saved = os.path.join(self.tmpdir(), "history.pt")
+        torch.save(h, saved)  # as a user may: it loads with weights_only, as a plain mapping
+        self.assertEqual(dict(torch.load(saved, weights_only=True)), dict(h))
+        import copy
+        self.assertEqual(copy.deepcopy(h).better, h.better)
         self.assertNotEqual(h["val_acc"].index(max(h["val_acc"])), 0)  # the case it hid in
         chart = plots_ascii.plot_history(h, keys=["acc", "prec"], width=60)
         for key in ("val_acc", "val_prec", "acc"):
