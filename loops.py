@@ -147,7 +147,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     try:
         snapshot = _resume(store, record, epochs, plan.train.steps, printer, on_epoch_end,
                            world) if resume else None
-        epoch = record.epoch + 1
+        first = epoch = record.epoch + 1
         for epoch in record.epochs_to_run(epochs):
             # Train: the epoch's batches and sums (where a mid-epoch snapshot stopped,
             # when resuming one), then a step on each batch, looked at now and then.
@@ -155,7 +155,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                                           shuffle=shuffle, keep_rng=save_every is not None,
                                           snapshot=snapshot)
             meter = _Meter(plan.train_stats, device, None if train_step else loss_fn,
-                           sharded=plan.train.sharded, snapshot=snapshot)
+                           sharded=plan.train.sharded, snapshot=snapshot, tried=epoch > first)
             snapshot = None  # only the first epoch of a resumed run continues a snapshot
             watch = None if look_seconds is None else _Watch(
                 look_seconds, plan.train.steps, functools.partial(printer.progress, epoch),
@@ -166,7 +166,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                 stepper.check_epoch()
                 # Evaluate: training and validation values, in one host read; then val_fn.
                 logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, stepper.seam,
-                                                      plan.stats, world, val_fn)}
+                                                      plan.stats, world, val_fn, meter.tried)}
             logs.update(start.lr, time=start.elapsed())
             record.steps += stepper.optimizer_steps(meter.steps)
             # Record: the history, the best value, patience; the scheduler's epoch step.
@@ -603,11 +603,11 @@ def _train_loop(model, batches, stepper, meter, watch=None, on_batch_end=None, s
         raise ValueError("the training data yielded no batches; expected at least one")
 
 
-def _epoch_logs(meter, model, val, seam, stats, world, val_fn=None):
+def _epoch_logs(meter, model, val, seam, stats, world, val_fn=None, tried=False):
     """The epoch's training values and, with ``val``, its validation values (``val_``
     keys; ``val_loss`` only with a loss_fn), in one host read after one all-reduce of
     each when there are several ranks; then ``val_fn``'s values, named as it names them."""
-    meters = [meter] + ([] if val is None else [_evaluate_pass(model, val, seam, stats)])
+    meters = [meter] + ([] if val is None else [_evaluate_pass(model, val, seam, stats, tried)])
     logs, *val_logs = _read(meters, world)
     for k, v in val_logs[0].items() if val_logs else ():
         if k != "loss" or seam.keywords["loss_fn"] is not None:
@@ -629,16 +629,15 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _evaluate_pass(model, source, seam, stats):
+def _evaluate_pass(model, source, seam, stats, tried=False):
     """One pass over ``source`` in eval mode without grad, each batch through ``seam``
     (_forward_loss as the run sets it); its sums in a _Meter, unread."""
     meter = _Meter(stats, source.device, seam.keywords["loss_fn"], sharded=source.sharded,
-                   evaluating=True)
-    zero = torch.zeros((), device=source.device)
+                   evaluating=True, tried=tried)
     with _eval_mode(model):
         for batch in source.epoch():
             loss, out, yb = seam(model, batch)
-            meter.add(zero if loss is None else loss, out, yb)
+            meter.add(torch.zeros((), device=out.device) if loss is None else loss, out, yb)
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
@@ -702,7 +701,7 @@ class _Meter:
     _PENDING = 1 << 22
 
     def __init__(self, stats, device, loss_fn=None, *, sharded=False, evaluating=False,
-                 snapshot=None):
+                 snapshot=None, tried=False):
         self.stats, self.device, self.sharded = stats, device, sharded
         # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
         self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
@@ -719,6 +718,7 @@ class _Meter:
         self.unchecked = []  # folded losses not yet known to be finite, in step order
         self._losses, self._outs, self._ys, self._numel = [], [], [], 0
         self.own = False  # summing train_step's values, not a loss
+        self.tried = tried  # the metrics ran on a batch of this run already (an epoch ago)
         self.kept = [[], []] if any(st.whole for st in stats.values()) else None  # all y_pred, y
         if snapshot is not None:  # a mid-epoch snapshot's sums: go on from its step
             self.load_state_dict(snapshot["meter"], snapshot["step"])
@@ -739,7 +739,7 @@ class _Meter:
         if self.steps == 1:  # fail at the first batch, not at a fold or never
             if self.loss_fn is not None:
                 _check_same_shape(self.loss_fn, out, y)
-            if self.stats:
+            if self.stats and not self.tried:
                 _metric_sums(self.stats, [out], [y], self.dtype)
         if self.stats:
             self._outs.append(out)
@@ -2209,9 +2209,10 @@ def _kept(y, ignore):
 
 
 def _right(right, keep):
-    """[right rows, rows counted] as one tensor, the ignored rows in neither."""
+    """[right rows, rows counted] as one tensor, the ignored rows in neither; without
+    an ignored label, the right rows alone (counted from the shapes: one op fewer)."""
     if keep is None:
-        return torch.stack([right.sum(), right.new_tensor(right.numel(), dtype=torch.long)])
+        return right.sum()
     return torch.stack([(right & keep).sum(), keep.sum()])
 
 
@@ -2226,6 +2227,10 @@ def _correct(p, y, ignore):
 def _binary_right(p, y, cut, ignore):
     y = y.reshape(p.shape)
     return _right((p > cut) == (y > 0.5), _kept(y, ignore))
+
+
+def _n_labels(p, y):  # the label positions of class scores (N, ..., C)
+    return p.numel() // p.shape[-1]
 
 
 def _counts(p, y, cut, ignore=None):
@@ -2307,11 +2312,13 @@ def _stats(cut, ignore=None):
     the rows whose class-index target is ``ignore`` left out."""
     def counts(p, y):
         return _counts(p, y, cut, ignore)
-    table = {
-        "accuracy": _Stat(lambda p, y: _correct(p, y, ignore), _n_none, _share, size=2,
-                          percent=True),
-        "binary_accuracy": _Stat(lambda p, y: _binary_right(p, y, cut, ignore), _n_none,
-                                 _share, size=2, percent=True),
+    counted = {"size": 2, "count": _n_none, "finish": _share}  # [right, counted] sums
+    table = {  # with an ignored label the rows counted are summed too: [right, counted]
+        "accuracy": _Stat(lambda p, y: _correct(p, y, ignore), percent=True, **(
+            counted if ignore is not None else {"count": _n_labels, "finish": _ratio})),
+        "binary_accuracy": _Stat(lambda p, y: _binary_right(p, y, cut, ignore), percent=True,
+                                 **(counted if ignore is not None else
+                                    {"count": _n_values, "finish": _ratio})),
         "mse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
                      _ratio),
         "rmse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
