@@ -449,10 +449,11 @@ class _Stepper:
         (a weight of one) for a reduction="sum" loss, whose group sum is its batches'."""
         if self.summed:
             return [None] * len(group)
-        if self.weigh is not None and all(torch.is_tensor(yb) for _, yb in group):
+        if self.weigh is not None and all(isinstance(yb, torch.Tensor) for _, yb in group):
             w = torch.cat([self.weigh(yb.unsqueeze(0)) for _, yb in group]).float()
             return list((w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).unbind())
-        rows = [_batch_rows(batch) for batch in group]
+        rows = [b[1].shape[0] if type(b) is tuple and isinstance(b[1], torch.Tensor)
+                else _batch_rows(b) for b in group]  # (X, y) pairs without a call each
         total = sum(rows)
         return [n / total for n in rows]
 
@@ -2008,7 +2009,7 @@ def _pairs(batches, device, what):
 
 
 def _to(x, device):
-    if torch.is_tensor(x):
+    if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
     if isinstance(x, (list, tuple)):
         return type(x)(_to(v, device) for v in x)
@@ -2020,7 +2021,7 @@ def _to(x, device):
 def _batch_rows(x):
     """The rows of a batch or of its targets: a tensor's first dimension; for a dict, a
     tuple or a list of tensors, its first entry's; else len()."""
-    if torch.is_tensor(x):
+    if isinstance(x, torch.Tensor):  # not torch.is_tensor: a Python call per batch
         return x.shape[0]
     if isinstance(x, int):  # already a count (train_step's batches)
         return x
