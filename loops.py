@@ -25,8 +25,9 @@ steps, as the model changed during the epoch. Sums stay on the device and are
 read back once per epoch and at each (throttled) progress refresh, so a CUDA
 run never waits on the GPU inside an epoch except to refresh the progress line.
 
-``fit(..., checkpoint=DIR)`` writes ``best.pt``, ``last.pt`` and ``history.csv``,
-each atomically (temp file + rename); ``resume=True`` continues from ``last.pt``
+``fit(..., checkpoint=DIR)`` writes ``best.pt``, ``last.pt``, ``history.csv`` and
+``run.json`` (which way each value is better, for plots), each atomically (temp
+file + rename); ``resume=True`` continues from ``last.pt``
 so that a run killed at any instant ends bit-for-bit as if never interrupted.
 
 The file reads top-down, in this order:
@@ -39,7 +40,8 @@ The file reads top-down, in this order:
     exact sums        _Meter: losses and metric statistics summed on the device
     the run's record  _Record: history, best, patience, why it stopped; how a run ends
     checkpoints       _Store: best.pt, last.pt (saved and resumed side by side),
-                      history.csv; atomic writes, the directory's lock, random states
+                      history.csv, run.json; atomic writes, the directory's lock,
+                      random states
     processes         _OneProcess, the world of a run in one process
     data sources      (X, y) tensors cut here, or a DataLoader used as it is
     progress          pure formatters, and the _Printer that writes them
