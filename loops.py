@@ -637,10 +637,12 @@ def _evaluate_pass(model, source, seam, stats, tried=False):
     (_forward_loss as the run sets it); its sums in a _Meter, unread."""
     meter = _Meter(stats, source.device, seam.keywords["loss_fn"], sharded=source.sharded,
                    evaluating=True, tried=tried)
+    no_loss = seam.keywords["loss_fn"] is None  # then a zero stands in for each batch's loss
+    zero = torch.zeros((), device=source.device) if no_loss else None
     with _eval_mode(model):
         for batch in source.epoch():
             loss, out, yb = seam(model, batch)
-            meter.add(torch.zeros((), device=out.device) if loss is None else loss, out, yb)
+            meter.add(zero if no_loss else loss, out, yb)
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
@@ -2315,7 +2317,7 @@ def _stats(cut, ignore=None):
     the rows whose class-index target is ``ignore`` left out."""
     def counts(p, y):
         return _counts(p, y, cut, ignore)
-    counted = {"size": 2, "count": _n_none, "finish": _share}  # [right, counted] sums
+    counted = {"size": 2, "count": _n_none, "finish": _share}
     table = {  # with an ignored label the rows counted are summed too: [right, counted]
         "accuracy": _Stat(lambda p, y: _correct(p, y, ignore), percent=True, **(
             counted if ignore is not None else {"count": _n_labels, "finish": _ratio})),

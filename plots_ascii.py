@@ -873,8 +873,7 @@ def main(argv=None):
     charts = []
     for k in keys:
         series = {name: h[k] for name, h in runs.items() if k in h}
-        directions = {name: better[name].get(k, "min" if k in ("loss", "val_loss") else None)
-                      for name in series}  # a run's own, from its run.json
+        directions = {name: _direction(k, better[name]) for name in series}  # each run's own
         charts.append(line_plot(series, width=args.width, height=args.height, title=k,
                                 better=directions))
     try:
