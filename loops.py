@@ -60,7 +60,8 @@ Each optional block lies between a line ``# --- optional: NAME`` and a line
 ``# --- end of NAME``. Delete one, or all, and the rest works as before (fit with
 metrics, checkpoints, resume, patience and restore_best; evaluate; predict);
 asking such a copy for a deleted feature is an error that names the block:
-``mixed precision`` (precision="bf16"/"fp16"), ``distributed`` (torchrun), ``lr_find``.
+``mixed precision`` (precision="bf16"/"fp16"), ``distributed`` (torchrun, sharding),
+``lr_find``.
 """
 import atexit
 import builtins
@@ -278,16 +279,38 @@ def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None)
 
 
 def save_checkpoint(path, model, optimizer=None, **state):
-    """Atomically write the model's (unwrapped) weights, the optimizer state and ``state``."""
-    ckpt = {"model": _unwrap(model).state_dict(), **state}
-    if optimizer is not None:  # a dict of optimizers is saved as a dict of their states
-        one = not isinstance(optimizer, dict)
-        states = {k: (o.state_dict(), type(o).__name__) for k, o in _named(optimizer).items()}
-        ckpt["optimizer"], ckpt["optimizer_type"] = (
-            states[""] if one else ({k: v[0] for k, v in states.items()},
-                                    {k: v[1] for k, v in states.items()}))
+    """Atomically write the model's (unwrapped) weights, the optimizer state and ``state``.
+    A sharded model's (setup_distributed(shard=True)): every rank calls, rank 0 writes."""
+    part = _states(model, optimizer, path)
+    if part is None:  # another rank writes
+        return
+    ckpt = {**part, **state}
     _check_plain(ckpt, "checkpoint")
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
+    if "shards" in ckpt:  # the directory it names is committed: the older ones go
+        _block("distributed", "_drop_old_shards", "a sharded checkpoint")(path, ckpt)
+
+
+def _is_sharded(model):  # by FSDP2's fully_shard (setup_distributed(shard=True))
+    return hasattr(type(model), "set_requires_gradient_sync")
+
+
+def _states(model, optimizer, path):
+    """The checkpoint's part that holds the weights and the optimizer's state (a dict of
+    optimizers' as dicts) in plain tensors; a sharded model's from the distributed block
+    (None on the ranks that do not write)."""
+    if _is_sharded(model):
+        part, states = _block("distributed", "_sharded_states", "a sharded model")(
+            model, optimizer, path)
+    else:
+        part = {"model": _unwrap(model).state_dict()}
+        states = {k: o.state_dict() for k, o in _named(optimizer).items()}
+    if part is not None and optimizer is not None:
+        types = {k: type(o).__name__ for k, o in _named(optimizer).items()}
+        one = not isinstance(optimizer, dict)
+        part["optimizer"], part["optimizer_type"] = (
+            (states[""], types[""]) if one else (states, types))
+    return part
 
 
 def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
@@ -1181,6 +1204,7 @@ class _Store:
         self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
         self.world, self.writer = world, world.writer
+        self.gathered = _is_sharded(model)  # its state is gathered by every rank's call
         self.dir = None if directory is None else _prepare_dir(directory)
         # one run at a time in a directory; rank 0, the writer, holds the lock
         self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
@@ -1215,6 +1239,7 @@ class _Store:
         gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
         such weights must never replace a good checkpoint. One host read."""
         bad = _nonfinite_weights(self.model)
+        bad = list(dict.fromkeys(n for names in self.world.gather(bad) or [bad] for n in names))
         if not bad:
             return
         raise FloatingPointError(
@@ -1230,7 +1255,7 @@ class _Store:
             return
         self._refuse_nonfinite(f"epoch {record.epoch}: ")
         with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
-            if improved and self.writer:
+            if improved and (self.writer or self.gathered):
                 save_checkpoint(self.best_path, self.model, format=self.FORMAT,
                                 epoch=record.epoch, monitor=record.monitor, value=record.best)
             self.save_last(record)
@@ -1251,7 +1276,7 @@ class _Store:
         rng = _rng_state(self.gen, self.loaders)
         ranks = self.world.gather(rng)  # every rank's random state, so that each resumes its own
         with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
-            if self.writer:
+            if self.writer or self.gathered:
                 save_checkpoint(
                     self.last_path, self.model, self.optimizer, format=self.FORMAT,
                     **record.state(),
@@ -1284,8 +1309,12 @@ class _Store:
         record.load(ck)
         if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
             _write_csv(self.csv_path, record.history)
-        ranks = ck.get("rng_ranks")
-        _set_rng_state(ranks[self.world.rank] if ranks and len(ranks) == self.world.size
+        ranks = ck.get("rng_ranks") or [ck["rng"]]
+        if len(ranks) != self.world.size:  # its rows, order and random states differ
+            self.notes.append(f"last.pt was written by {len(ranks)} processes, this run has "
+                              f"{self.world.size}: the weights and optimizer go on as saved, "
+                              "but the run no longer follows the one saved bit for bit")
+        _set_rng_state(ranks[self.world.rank] if len(ranks) == self.world.size
                        else ck["rng"], self.gen, self.loaders)
         self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
         return ck if ck["step"] else None
@@ -1472,8 +1501,10 @@ def _optimizer_damage(ck, optimizer):
 
 
 def _nonfinite_weights(model):
-    """The names of the parameters holding NaN or inf; one host read when there are none."""
-    params = list(_unwrap(model).named_parameters())
+    """The names of the parameters holding NaN or inf; one host read when there are none.
+    Of a sharded model, those whose shard on this rank does."""
+    params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a DTensor's shard
+              for n, p in _unwrap(model).named_parameters()]
     if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
         return []
     return [name for name, p in params if not bool(torch.isfinite(p).all())]
@@ -1586,6 +1617,9 @@ def _load_into(ckpt, path, model, optimizer):
     """Load a checkpoint's weights and optimizer state, after checking that both fit:
     torch's load_state_dict copies the matching tensors before it raises on the
     rest, which would leave a half-loaded model."""
+    if model is not None and ("shards" in ckpt or _is_sharded(model)):
+        return _block("distributed", "_load_sharded", f"{path}, a sharded checkpoint,")(
+            ckpt, path, model, optimizer)
     if model is not None:
         _check_fits(_unwrap(model), ckpt["model"], path)
     if optimizer is not None:
@@ -1882,7 +1916,7 @@ class _OneProcess:
     def sharded_loader(self, loader, what):
         return False
 
-    def check(self, model, *, save_every):
+    def check(self, model, optimizer, **options):
         pass
 
     def abandon(self):
@@ -2505,7 +2539,8 @@ def _user_value(fn, p, y):
 # reaches into a block only through _block (and a missing public name through
 # __getattr__), so a copy without it fails with a message that names the block.
 
-_BLOCK_OF = {"lr_find": "lr_find", "setup_distributed": "distributed"}
+_BLOCK_OF = {"lr_find": "lr_find", "setup_distributed": "distributed",
+             "consolidate": "distributed"}
 
 
 def __getattr__(name):  # asked only for a name this module lacks
@@ -2605,19 +2640,36 @@ def _check_mixed_precision(precision, device):
 
 
 # --- optional: distributed ----------------------------------------------------
-# Runs under torchrun, one process per device: setup_distributed, and _Ranks, the
-# world of such a run (the core's _OneProcess is the world of one process).
-# Without this block, a process group of several ranks is refused, naming it.
+# Runs under torchrun, one process per device: setup_distributed (DDP, or a model
+# sharded with FSDP2), and _Ranks, the world of such a run (the core's _OneProcess is
+# the world of one process); a sharded model's checkpoints, full or sharded, and
+# consolidate. Without this block, a process group of several ranks is refused.
 
-__all__ += ["setup_distributed"]
+import ctypes  # noqa: E402  (the block's own imports: they go with it)
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import weakref  # noqa: E402
+
+__all__ += ["setup_distributed", "consolidate"]
+
+_SHARDED = weakref.WeakKeyDictionary()  # a model sharded here -> its checkpoint format
 
 
-def setup_distributed(model, *, backend=None):
-    """Under torchrun: join its process group and wrap the model in DistributedDataParallel.
+def setup_distributed(model, *, backend=None, shard=False, precision=None, checkpoints="full"):
+    """Under torchrun: join its process group and wrap the model in DistributedDataParallel,
+    or with ``shard`` shard it with FSDP2 (weights, gradients and optimizer state split over
+    the ranks: for a model whose training state does not fit one device).
 
     The group is initialised once (nccl with CUDA, else gloo), the model moved to this
     rank's device and wrapped; without torchrun the model comes back as it is. Returns
-    ``(model, device)``; create the optimizer after this call."""
+    ``(model, device)``; create the optimizer after this call.
+    ``shard=True`` applies ``fully_shard`` to each module holding parameters of its own,
+    then to the root; a tuple of module classes (a transformer's block) to each of their
+    instances instead. ``precision="bf16"``: FSDP's MixedPrecisionPolicy (compute and
+    gathers in bf16, weights, reduced gradients and optimizer in fp32; fit's precision
+    stays None). ``checkpoints``: "full" (best.pt and last.pt hold the whole state,
+    gathered to rank 0) or "sharded" (each rank writes its shards; see consolidate)."""
+    _check_sharding(shard, precision, checkpoints)
     dist = torch.distributed
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return model, model_device(model)
@@ -2629,9 +2681,161 @@ def setup_distributed(model, *, backend=None):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     model = model.to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, device
+    if not shard:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None), device
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if device.type == "cpu":
+        # Every step gathers and frees each module's weights; glibc raises its mmap
+        # threshold on such frees and keeps later blocks in its heap, so the memory grows
+        # step after step. A fixed threshold (M_MMAP_THRESHOLD, -3: 1 MiB) returns them.
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            ctypes.CDLL(None).mallopt(-3, 1 << 20)
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if precision \
+        else MixedPrecisionPolicy()
+    for m in reversed(list(model.modules())[1:]):  # the innermost first, the root last
+        if isinstance(m, shard) if shard is not True else any(
+                True for _ in m.parameters(recurse=False)):
+            fully_shard(m, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    _SHARDED[model] = checkpoints
+    return model, device
+
+
+def _check_sharding(shard, precision, checkpoints):
+    classes = isinstance(shard, tuple) and shard and all(
+        isinstance(c, type) and issubclass(c, torch.nn.Module) for c in shard)
+    if not (isinstance(shard, bool) or classes):
+        raise TypeError(f"shard must be True, False or a tuple of module classes (each "
+                        f"instance sharded), got {shard!r}")
+    if precision not in (None, "bf16"):
+        raise ValueError(f"precision={precision!r}: a sharded model takes None or 'bf16' (fp16 "
+                         "would need its gradients unscaled across shards)")
+    if checkpoints not in ("full", "sharded"):
+        raise ValueError(f"checkpoints={checkpoints!r}: expected 'full' or 'sharded'")
+    if (precision, checkpoints) != (None, "full") and not shard:
+        raise ValueError("precision= and checkpoints= are options of a sharded model: pass "
+                         "shard=True too")
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model):  # FSDP2's no_sync: gradients reduce-scattered at the last batch
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _opt_key(name):  # an optimizer's key among the shards
+    return "optimizer" + (f"_{name}" if name else "")
+
+
+def _indexed(osd, state=True):
+    """torch.distributed.checkpoint's optimizer state (its parameters named) as torch.optim's
+    (numbered in its groups' order), which a plain model's optimizer loads."""
+    number = {n: i for i, n in enumerate(n for g in osd["param_groups"] for n in g["params"])}
+    return {"state": {number[n]: st for n, st in osd["state"].items()} if state else {},
+            "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
+                             for g in osd["param_groups"]]}
+
+
+def _sharded_states(model, optimizer, path):
+    """_states of a sharded model, every rank calling: the part and each optimizer's state.
+    "full": the whole state gathered to rank 0 (None, None on the others). "sharded": each
+    rank writes its shards with
+    torch.distributed.checkpoint into a fresh directory beside ``path`` that the part
+    names; ``path``, written after them, is the commit."""
+    from torch.distributed.checkpoint import state_dict as sd
+    whole = _SHARDED.get(model, "full") == "full"
+    options = sd.StateDictOptions(full_state_dict=whole, cpu_offload=whole)
+    weights = sd.get_model_state_dict(model, options=options)
+    optims = {k: sd.get_optimizer_state_dict(model, o, options=options)
+              for k, o in _named(optimizer).items()}
+    part = {"model": weights}
+    if not whole:
+        name = _Ranks().first(f"{os.path.basename(path)}.shards.{secrets.token_hex(6)}")
+        torch.distributed.checkpoint.save(
+            {"model": weights, **{_opt_key(k): v for k, v in optims.items()}},
+            checkpoint_id=os.path.join(os.path.dirname(path), name))
+        part = {"model": {}, "shards": name}
+    if torch.distributed.get_rank() != 0:
+        return None, None
+    return part, {k: _indexed(v, whole) for k, v in optims.items()}
+
+
+def _load_sharded(ck, path, model, optimizer):
+    """_load_into for a sharded model or checkpoint, every rank calling: the whole state,
+    each rank taking its shards; or the shards ``path`` names, on any number of ranks."""
+    if not _is_sharded(model):
+        raise ValueError(f"{path} is a sharded checkpoint (its weights are in {ck['shards']}, "
+                         "one file per rank): load it into a model sharded as it was, or make "
+                         f"it a plain one with loops.consolidate({os.path.dirname(path)!r})")
+    from torch.distributed.checkpoint import state_dict as sd
+    if optimizer is not None:
+        _check_optimizer_fits(optimizer, ck, path)
+    opts, options = _named(optimizer), sd.StateDictOptions(full_state_dict="shards" not in ck)
+    if "shards" in ck:
+        where = os.path.join(os.path.dirname(path), ck["shards"])
+        if not os.path.isdir(where):
+            raise ValueError(f"{path} names the shard directory {ck['shards']}, which is not "
+                             "there; nothing was loaded")
+        state = {"model": sd.get_model_state_dict(model), **{
+            _opt_key(k): sd.get_optimizer_state_dict(model, o) for k, o in opts.items()}}
+        torch.distributed.checkpoint.load(state, checkpoint_id=where)
+        weights, optims = state["model"], {k: state[_opt_key(k)] for k in opts}
+    else:
+        _check_fits(model, ck["model"], path)
+        names = {id(p): n for n, p in model.named_parameters()}
+        weights, optims = ck["model"], {}
+        for k, o in opts.items():  # torch.optim's numbers back to the parameters' names
+            saved, fqn = ck["optimizer"][k] if k else ck["optimizer"], [
+                names[id(p)] for g in o.param_groups for p in g["params"]]
+            optims[k] = {"state": {fqn[i]: st for i, st in saved["state"].items()},
+                         "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]}
+                                          for g in saved["param_groups"]]}
+    sd.set_model_state_dict(model, weights, options=options)
+    for k, o in opts.items():
+        sd.set_optimizer_state_dict(model, o, optims[k], options=options)
+
+
+def _drop_old_shards(path, ckpt):
+    """Once ``path`` is written naming its shard directory: remove the others of ``path``
+    (the one it named before, and any a kill left unnamed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = os.path.basename(path) + ".shards."
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name != ckpt.get("shards"):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def consolidate(run_dir):
+    """Make a sharded run's best.pt and last.pt plain ones (the whole state in each file,
+    as checkpoints="full" writes it: loadable in one process with weights_only), then
+    remove its shard directories. In one process, while no run uses the directory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir!r} is not a directory; expected a run's checkpoint directory")
+    lock = _DirLock(run_dir)
+    try:
+        for name in ("best.pt", "last.pt"):
+            path = os.path.join(run_dir, name)
+            ck = _read_checkpoint(path) if os.path.exists(path) else {}
+            if "shards" in ck:
+                with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+                    dcp_to_torch_save(os.path.join(run_dir, ck.pop("shards")),
+                                      os.path.join(tmp, "whole.pt"))
+                    whole = torch.load(os.path.join(tmp, "whole.pt"), weights_only=True)
+                ck["model"] = whole["model"]
+                if "optimizer" in ck:
+                    one = "param_groups" in ck["optimizer"]
+                    ck["optimizer"] = _indexed(whole["optimizer"]) if one else {
+                        k: _indexed(whole[_opt_key(k)]) for k in ck["optimizer"]}
+                _atomic_write(path, lambda f: torch.save(ck, f))
+            if os.path.exists(path):
+                _drop_old_shards(path, {})
+    finally:
+        lock.release()
 
 
 def _leave_group():
@@ -2653,7 +2857,7 @@ class _Ranks:
     def __init__(self):
         dist = torch.distributed
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.writer = self.rank == 0
+        self.writer, self.lockstep = self.rank == 0, False
 
     def reduce(self, totals):
         """A meter's sums and counts summed over the ranks (maxima: the largest): the
@@ -2710,6 +2914,8 @@ class _Ranks:
         return torch.cat([p.to(t.device) for p in self.gather(t.cpu())])
 
     def no_sync(self, model):
+        if _is_sharded(model):
+            return functools.partial(_no_gradient_sync, model)
         return getattr(model, "no_sync", None)  # DistributedDataParallel's
 
     def sharded_loader(self, loader, what):
@@ -2722,22 +2928,70 @@ class _Ranks:
                              "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
         return sharded
 
-    def check(self, model, *, save_every):
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    def check(self, model, optimizer, *, save_every, clip_grad_norm, precision):
+        self.lockstep = _is_sharded(model)  # every rank runs each forward: it gathers weights
+        if self.lockstep:
+            _check_sharded(model, optimizer, clip_grad_norm, precision)
+        elif not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"the process group has {self.size} ranks but the model is not "
                              "wrapped in DistributedDataParallel, so the ranks would not share "
                              "gradients; wrap it (model, device = loops.setup_distributed(model))"
-                             " before creating the optimizer")
+                             " or shard it (shard=True) before creating the optimizer")
         if save_every is not None:
             raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
                              "snapshot would need every rank at the same step); checkpoints are "
                              "written at the end of each epoch")
+
+    def val_rows(self, X, y, batch_size, device, what):
+        """This rank's share of validation tensors, in as many batches as every other rank's
+        (each forward of a sharded model gathers its weights from all ranks): ceil(ceil(n /
+        ranks) / batch_size) batches of at most batch_size rows."""
+        lo, hi = len(X) * self.rank // self.size, len(X) * (self.rank + 1) // self.size
+        batches = -(-(-(-len(X) // self.size)) // batch_size)
+        if self.lockstep and len(X) // self.size < batches:
+            raise ValueError(f"{what}: {len(X)} rows over {self.size} ranks cannot make "
+                             f"{batches} batches on every rank, as a sharded model needs (each "
+                             "forward gathers its weights from all ranks); give more rows or a "
+                             "larger val_batch_size")
+        return _RankRows(X[lo:hi], y[lo:hi], batches, batch_size=batch_size, device=device,
+                         sharded=True)
 
     def abandon(self):
         """After a Ctrl-C: take the group down now, with no barrier: the ranks waiting for
         this one fail at once, and torchrun stops the job (not a 30-minute timeout)."""
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+class _RankRows(_TensorSource):
+    """A rank's validation rows cut into ``batches`` batches (empty ones left out)."""
+
+    def __init__(self, X, y, batches, **kw):
+        super().__init__(X, y, **kw)
+        self.steps = batches
+
+    def epoch(self, **_):
+        return ((xb, yb) for xb, yb in zip(self.X.tensor_split(self.steps),
+                                           self.y.tensor_split(self.steps)) if len(xb))
+
+
+def _check_sharded(model, optimizer, clip_grad_norm, precision):
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for o in _named(optimizer).values() for g in o.param_groups
+           for p in g["params"]):
+        raise ValueError("the optimizer holds parameters that are not the sharded model's: "
+                         "it was built before setup_distributed sharded the model (fully_shard "
+                         "replaces each parameter); build it after: model, device = "
+                         "loops.setup_distributed(model, shard=True), then the optimizer")
+    plain = [n for n, p in model.named_parameters() if not hasattr(p, "to_local")]
+    if clip_grad_norm and plain and len(plain) < len(own):
+        raise ValueError(f"clip_grad_norm: the parameters {plain[:3]} are plain tensors, the "
+                         "others sharded (DTensors), and one norm cannot be taken over both; "
+                         "shard the module that holds them too (shard=True shards them all)")
+    if precision is not None:
+        raise ValueError(f"precision={precision!r}: a sharded model's precision is FSDP's "
+                         "MixedPrecisionPolicy, chosen when it is sharded: "
+                         f"setup_distributed(model, shard=True, precision={precision!r}), and "
+                         "fit's precision stays None")
 
 # --- end of distributed -------------------------------------------------------
 
@@ -2963,9 +3217,7 @@ def _source(data, *, what, batch_size, device, reused, world=None, split_rows=Fa
                                                 else "") + " leaves no batch; expected at "
                              f"least {ranks * batch_size * accumulate} rows")
         if split_rows and ranks > 1:
-            lo, hi = len(X) * rank // ranks, len(X) * (rank + 1) // ranks
-            return _TensorSource(X[lo:hi], y[lo:hi], batch_size=batch_size, device=device,
-                                 sharded=True)
+            return world.val_rows(X, y, batch_size, device, what)
         return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
                              ranks=ranks, sharded=ranks > 1, drop_last=drop_last,
                              accumulate=accumulate)
@@ -3011,7 +3263,8 @@ def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, restor
     """fit's arguments but the data, metrics and monitor (checked as _plan builds them);
     returns the device and the world."""
     world = _world()
-    world.check(model, save_every=save_every)
+    world.check(model, optimizer, save_every=save_every, clip_grad_norm=clip_grad_norm,
+                precision=precision)
     if train_step is not None:  # the user's own step: loops' step options have no place
         _check_callables(train_step=train_step)
         given = [f"{k}={v!r}" for k, v, unset in (

@@ -1,10 +1,12 @@
 """fit under torchrun: 2 CPU processes, gloo, localhost only (real launches, real kills)."""
+import atexit
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -29,31 +31,44 @@ def data():
     return (X, y), (Xv, (Xv[:, :1] > 0).float())
 
 class Net(torch.nn.Module):
-    def __init__(self, dropout, slow):
+    def __init__(self, dropout):
         super().__init__()
-        self.slow = slow
         self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
                                        torch.nn.Dropout(dropout), torch.nn.Linear(8, 1),
                                        torch.nn.Sigmoid())
     def forward(self, x):
-        if self.slow:
-            time.sleep(self.slow)
         return self.net(x)
 
 train, val = data()
 torch.manual_seed(0)
 rank = int(os.environ.get("RANK", "0"))
 metrics = {"acc": "binary_accuracy", "f1": "f1", "max": "max_error"}
-parts = mode.split("+")  # "faults+accumulate": both, in one launch
-if "faults" in parts:
+saved = "rank"  # the name of each rank's results: out/rank0.pt, ...
+# SIGNAL=r:k:NAME: rank r sends itself SIGNAL (a Ctrl-C, a kill -9) after global step k
+who, at, name = (os.environ.get("SIGNAL") or "-1:0:INT").split(":")
+def on_batch_end(step, loss):
+    if rank == int(who) and step == int(at):
+        import signal
+        os.kill(os.getpid(), getattr(signal, "SIG" + name))
+def ddp_run(kind, ck, epochs, saved):  # "fit": dropout 0; "resume": 0.2, resumed
+    torch.manual_seed(0)
+    model, device = loops.setup_distributed(Net(0.2 if kind == "resume" else 0.0))
+    opt = torch.optim.Adam(model.parameters(), 0.01)
+    h = loops.fit(model, train, torch.nn.BCELoss(), opt, epochs=epochs, val=val,
+                  batch_size=batch, seed=1, metrics=metrics, checkpoint=ck,
+                  resume=kind == "resume", verbose=2, on_batch_end=on_batch_end)
+    torch.save({"history": h, "model": loops._unwrap(model).state_dict()},
+               f"{out}/{saved}{rank}.pt")
+
+if mode == "all":  # DDP: faults, accumulation, a fit, the DDP chain's reference; then sharded
     torch.distributed.init_process_group("gloo")
     report = {}
     try:  # a plain model under a group of 2
-        loops.fit(Net(0, 0), train, torch.nn.BCELoss(), torch.optim.SGD(Net(0, 0).parameters(), 0.1),
+        loops.fit(Net(0), train, torch.nn.BCELoss(), torch.optim.SGD(Net(0).parameters(), 0.1),
                   epochs=1, verbose=0)
     except ValueError as e:
         report["unwrapped"] = str(e)
-    model, _ = loops.setup_distributed(Net(0, 0))
+    model, _ = loops.setup_distributed(Net(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=8)
     try:  # a DataLoader that would give every rank every batch
         loops.fit(model, loader, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
@@ -64,7 +79,7 @@ if "faults" in parts:
     if rank == 1:  # a NaN in rank 1's half of the second global batch (rows 24-31)
         X = X.clone()
         X[16 + 8 + 3] = float("nan")
-    model, _ = loops.setup_distributed(Net(0, 0))
+    model, _ = loops.setup_distributed(Net(0))
     try:
         loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.1),
                   epochs=3, batch_size=batch, shuffle=False, verbose=0)
@@ -73,47 +88,153 @@ if "faults" in parts:
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(report, f)
 
-if "accumulate" in parts:
-    torch.manual_seed(0)  # as if first: the faults part drew for its models  # 2 batches of 8 per rank and step; count the gradient all-reduces
+    torch.manual_seed(0)  # as if first: the faults part drew for its models
+    # 2 batches of 8 per rank and step; count the gradient all-reduces
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    model, _ = loops.setup_distributed(Net(0, 0))
+    model, _ = loops.setup_distributed(Net(0))
     reduces = [0]
     def counting(state, bucket):
         reduces[0] += 1
         return default_hooks.allreduce_hook(torch.distributed.group.WORLD, bucket)
     model.register_comm_hook(None, counting)
     h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
-                  epochs=epochs, batch_size=batch, accumulate=2, seed=1, verbose=0,
+                  epochs=2, batch_size=batch, accumulate=2, seed=1, verbose=0,
                   metrics={"acc": "binary_accuracy"})
     torch.save({"history": h, "model": loops._unwrap(model).state_dict(),
-                "reduces": reduces[0]}, f"{out}/rank{rank}.pt")
+                "reduces": reduces[0]}, f"{out}/accumulate{rank}.pt")
+    ddp_run("fit", ck, 3, "rank")
+    ddp_run("resume", ck + "-reference", 5, "reference")  # the DDP chain's, uninterrupted
 
-if "faults" in parts or "accumulate" in parts:
-    loops._leave_group()  # barrier, then destroy: leaving alone can abort the other rank
+
+if mode == "all":  # FSDP2: a sharded fit as "fit" does, then the rest on the same group
+    torch.manual_seed(0)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    from torch.distributed.fsdp import fully_shard
+    whole = lambda m: get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
+    model, _ = loops.setup_distributed(Net(0), shard=True)
+    h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                  epochs=epochs, val=val, batch_size=batch, seed=1, metrics=metrics,
+                  checkpoint=ck + "-sharded", verbose=0)
+    report = {"history": h, "model": whole(model)}
+    torch.manual_seed(0)  # accumulation and clipping: 2 batches of 8 a rank and step
+    model, _ = loops.setup_distributed(Net(0), shard=True)
+    report["accumulate"] = loops.fit(
+        model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01), epochs=2,
+        batch_size=batch, accumulate=2, clip_grad_norm=0.05, seed=1, verbose=0,
+        metrics={"acc": "binary_accuracy"})
+    report["accumulate_model"] = whole(model)
+    g = torch.Generator().manual_seed(5)  # 65 validation rows at batch 32 over 2 ranks
+    Xv = torch.randn(65, 6, generator=g)
+    report["val65"] = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.SGD(
+        model.parameters(), 0.0), epochs=1, batch_size=batch, val=(Xv, (Xv[:, :1] > 0).float()),
+        val_batch_size=32, metrics={"acc": "binary_accuracy", "max": "max_error"}, verbose=0)
+    report["val65_model"] = whole(model)
+    report["evaluate"] = loops.evaluate(model, (Xv, (Xv[:, :1] > 0).float()), torch.nn.BCELoss())
+    report["predict"] = loops.predict(model, Xv, batch_size=16)
+    before = whole(model)
+    report["lr_find"] = loops.lr_find(model, train, torch.nn.BCELoss(), torch.optim.Adam(
+        model.parameters()), steps=20)["suggestion"]
+    report["lr_find_kept"] = all(torch.equal(v, whole(model)[k]) for k, v in before.items())
+    torch.manual_seed(0)  # bf16 through FSDP's MixedPrecisionPolicy
+    model, _ = loops.setup_distributed(Net(0), shard=True, precision="bf16")
+    opt = torch.optim.Adam(model.parameters(), 0.01)
+    report["bf16"] = loops.fit(model, train, torch.nn.BCELoss(), opt, epochs=epochs,
+                               batch_size=batch, seed=1, verbose=0)
+    report["bf16_dtypes"] = sorted({str(t.dtype) for t in [*model.parameters(), *(
+        v for st in opt.state.values() for v in st.values() if v.dim())]})
+    def optimizer_first():
+        net = Net(0)
+        opt = torch.optim.SGD(net.parameters(), 0.1)  # over the parameters before sharding
+        return loops.setup_distributed(net, shard=True)[0], opt
+    def mixed():
+        net = Net(0)
+        fully_shard(net, ignored_params={net.net[0].weight})  # left a plain tensor
+        return net, torch.optim.SGD(net.parameters(), 0.1)
+    def sharded():
+        m = loops.setup_distributed(Net(0), shard=True)[0]
+        return m, torch.optim.SGD(m.parameters(), 0.1)
+    errors = report["errors"] = {}
+    for name, make in (("optimizer first", optimizer_first), ("precision", sharded),
+                       ("mixed", mixed)):
+        m, o = make()
+        try:
+            loops.fit(m, train, torch.nn.BCELoss(), o, epochs=1, verbose=0, clip_grad_norm=1.0,
+                      precision="bf16" if name == "precision" else None)
+        except ValueError as e:
+            errors[name] = str(e)
+    torch.save(report, f"{out}/shard{rank}.pt")
+    # then the kill chains' reference: their run, uninterrupted
+    mode, ck, epochs, saved = "shard-resume-sharded", ck + "-shard-reference", 5, "shard-reference"
+    torch.manual_seed(0)
+
+if mode.startswith("shard-resume"):  # "shard-resume-full" / "-sharded"; DIE=k: rank 0 dies
+    model, _ = loops.setup_distributed(Net(0.2), shard=True,  # after epoch k's shards,
+                                       checkpoints=mode.rsplit("-", 1)[1])  # before last.pt
+    die, states, saves = int(os.environ.get("DIE", "0")), loops._states, []
+    def dying(model, optimizer, path):  # every rank has written its shards on return
+        part = states(model, optimizer, path)
+        saves.append(path.endswith("last.pt"))
+        if rank == 0 and sum(saves) == die and saves[-1]:
+            os._exit(9)
+        return part
+    loops._states = dying
+    h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                  epochs=epochs, val=val, batch_size=batch, seed=1, metrics=metrics,
+                  checkpoint=ck, resume=True, verbose=2, on_batch_end=on_batch_end)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    torch.save({"history": h, "model": get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True))}, f"{out}/{saved}{rank}.pt")
     sys.exit(0)
 
-dropout, slow = (0.2, 0.03) if mode == "resume" else (0.0, 0)
-model, device = loops.setup_distributed(Net(dropout, slow))
-opt = torch.optim.Adam(model.parameters(), 0.01)
-print("started", flush=True)
-h = loops.fit(model, train, torch.nn.BCELoss(), opt, epochs=epochs, val=val, batch_size=batch,
-              seed=1, metrics=metrics, checkpoint=ck if ck != "-" else None,
-              resume=mode == "resume", verbose=2)
-torch.save({"history": h, "model": loops._unwrap(model).state_dict()}, f"{out}/rank{rank}.pt")
+if mode == "resume":  # the DDP chain's launches
+    ddp_run("resume", ck, epochs, "rank")
 """
 
 
-def torchrun(*args, ranks=2, wait=True):
+def torchrun(*args, ranks=2, wait=True, env=None, script=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={ranks}", CHILD_PATH, *map(str, args)]
+           f"--nproc_per_node={ranks}", script or CHILD_PATH, *map(str, args)]
     p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True, preexec_fn=ctrl_c_as_usual,
                          env={**os.environ, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1",
-                              "OMP_NUM_THREADS": "1"})
+                              "OMP_NUM_THREADS": "1", **(env or {})})
     if not wait:
         return p
     out, err = p.communicate(timeout=180)
     return p.returncode, out, err
+
+
+# Launches that may run at once: one while the other modules' tests run (they keep about
+# one of the two cores busy), two once this module's tests wait for them (setUpModule).
+SLOTS = threading.Semaphore(1)
+
+
+class Chain(threading.Thread):
+    """torchrun launches one after another in a thread, each ``(args, env, ranks)`` of the
+    child script (or ``(args, env, ranks, script)``): the sequences of kills and resumes
+    run beside the other tests. ``results``: (exit code, stdout, stderr, seconds) of each,
+    once ``join``ed."""
+
+    def __init__(self, *launches):
+        super().__init__(daemon=True)
+        self.launches, self.results, self.p, self.stopped = launches, [], None, False
+        self.start()
+
+    def run(self):
+        for args, env, ranks, *script in self.launches:
+            with SLOTS:
+                if self.stopped:
+                    return
+                t0 = time.time()
+                self.p = torchrun(*args, env=env, ranks=ranks, wait=False, script=script and
+                                  script[0])
+                out, err = self.p.communicate(timeout=600)
+                self.results.append((self.p.returncode, out, err, time.time() - t0))
+
+    def stop(self):
+        self.stopped = True
+        if self.p is not None and self.p.poll() is None:
+            kill_job(self.p)
 
 
 def descendants(pid):
@@ -145,30 +266,6 @@ def kill_job(p):
     p.communicate(timeout=300)
 
 
-def wait_for_epoch(last, epoch, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= epoch:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{last} did not reach epoch {epoch} in {timeout} s")
-
-
-def worker_of_rank(p, rank):
-    """The pid of the torchrun worker of ``rank`` (its environment says RANK=rank)."""
-    for pid in descendants(p.pid):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"RANK={rank}".encode() in f.read().split(b"\0"):
-                    return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no worker of rank {rank}")
-
-
-_REFERENCE = []
-
-
 def without_time(h):
     return {k: v for k, v in h.items() if k != "time"}
 
@@ -176,55 +273,94 @@ def without_time(h):
 CHILD_PATH = None
 
 
-# The jobs that depend on nothing else, started together at the module's set-up (their
-# processes mostly import torch, which two cores do side by side): name -> (process, out,
-# checkpoint directory, the directory holding both).
+# The jobs, started when this module is imported: test discovery imports every module
+# before the first test runs, so they run beside the other modules' tests (see SLOTS):
+# name -> (Chain, out, checkpoint directory, the directory holding both).
 JOBS = {}
 
 
-def setUpModule():
+def start_jobs():
     global CHILD_PATH
+    if JOBS:
+        return
+    atexit.register(tearDownModule)  # however the run ends, no launch outlives it
     d = tempfile.mkdtemp()
     CHILD_PATH = os.path.join(d, "child.py")
     with open(CHILD_PATH, "w") as f:
         f.write(CHILD)
-    for mode, epochs, saves in (("fit", 3, True), ("faults+accumulate", 2, False),
-                                ("resume", 5, True)):
-        where = tempfile.TemporaryDirectory()
-        out, ck = os.path.join(where.name, "out"), os.path.join(where.name, "run")
-        os.mkdir(out)
-        JOBS[mode] = (torchrun(mode, out, ck if saves else "-", epochs, 8, wait=False),
-                      out, ck, where)
+    where = tempfile.TemporaryDirectory()  # one launch for the jobs that need no other,
+    out, ck = os.path.join(where.name, "out"), os.path.join(where.name, "run")  # then the
+    os.mkdir(out)                                    # sharded reference run on 3 ranks
+    os.mkdir(out + "3")
+    JOBS["all"] = (Chain((("all", out, ck, 3, 8), {}, 2), (
+        ("shard-resume-sharded", out + "3", ck + "-shard-reference", 6, 8), {}, 3)),
+        out, ck, where)
+    where = tempfile.TemporaryDirectory()  # DDP: a kill -9 of rank 0 in epoch 2, then on
+    out, ck = os.path.join(where.name, "out"), os.path.join(where.name, "run")
+    os.mkdir(out)
+    args = ("resume", out, ck, 5, 8)
+    JOBS["ddp chain"] = (Chain((args, {"SIGNAL": "0:10:KILL"}, 2), (args, {}, 2)), out, ck, where)
+    where = tempfile.TemporaryDirectory()  # a sharded run stopped 4 times, then to its end
+    out, ck = os.path.join(where.name, "out"), os.path.join(where.name, "run")
+    os.mkdir(out)
+    full, sharded = ("shard-resume-full", out, ck, 5, 8), ("shard-resume-sharded", out, ck, 5, 8)
+    JOBS["shard chain"] = (Chain(
+        (full, {"SIGNAL": "1:10:INT"}, 2),  # full checkpoints: a Ctrl-C on rank 1 in epoch 2,
+        (full, {"SIGNAL": "0:17:KILL"}, 2),  # a kill -9 of rank 0 in epoch 3; then sharded:
+        (sharded, {"DIE": "2"}, 2),  # rank 0 dies between epoch 4's shards and last.pt,
+        (sharded, {"SIGNAL": "1:31:KILL"}, 2),  # a kill -9 of rank 1 in epoch 5
+        (sharded, {}, 2)), out, ck, where)
     where = tempfile.TemporaryDirectory()  # examples/housing.py, its runs in where
-    JOBS["housing recipe"] = (subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(HERE, "examples", "housing.py"), "--quick", "--runs", where.name],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}), where.name, None, where)
+    JOBS["housing recipe"] = (Chain((("--quick", "--runs", where.name), {}, 2, os.path.join(
+        HERE, "examples", "housing.py"))), where.name, None, where)
+
+
+def setUpModule():
+    start_jobs()  # when imported without running (python -c), or after tearDownModule
+    SLOTS.release()  # this module's tests wait for the jobs now: two at once
 
 
 def tearDownModule():
-    for p, _, _, where in JOBS.values():
-        if p.poll() is None:  # not read by any test that ran: stopped
-            kill_job(p)
-        else:
-            p.communicate()
+    for chain, _, _, where in JOBS.values():
+        chain.stop()
+        chain.join(timeout=300)
         where.cleanup()
     JOBS.clear()
 
 
 def job(mode):
     """(exit code, stdout, stderr, out, checkpoint directory) of the job started for
-    ``mode`` at the module's set-up."""
-    if not JOBS:
-        setUpModule()  # a test run without its module's set-up
-    p, out, ck, _ = JOBS[mode]
-    if not hasattr(p, "said"):  # read once; two tests may read one job
-        p.said = p.communicate(timeout=600)
-    return p.returncode, *p.said, out, ck
+    ``mode`` (its first launch)."""
+    start_jobs()  # a test run without its module's set-up
+    chain, out, ck, _ = JOBS[mode]
+    chain.join(timeout=1800)
+    return (*chain.results[0][:3], out, ck)  # its first launch's
 
 
-class DistributedTest(unittest.TestCase):
+class JobTest(unittest.TestCase):
+    def chain(self, name):
+        """The results of the Chain ``name`` started at the module's set-up, and its out
+        and checkpoint directories."""
+        start_jobs()
+        c, out, ck, _ = JOBS[name]
+        c.join(timeout=1800)
+        return c.results, out, ck
+
+    def assertSameRun(self, out, reference, saved):
+        """Each rank's history and weights in ``out`` are those of job ``reference``'s
+        files ``saved``0.pt, ... (an uninterrupted run): bit for bit. Returns rank 0's."""
+        rc, _, err, ref_out, _ = job(reference)
+        self.assertEqual(rc, 0, err[-3000:])
+        for r in (1, 0):
+            ref = torch.load(os.path.join(ref_out, f"{saved}{r}.pt"), weights_only=True)
+            got = torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True)
+            self.assertEqual(without_time(got["history"]), without_time(ref["history"]))
+            for k in ref["model"]:
+                self.assertTrue(torch.equal(ref["model"][k], got["model"][k]), k)
+        return ref
+
+
+class DistributedTest(JobTest):
     def assertFollows(self, model, h, r0):
         """The one-process run (model, history h) against rank 0's: equal up to rounding.
         Returns rank 0's weights under the plain model's names."""
@@ -236,13 +372,8 @@ class DistributedTest(unittest.TestCase):
                 self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
         return single
 
-    def tmp(self):
-        d = tempfile.TemporaryDirectory()
-        self.addCleanup(d.cleanup)
-        return d.name
-
     def test_two_ranks_at_b_follow_one_process_at_2b_and_agree_on_the_whole_set(self):
-        rc, stdout, err, out, ck = job("fit")
+        rc, stdout, err, out, ck = job("all")
         self.assertEqual(rc, 0, err[-3000:])
         r0 = torch.load(os.path.join(out, "rank0.pt"), weights_only=True)
         r1 = torch.load(os.path.join(out, "rank1.pt"), weights_only=True)
@@ -251,11 +382,7 @@ class DistributedTest(unittest.TestCase):
         for k in r0["model"]:
             self.assertTrue(torch.equal(r0["model"][k], r1["model"][k]))
         # one process at batch 16 (100 rows: 6 global batches of 16, then 4 = 2 per rank)
-        g = torch.Generator().manual_seed(0)
-        X = torch.randn(100, 6, generator=g)
-        y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
-        Xv = torch.randn(37, 6, generator=g)
-        yv = (Xv[:, :1] > 0).float()
+        (X, y), (Xv, yv) = children_data()
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
                                     torch.nn.Linear(8, 1), torch.nn.Sigmoid())
@@ -273,73 +400,45 @@ class DistributedTest(unittest.TestCase):
             self.assertAlmostEqual(r0["history"]["val_" + k][-1], v, delta=1e-6)
         # one writer, one speaker
         self.assertEqual(sorted(os.listdir(ck)), ["best.pt", "history.csv", "last.pt", "run.json"])
-        self.assertEqual(len([ln for ln in stdout.splitlines() if ln.startswith("epoch ")]), 3)
+        self.assertEqual(len([ln for ln in stdout.splitlines() if ln.startswith("epoch ")
+                              and "/3 " in ln]), 3)  # (then the reference run's, of 5)
         keys = torch.load(os.path.join(ck, "last.pt"), weights_only=True)["model"].keys()
         self.assertEqual(set(keys), set(r0["model"]))  # saved unwrapped: no "module." prefix
         self.assertFalse(any(k.startswith("module.") for k in keys))
 
     def test_accumulation_under_ddp_reduces_once_a_step_and_follows_the_big_batch(self):
-        rc, _, err, out, _ = job("faults+accumulate")
+        rc, _, err, out, _ = job("all")
         self.assertEqual(rc, 0, err[-3000:])
-        r0 = torch.load(os.path.join(out, "rank0.pt"), weights_only=True)
-        r1 = torch.load(os.path.join(out, "rank1.pt"), weights_only=True)
+        r0 = torch.load(os.path.join(out, "accumulate0.pt"), weights_only=True)
+        r1 = torch.load(os.path.join(out, "accumulate1.pt"), weights_only=True)
         # 100 rows, global batches of 16: 7 batches an epoch in 4 groups (2, 2, 2, 1);
         # the gradients are all-reduced once per group (no_sync for the first batch)
         self.assertEqual(r0["reduces"], 2 * 4)
         self.assertEqual(r1["reduces"], 2 * 4)
         self.assertEqual(without_time(r0["history"]), without_time(r1["history"]))
         # one process, one batch of 2 ranks x 2 batches x 8 = 32 rows a step
-        g = torch.Generator().manual_seed(0)
-        X = torch.randn(100, 6, generator=g)
-        y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
+        (X, y), _ = children_data()
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
                                     torch.nn.Linear(8, 1), torch.nn.Sigmoid())
         h = loops.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
                       epochs=2, batch_size=32, seed=1, verbose=0,
                       metrics={"acc": "binary_accuracy"})
-        single = self.assertFollows(model, h, r0)
+        self.assertFollows(model, h, r0)
 
-    def reference(self):
-        """Each rank's result of the "resume" run when nothing stops it (run once)."""
-        if not _REFERENCE:
-            rc, _, err, ref_out, _ = job("resume")
-            self.assertEqual(rc, 0, err[-3000:])
-            _REFERENCE.extend(torch.load(os.path.join(ref_out, f"rank{r}.pt"),
-                                         weights_only=True) for r in (0, 1))
-        return _REFERENCE
+    def test_a_rank_killed_mid_epoch_resumes_bit_identical(self):
+        # (a Ctrl-C on one rank: ShardedTest, through the same world as DDP's)
+        (kill, end), out, _ = self.chain("ddp chain")
+        self.assertNotEqual(kill[0], 0)
+        self.assertIn("epoch 1/5", kill[1])
+        self.assertNotIn("epoch 2/5", kill[1])
+        self.assertEqual(end[0], 0, end[2][-3000:])
+        self.assertIn("at epoch 2 of 5", end[1])
+        self.assertSameRun(out, "all", "reference")
 
-    def test_ctrl_c_on_one_rank_ends_the_job_at_once_and_a_killed_run_resumes(self):
-        # A SIGINT to rank 1 hung every rank for gloo's 30 minutes (rank 1 in the exit
-        # barrier, rank 0 in an all-reduce); then the resumed job is SIGKILLed whole, and
-        # resumed again: every rank ends as the uninterrupted run
-        out, ck = self.tmp(), os.path.join(self.tmp(), "run")
-        last = os.path.join(ck, "last.pt")
-        p = torchrun("resume", out, ck, 5, 8, wait=False)
-        self.addCleanup(lambda: p.poll() is None and kill_job(p))
-        wait_for_epoch(last, 1)
-        os.kill(worker_of_rank(p, 1), signal.SIGINT)
-        t0 = time.time()
-        _, err = p.communicate(timeout=300)
-        self.assertLess(time.time() - t0, 300)  # not gloo's 30 minutes
-        self.assertNotEqual(p.returncode, 0)
-        self.assertRegex(err, r"\[rank1\]: KeyboardInterrupt")
-        interrupted_at = loops.load_checkpoint(last)["epoch"]
-        q = torchrun("resume", out, ck, 5, 8, wait=False)
-        self.addCleanup(lambda: q.poll() is None and kill_job(q))
-        wait_for_epoch(last, interrupted_at + 1)  # kill the whole job once it went on
-        kill_job(q)
-        self.assertLess(loops.load_checkpoint(last)["epoch"], 5)  # killed before the end
-        rc, _, err = torchrun("resume", out, ck, 5, 8)
-        self.assertEqual(rc, 0, err[-3000:])
-        for r, ref in enumerate(self.reference()):
-            got = torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True)
-            self.assertEqual(without_time(got["history"]), without_time(ref["history"]))
-            for k in ref["model"]:
-                self.assertTrue(torch.equal(ref["model"][k], got["model"][k]), k)
 
     def test_nan_on_one_rank_stops_every_rank_and_a_plain_model_is_refused(self):
-        rc, _, err, out, _ = job("faults+accumulate")
+        rc, _, err, out, _ = job("all")
         self.assertEqual(rc, 0, err[-3000:])
         reports = []
         for r in (0, 1):
@@ -349,6 +448,164 @@ class DistributedTest(unittest.TestCase):
         self.assertIn("not wrapped in DistributedDataParallel", reports[0]["unwrapped"])
         self.assertIn("needs a DistributedSampler", reports[0]["sampler"])
         self.assertRegex(reports[0]["nan"], r"^epoch 1: loss is nan at step 2 on rank 1")
+
+
+def plain_net():
+    """The children's Net, unsharded, as a user would rebuild it in one process."""
+    net = torch.nn.Module()
+    net.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0),
+                                  torch.nn.Linear(8, 1), torch.nn.Sigmoid())
+    net.forward = net.net.forward
+    return net
+
+
+def children_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 6, generator=g)
+    y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
+    Xv = torch.randn(37, 6, generator=g)
+    return (X, y), (Xv, (Xv[:, :1] > 0).float())
+
+
+class ShardedTest(JobTest):
+    """FSDP2 (setup_distributed(shard=True)) on 2 CPU ranks, gloo."""
+
+    def shard_report(self):
+        rc, _, err, out, ck = job("all")
+        self.assertEqual(rc, 0, err[-3000:])
+        return [torch.load(os.path.join(out, f"shard{r}.pt"), weights_only=True)
+                for r in (0, 1)], ck + "-sharded"
+
+    def one_process(self, **kw):
+        train, _ = children_data()
+        torch.manual_seed(0)
+        model = plain_net()
+        h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                      seed=1, verbose=0, **kw)
+        return model, h
+
+    def test_sharded_fit_follows_one_process_at_2b_and_ddp_and_best_pt_loads_plain(self):
+        (r0, r1), ck = self.shard_report()
+        self.assertEqual(without_time(r0["history"]), without_time(r1["history"]))
+        train, val = children_data()
+        torch.manual_seed(0)
+        model = plain_net()
+        h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
+                      epochs=3, val=val, batch_size=16, seed=1, verbose=0,
+                      metrics={"acc": "binary_accuracy", "f1": "f1", "max": "max_error"})
+        for k, v in model.state_dict().items():  # one process at 2b
+            self.assertTrue(torch.allclose(v, r0["model"][k], atol=1e-5), k)
+        for k in without_time(h):
+            for a, b in zip(h[k], r0["history"][k]):
+                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
+        rc, _, err, ddp_out, _ = job("all")  # and DistributedDataParallel
+        self.assertEqual(rc, 0, err[-3000:])
+        ddp = torch.load(os.path.join(ddp_out, "rank0.pt"), weights_only=True)
+        for k, v in ddp["model"].items():
+            self.assertTrue(torch.allclose(v, r0["model"][k], atol=1e-5), k)
+        # best.pt and last.pt: the whole state, loadable into a plain model, weights_only
+        self.assertEqual(sorted(os.listdir(ck)), ["best.pt", "history.csv", "last.pt", "run.json"])
+        plain = plain_net()
+        best = loops.load_checkpoint(os.path.join(ck, "best.pt"), plain)
+        self.assertEqual(best["epoch"], r0["history"]["best_epoch"][-1])
+        opt = torch.optim.Adam(plain.parameters(), 0.01)
+        loops.load_checkpoint(os.path.join(ck, "last.pt"), plain, opt)
+        for k, v in plain.state_dict().items():
+            self.assertTrue(torch.equal(v, r0["model"][k]), k)
+        self.assertEqual(len(opt.state), 4)  # Adam's moments of every parameter
+
+    def test_accumulation_and_clipping_follow_their_unsharded_run(self):
+        (r0, r1), _ = self.shard_report()
+        self.assertEqual(without_time(r0["accumulate"]), without_time(r1["accumulate"]))
+        model, h = self.one_process(epochs=2, batch_size=32, clip_grad_norm=0.05,
+                                    metrics={"acc": "binary_accuracy"})
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.allclose(v, r0["accumulate_model"][k], atol=1e-5), k)
+        for k in without_time(h):
+            for a, b in zip(h[k], r0["accumulate"][k]):
+                self.assertAlmostEqual(a, b, delta=1e-5 * max(1, abs(a)), msg=k)
+
+    def test_65_validation_rows_neither_hang_nor_count_twice_and_evaluate_predict_lr_find(self):
+        (r0, r1), _ = self.shard_report()
+        g = torch.Generator().manual_seed(5)
+        Xv = torch.randn(65, 6, generator=g)
+        yv = (Xv[:, :1] > 0).float()
+        plain = plain_net()
+        plain.load_state_dict(r0["val65_model"])
+        whole = loops.evaluate(plain, (Xv, yv), torch.nn.BCELoss(),
+                               metrics={"acc": "binary_accuracy", "max": "max_error"})
+        for k, v in whole.items():
+            self.assertAlmostEqual(r0["val65"]["val_" + k][0], v, delta=1e-6, msg=k)
+        self.assertEqual(round(r0["val65"]["val_acc"][0] * 65, 6) % 1, 0)  # of 65 rows
+        self.assertAlmostEqual(r0["evaluate"]["loss"], whole["loss"], delta=1e-6)
+        self.assertTrue(torch.allclose(r0["predict"], loops.predict(plain, Xv), atol=1e-6))
+        self.assertTrue(r0["lr_find_kept"])  # lr_find leaves the sharded weights as they were
+        self.assertTrue(1e-7 < r0["lr_find"] < 10)
+
+    def test_bf16_through_fsdps_policy_keeps_fp32_state_and_mistakes_are_refused(self):
+        (r0, r1), _ = self.shard_report()
+        self.assertEqual(r0["bf16_dtypes"], ["torch.float32"])  # weights and Adam's moments
+        fp32, bf16 = r0["history"]["loss"], r0["bf16"]["loss"]
+        self.assertNotEqual(fp32, bf16)  # computed in bf16, and close to fp32's
+        for a, b in zip(fp32, bf16):
+            self.assertAlmostEqual(a, b, delta=0.01)
+        errors = r0["errors"]
+        self.assertEqual(errors, r1["errors"])
+        self.assertIn("build it after", errors["optimizer first"])
+        self.assertIn("setup_distributed(model, shard=True, precision='bf16')",
+                      errors["precision"])
+        self.assertIn("['net.0.weight'] are plain tensors", errors["mixed"])
+
+    def stops(self):
+        """The shard chain's launches, each checked to have stopped where it was stopped:
+        resumed at epoch ``at`` (None: started afresh), trained to epoch ``to``."""
+        results, out, ck = self.chain("shard chain")
+        for (rc, said, err, _), at, to in zip(results, (None, 2, 3, 4, 5), (1, 2, 3, 4, 5)):
+            self.assertEqual(rc == 0, to == 5, err[-3000:])
+            self.assertEqual("resuming" in said, at is not None)
+            if at:
+                self.assertIn(f"at epoch {at} of 5", said)
+            self.assertIn(f"epoch {to}/5", said)
+            self.assertNotIn(f"epoch {to + 1}/5", said)
+        return results, out, ck
+
+    def test_full_checkpoints_ctrl_c_on_one_rank_then_kill_9_resume_bit_identical(self):
+        (ctrl_c, *_), out, _ = self.stops()
+        # a Ctrl-C (SIGINT) on rank 1 ends the job in seconds, not gloo's 30 minutes
+        self.assertRegex(ctrl_c[2], r"\[rank1\]: KeyboardInterrupt")
+        self.assertLess(ctrl_c[3], 300)
+        self.assertSameRun(out, "all", "shard-reference")  # the end: bit for bit
+
+    def test_sharded_checkpoints_a_death_before_the_commit_then_kill_9_resume(self):
+        # rank 0 died after epoch 4's shards were written, before last.pt named them: the
+        # next launch resumed at epoch 4 (checked by stops); the directory left unnamed is
+        # gone after a later commit, and the run ends as if never stopped
+        _, out, ck = self.stops()
+        self.assertEqual(sorted(n.split(".shards.")[0] for n in os.listdir(ck)
+                                if ".shards." in n), ["best.pt", "last.pt"])
+        self.assertSameRun(out, "all", "shard-reference")
+
+    def test_a_sharded_run_resumes_on_3_ranks_and_consolidates_into_plain_files(self):
+        _, _, _, out, _ = job("all")
+        three = JOBS["all"][0].results[1]  # the sharded reference run, on 3 ranks
+        self.assertEqual(three[0], 0, three[2][-3000:])
+        self.assertIn("last.pt was written by 2 processes, this run has 3", three[1])
+        got = torch.load(os.path.join(out + "3", "rank0.pt"), weights_only=True)
+        ref = torch.load(os.path.join(out, "shard-reference0.pt"), weights_only=True)
+        self.assertEqual(got["history"]["loss"][:5], ref["history"]["loss"])
+        self.assertEqual(len(got["history"]["loss"]), 6)
+        ck = JOBS["all"][2] + "-shard-reference"
+        last = os.path.join(ck, "last.pt")
+        with self.assertRaisesRegex(ValueError, "sharded checkpoint .* loops.consolidate"):
+            loops.load_checkpoint(last, plain_net())
+        loops.consolidate(ck)  # plain files, no shard directories
+        self.assertEqual([n for n in os.listdir(ck) if ".shards." in n], [])
+        plain = plain_net()
+        loops.load_checkpoint(last, plain, torch.optim.Adam(plain.parameters()))
+        for k, v in plain.state_dict().items():
+            self.assertTrue(torch.equal(v, got["model"][k]), k)
+        self.assertEqual(loops.load_checkpoint(os.path.join(ck, "best.pt"))["epoch"],
+                         got["history"]["best_epoch"][-1])
 
 
 class RecipeTest(unittest.TestCase):
@@ -385,6 +642,8 @@ class SamplerEpochTest(unittest.TestCase):
                   epochs=3, verbose=0)
         self.assertEqual(sampler.epochs, [1, 2, 3])
 
+
+start_jobs()
 
 if __name__ == "__main__":
     unittest.main()
