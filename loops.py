@@ -60,8 +60,7 @@ Each optional block lies between a line ``# --- optional: NAME`` and a line
 ``# --- end of NAME``. Delete one, or all, and the rest works as before (fit with
 metrics, checkpoints, resume, patience and restore_best; evaluate; predict);
 asking such a copy for a deleted feature is an error that names the block:
-``mixed precision`` (precision="bf16"/"fp16"), ``distributed`` (torchrun, sharding),
-``lr_find``.
+``mixed precision`` (precision="bf16"/"fp16"), ``distributed`` (torchrun), ``lr_find``.
 """
 import atexit
 import builtins
@@ -281,36 +280,21 @@ def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None)
 def save_checkpoint(path, model, optimizer=None, **state):
     """Atomically write the model's (unwrapped) weights, the optimizer state and ``state``.
     A sharded model's (setup_distributed(shard=True)): every rank calls, rank 0 writes."""
-    part = _states(model, optimizer, path)
-    if part is None:  # another rank writes
-        return
-    ckpt = {**part, **state}
+    if _is_sharded(model):
+        return _block("distributed", "_save_sharded", "sharding")(path, model, optimizer, state)
+    ckpt = {"model": _unwrap(model).state_dict(), **state}
+    if optimizer is not None:  # a dict of optimizers is saved as a dict of their states
+        one = not isinstance(optimizer, dict)
+        states = {k: (o.state_dict(), type(o).__name__) for k, o in _named(optimizer).items()}
+        ckpt["optimizer"], ckpt["optimizer_type"] = (
+            states[""] if one else ({k: v[0] for k, v in states.items()},
+                                    {k: v[1] for k, v in states.items()}))
     _check_plain(ckpt, "checkpoint")
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
-    if "shards" in ckpt:  # the directory it names is committed: the older ones go
-        _block("distributed", "_drop_old_shards", "a sharded checkpoint")(path, ckpt)
 
 
 def _is_sharded(model):  # by FSDP2's fully_shard (setup_distributed(shard=True))
     return hasattr(type(model), "set_requires_gradient_sync")
-
-
-def _states(model, optimizer, path):
-    """The checkpoint's part that holds the weights and the optimizer's state (a dict of
-    optimizers' as dicts) in plain tensors; a sharded model's from the distributed block
-    (None on the ranks that do not write)."""
-    if _is_sharded(model):
-        part, states = _block("distributed", "_sharded_states", "a sharded model")(
-            model, optimizer, path)
-    else:
-        part = {"model": _unwrap(model).state_dict()}
-        states = {k: o.state_dict() for k, o in _named(optimizer).items()}
-    if part is not None and optimizer is not None:
-        types = {k: type(o).__name__ for k, o in _named(optimizer).items()}
-        one = not isinstance(optimizer, dict)
-        part["optimizer"], part["optimizer_type"] = (
-            (states[""], types[""]) if one else (states, types))
-    return part
 
 
 def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
@@ -1204,7 +1188,6 @@ class _Store:
         self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
         self.world, self.writer = world, world.writer
-        self.gathered = _is_sharded(model)  # its state is gathered by every rank's call
         self.dir = None if directory is None else _prepare_dir(directory)
         # one run at a time in a directory; rank 0, the writer, holds the lock
         self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
@@ -1255,7 +1238,7 @@ class _Store:
             return
         self._refuse_nonfinite(f"epoch {record.epoch}: ")
         with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
-            if improved and (self.writer or self.gathered):
+            if improved and (self.writer or _is_sharded(self.model)):  # every rank gathers
                 save_checkpoint(self.best_path, self.model, format=self.FORMAT,
                                 epoch=record.epoch, monitor=record.monitor, value=record.best)
             self.save_last(record)
@@ -1276,7 +1259,7 @@ class _Store:
         rng = _rng_state(self.gen, self.loaders)
         ranks = self.world.gather(rng)  # every rank's random state, so that each resumes its own
         with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
-            if self.writer or self.gathered:
+            if self.writer or _is_sharded(self.model):
                 save_checkpoint(
                     self.last_path, self.model, self.optimizer, format=self.FORMAT,
                     **record.state(),
@@ -1310,10 +1293,9 @@ class _Store:
         if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
             _write_csv(self.csv_path, record.history)
         ranks = ck.get("rng_ranks") or [ck["rng"]]
-        if len(ranks) != self.world.size:  # its rows, order and random states differ
+        if len(ranks) != self.world.size:  # each rank's rows and random state differ
             self.notes.append(f"last.pt was written by {len(ranks)} processes, this run has "
-                              f"{self.world.size}: the weights and optimizer go on as saved, "
-                              "but the run no longer follows the one saved bit for bit")
+                              f"{self.world.size}: it goes on, but no longer bit for bit")
         _set_rng_state(ranks[self.world.rank] if len(ranks) == self.world.size
                        else ck["rng"], self.gen, self.loaders)
         self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
@@ -1501,10 +1483,9 @@ def _optimizer_damage(ck, optimizer):
 
 
 def _nonfinite_weights(model):
-    """The names of the parameters holding NaN or inf; one host read when there are none.
-    Of a sharded model, those whose shard on this rank does."""
-    params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a DTensor's shard
-              for n, p in _unwrap(model).named_parameters()]
+    """The names of the parameters holding NaN or inf; one host read when there are none."""
+    params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a sharded model's: this
+              for n, p in _unwrap(model).named_parameters()]      # rank's shard (DTensor)
     if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
         return []
     return [name for name, p in params if not bool(torch.isfinite(p).all())]
@@ -1618,8 +1599,7 @@ def _load_into(ckpt, path, model, optimizer):
     torch's load_state_dict copies the matching tensors before it raises on the
     rest, which would leave a half-loaded model."""
     if model is not None and ("shards" in ckpt or _is_sharded(model)):
-        return _block("distributed", "_load_sharded", f"{path}, a sharded checkpoint,")(
-            ckpt, path, model, optimizer)
+        return _block("distributed", "_load_sharded", "sharding")(ckpt, path, model, optimizer)
     if model is not None:
         _check_fits(_unwrap(model), ckpt["model"], path)
     if optimizer is not None:
@@ -1895,32 +1875,20 @@ class _OneProcess:
     def first_bad(self, losses, checked, total, unit):
         return _first_bad(losses, checked, total, unit)
 
-    def gather(self, obj):
-        return None
+    def broadcast(self, x):  # rank 0's value, the value itself here
+        return x
 
-    def any(self, flag):
-        return flag
+    any = first = cat = broadcast  # the flag of any rank, rank 0's object, all ranks' rows
 
-    def broadcast(self, t):
-        return t
+    def gather(self, *_):  # a list over the ranks: None in one process, as are DDP's
+        return None        # no_sync and whether a loader gives each rank its own rows
 
-    def first(self, obj):
-        return obj
+    no_sync = sharded_loader = gather
 
-    def cat(self, t):
-        return t
-
-    def no_sync(self, model):
-        return None
-
-    def sharded_loader(self, loader, what):
-        return False
-
-    def check(self, model, optimizer, **options):
+    def check(self, *args, **options):
         pass
 
-    def abandon(self):
-        pass
+    abandon = check
 
 
 _ONE_PROCESS = _OneProcess()
@@ -2539,8 +2507,7 @@ def _user_value(fn, p, y):
 # reaches into a block only through _block (and a missing public name through
 # __getattr__), so a copy without it fails with a message that names the block.
 
-_BLOCK_OF = {"lr_find": "lr_find", "setup_distributed": "distributed",
-             "consolidate": "distributed"}
+_BLOCK_OF = dict(lr_find="lr_find", setup_distributed="distributed", consolidate="distributed")
 
 
 def __getattr__(name):  # asked only for a name this module lacks
@@ -2664,8 +2631,8 @@ def setup_distributed(model, *, backend=None, shard=False, precision=None, check
     rank's device and wrapped; without torchrun the model comes back as it is. Returns
     ``(model, device)``; create the optimizer after this call.
     ``shard=True`` applies ``fully_shard`` to each module holding parameters of its own,
-    then to the root; a tuple of module classes (a transformer's block) to each of their
-    instances instead. ``precision="bf16"``: FSDP's MixedPrecisionPolicy (compute and
+    then to the root; module classes (a transformer's block: ``shard={Block}``) to each of
+    their instances instead. ``precision="bf16"``: FSDP's MixedPrecisionPolicy (compute and
     gathers in bf16, weights, reduced gradients and optimizer in fp32; fit's precision
     stays None). ``checkpoints``: "full" (best.pt and last.pt hold the whole state,
     gathered to rank 0) or "sharded" (each rank writes its shards; see consolidate)."""
@@ -2694,7 +2661,7 @@ def setup_distributed(model, *, backend=None, shard=False, precision=None, check
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if precision \
         else MixedPrecisionPolicy()
     for m in reversed(list(model.modules())[1:]):  # the innermost first, the root last
-        if isinstance(m, shard) if shard is not True else any(
+        if isinstance(m, tuple(shard)) if shard is not True else any(
                 True for _ in m.parameters(recurse=False)):
             fully_shard(m, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -2703,11 +2670,11 @@ def setup_distributed(model, *, backend=None, shard=False, precision=None, check
 
 
 def _check_sharding(shard, precision, checkpoints):
-    classes = isinstance(shard, tuple) and shard and all(
+    classes = isinstance(shard, (tuple, list, set, frozenset)) and shard and all(
         isinstance(c, type) and issubclass(c, torch.nn.Module) for c in shard)
     if not (isinstance(shard, bool) or classes):
-        raise TypeError(f"shard must be True, False or a tuple of module classes (each "
-                        f"instance sharded), got {shard!r}")
+        raise TypeError(f"shard must be True, False or module classes (a tuple or set; each "
+                        f"instance is sharded), got {shard!r}")
     if precision not in (None, "bf16"):
         raise ValueError(f"precision={precision!r}: a sharded model takes None or 'bf16' (fp16 "
                          "would need its gradients unscaled across shards)")
@@ -2740,28 +2707,34 @@ def _indexed(osd, state=True):
                              for g in osd["param_groups"]]}
 
 
-def _sharded_states(model, optimizer, path):
-    """_states of a sharded model, every rank calling: the part and each optimizer's state.
-    "full": the whole state gathered to rank 0 (None, None on the others). "sharded": each
-    rank writes its shards with
-    torch.distributed.checkpoint into a fresh directory beside ``path`` that the part
-    names; ``path``, written after them, is the commit."""
+def _save_sharded(path, model, optimizer, state):
+    """save_checkpoint of a sharded model, every rank calling. "full": the whole state
+    gathered to rank 0, which writes it. "sharded": each rank writes its shards with
+    torch.distributed.checkpoint into a fresh directory beside ``path``; then rank 0
+    writes ``path`` naming it (the commit), and removes the directories named before."""
     from torch.distributed.checkpoint import state_dict as sd
     whole = _SHARDED.get(model, "full") == "full"
     options = sd.StateDictOptions(full_state_dict=whole, cpu_offload=whole)
-    weights = sd.get_model_state_dict(model, options=options)
+    ckpt = {"model": sd.get_model_state_dict(model, options=options), **state}
     optims = {k: sd.get_optimizer_state_dict(model, o, options=options)
               for k, o in _named(optimizer).items()}
-    part = {"model": weights}
     if not whole:
         name = _Ranks().first(f"{os.path.basename(path)}.shards.{secrets.token_hex(6)}")
         torch.distributed.checkpoint.save(
-            {"model": weights, **{_opt_key(k): v for k, v in optims.items()}},
+            {"model": ckpt["model"], **{_opt_key(k): v for k, v in optims.items()}},
             checkpoint_id=os.path.join(os.path.dirname(path), name))
-        part = {"model": {}, "shards": name}
+        ckpt.update(model={}, shards=name)
     if torch.distributed.get_rank() != 0:
-        return None, None
-    return part, {k: _indexed(v, whole) for k, v in optims.items()}
+        return
+    if optimizer is not None:  # as torch.optim's, the state left in the shards if sharded
+        optims = {k: _indexed(v, whole) for k, v in optims.items()}
+        ckpt["optimizer"], ckpt["optimizer_type"] = (
+            (optims[""], type(optimizer).__name__) if "" in optims else
+            (optims, {k: type(o).__name__ for k, o in optimizer.items()}))
+    _check_plain(ckpt, "checkpoint")
+    _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
+    if not whole:
+        _drop_old_shards(path, ckpt)
 
 
 def _load_sharded(ck, path, model, optimizer):
@@ -2928,7 +2901,7 @@ class _Ranks:
                              "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
         return sharded
 
-    def check(self, model, optimizer, *, save_every, clip_grad_norm, precision):
+    def check(self, model, optimizer, save_every, clip_grad_norm, precision):
         self.lockstep = _is_sharded(model)  # every rank runs each forward: it gathers weights
         if self.lockstep:
             _check_sharded(model, optimizer, clip_grad_norm, precision)
@@ -3263,8 +3236,7 @@ def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, restor
     """fit's arguments but the data, metrics and monitor (checked as _plan builds them);
     returns the device and the world."""
     world = _world()
-    world.check(model, optimizer, save_every=save_every, clip_grad_norm=clip_grad_norm,
-                precision=precision)
+    world.check(model, optimizer, save_every, clip_grad_norm, precision)
     if train_step is not None:  # the user's own step: loops' step options have no place
         _check_callables(train_step=train_step)
         given = [f"{k}={v!r}" for k, v, unset in (

@@ -17,18 +17,22 @@ from test_loops import ctrl_c_as_usual
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# One script for every launch; what it does is chosen by its arguments.
-CHILD = r"""
-import json, os, sys, time, torch
-import loops
-mode, out, ck, epochs, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-
+# The children's data, also rebuilt here for the one-process runs they are compared with.
+DATA = r"""
 def data():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(100, 6, generator=g)
     y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
     Xv = torch.randn(37, 6, generator=g)
     return (X, y), (Xv, (Xv[:, :1] > 0).float())
+"""
+
+# One script for every launch; what it does is chosen by its arguments.
+CHILD = r"""
+import json, os, sys, time, torch
+import loops
+mode, out, ck, epochs, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+""" + DATA + r"""
 
 class Net(torch.nn.Module):
     def __init__(self, dropout):
@@ -135,8 +139,8 @@ if mode == "all":  # FSDP2: a sharded fit as "fit" does, then the rest on the sa
     report["lr_find"] = loops.lr_find(model, train, torch.nn.BCELoss(), torch.optim.Adam(
         model.parameters()), steps=20)["suggestion"]
     report["lr_find_kept"] = all(torch.equal(v, whole(model)[k]) for k, v in before.items())
-    torch.manual_seed(0)  # bf16 through FSDP's MixedPrecisionPolicy
-    model, _ = loops.setup_distributed(Net(0), shard=True, precision="bf16")
+    torch.manual_seed(0)  # bf16 through FSDP's MixedPrecisionPolicy; sharded by class
+    model, _ = loops.setup_distributed(Net(0), shard={torch.nn.Linear}, precision="bf16")
     opt = torch.optim.Adam(model.parameters(), 0.01)
     report["bf16"] = loops.fit(model, train, torch.nn.BCELoss(), opt, epochs=epochs,
                                batch_size=batch, seed=1, verbose=0)
@@ -162,6 +166,27 @@ if mode == "all":  # FSDP2: a sharded fit as "fit" does, then the rest on the sa
                       precision="bf16" if name == "precision" else None)
         except ValueError as e:
             errors[name] = str(e)
+    X, y = train  # a NaN in rank 1's half of the second global batch (rows 24-31)
+    if rank == 1:
+        X = X.clone()
+        X[16 + 8 + 3] = float("nan")
+    model, _ = loops.setup_distributed(Net(0), shard=True)
+    try:
+        loops.fit(model, (X, y), torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                  epochs=2, batch_size=batch, shuffle=False, verbose=0)
+    except FloatingPointError as e:
+        report["nan"] = str(e)
+    def poison(step, loss):  # a NaN written into rank 1's shard of one weight, loss finite
+        if rank == 1 and step == 7:
+            with torch.no_grad():
+                model.net[0].weight.to_local().fill_(float("nan"))
+    model, _ = loops.setup_distributed(Net(0), shard=True)
+    try:
+        loops.fit(model, train, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                  epochs=2, batch_size=batch, verbose=0, checkpoint=ck + "-poisoned",
+                  on_batch_end=poison)
+    except FloatingPointError as e:
+        report["poisoned"] = str(e)
     torch.save(report, f"{out}/shard{rank}.pt")
     # then the kill chains' reference: their run, uninterrupted
     mode, ck, epochs, saved = "shard-resume-sharded", ck + "-shard-reference", 5, "shard-reference"
@@ -170,14 +195,13 @@ if mode == "all":  # FSDP2: a sharded fit as "fit" does, then the rest on the sa
 if mode.startswith("shard-resume"):  # "shard-resume-full" / "-sharded"; DIE=k: rank 0 dies
     model, _ = loops.setup_distributed(Net(0.2), shard=True,  # after epoch k's shards,
                                        checkpoints=mode.rsplit("-", 1)[1])  # before last.pt
-    die, states, saves = int(os.environ.get("DIE", "0")), loops._states, []
-    def dying(model, optimizer, path):  # every rank has written its shards on return
-        part = states(model, optimizer, path)
+    die, write, saves = int(os.environ.get("DIE", "0")), loops._atomic_write, []
+    def dying(path, what):  # rank 0 writes last.pt after every rank wrote its shards
         saves.append(path.endswith("last.pt"))
-        if rank == 0 and sum(saves) == die and saves[-1]:
+        if sum(saves) == die and saves[-1]:
             os._exit(9)
-        return part
-    loops._states = dying
+        write(path, what)
+    loops._atomic_write = dying
     h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
                   epochs=epochs, val=val, batch_size=batch, seed=1, metrics=metrics,
                   checkpoint=ck, resume=True, verbose=2, on_batch_end=on_batch_end)
@@ -460,11 +484,9 @@ def plain_net():
 
 
 def children_data():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(100, 6, generator=g)
-    y = (X[:, :1] + 0.3 * torch.randn(100, 1, generator=g) > 0).float()
-    Xv = torch.randn(37, 6, generator=g)
-    return (X, y), (Xv, (Xv[:, :1] > 0).float())
+    namespace = {"torch": torch}
+    exec(DATA, namespace)
+    return namespace["data"]()
 
 
 class ShardedTest(JobTest):
@@ -555,6 +577,15 @@ class ShardedTest(JobTest):
         self.assertIn("setup_distributed(model, shard=True, precision='bf16')",
                       errors["precision"])
         self.assertIn("['net.0.weight'] are plain tensors", errors["mixed"])
+
+    def test_a_nan_on_one_rank_or_in_one_ranks_shard_stops_every_rank(self):
+        (r0, r1), ck = self.shard_report()
+        self.assertEqual(r0["nan"], r1["nan"])
+        self.assertRegex(r0["nan"], r"^epoch 1: loss is nan at step 2 on rank 1")
+        # the weights' check before last.pt looks at each rank's shard, and all agree
+        self.assertEqual(r0["poisoned"], r1["poisoned"])
+        self.assertRegex(r0["poisoned"], r"^epoch 1: the weights hold NaN or inf \(net.0.weight\)")
+        self.assertFalse(os.path.exists(ck.replace("-sharded", "-poisoned") + "/last.pt"))
 
     def stops(self):
         """The shard chain's launches, each checked to have stopped where it was stopped:
