@@ -204,7 +204,8 @@ if mode.startswith("shard-resume"):  # "shard-resume-full" / "-sharded"; DIE=k: 
     loops._atomic_write = dying
     h = loops.fit(model, train, torch.nn.BCELoss(), torch.optim.Adam(model.parameters(), 0.01),
                   epochs=epochs, val=val, batch_size=batch, seed=1, metrics=metrics,
-                  checkpoint=ck, resume=True, verbose=2, on_batch_end=on_batch_end)
+                  checkpoint=ck, resume=True, verbose=2, on_batch_end=on_batch_end,
+                  restore_best=True)  # best.pt loaded back into the shards at the end
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     torch.save({"history": h, "model": get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True))}, f"{out}/{saved}{rank}.pt")
@@ -632,11 +633,12 @@ class ShardedTest(JobTest):
         loops.consolidate(ck)  # plain files, no shard directories
         self.assertEqual([n for n in os.listdir(ck) if ".shards." in n], [])
         plain = plain_net()
-        loops.load_checkpoint(last, plain, torch.optim.Adam(plain.parameters()))
-        for k, v in plain.state_dict().items():
+        self.assertEqual(loops.load_checkpoint(last, plain, torch.optim.Adam(
+            plain.parameters()))["epoch"], 6)
+        best = loops.load_checkpoint(os.path.join(ck, "best.pt"), plain)
+        self.assertEqual(best["epoch"], got["history"]["best_epoch"][-1])
+        for k, v in plain.state_dict().items():  # restore_best put these into the shards
             self.assertTrue(torch.equal(v, got["model"][k]), k)
-        self.assertEqual(loops.load_checkpoint(os.path.join(ck, "best.pt"))["epoch"],
-                         got["history"]["best_epoch"][-1])
 
 
 class RecipeTest(unittest.TestCase):
