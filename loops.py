@@ -2698,13 +2698,19 @@ def _opt_key(name):  # an optimizer's key among the shards
     return "optimizer" + (f"_{name}" if name else "")
 
 
-def _indexed(osd, state=True):
-    """torch.distributed.checkpoint's optimizer state (its parameters named) as torch.optim's
-    (numbered in its groups' order), which a plain model's optimizer loads."""
-    number = {n: i for i, n in enumerate(n for g in osd["param_groups"] for n in g["params"])}
-    return {"state": {number[n]: st for n, st in osd["state"].items()} if state else {},
-            "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
+def _renamed(osd, key, state=True):
+    """An optimizer's state with each parameter's key ``key[k]``: torch.distributed.checkpoint
+    names the parameters, torch.optim numbers them in its groups' order."""
+    return {"state": {key[k]: st for k, st in osd["state"].items()} if state else {},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]}
                              for g in osd["param_groups"]]}
+
+
+def _indexed(osd, state=True):
+    """torch.distributed.checkpoint's optimizer state as torch.optim's, which a plain model's
+    optimizer loads (``state`` False: its groups only)."""
+    names = [n for g in osd["param_groups"] for n in g["params"]]
+    return _renamed(osd, {n: i for i, n in enumerate(names)}, state)
 
 
 def _save_sharded(path, model, optimizer, state):
@@ -2762,11 +2768,8 @@ def _load_sharded(ck, path, model, optimizer):
         names = {id(p): n for n, p in model.named_parameters()}
         weights, optims = ck["model"], {}
         for k, o in opts.items():  # torch.optim's numbers back to the parameters' names
-            saved, fqn = ck["optimizer"][k] if k else ck["optimizer"], [
-                names[id(p)] for g in o.param_groups for p in g["params"]]
-            optims[k] = {"state": {fqn[i]: st for i, st in saved["state"].items()},
-                         "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]}
-                                          for g in saved["param_groups"]]}
+            fqn = [names[id(p)] for g in o.param_groups for p in g["params"]]
+            optims[k] = _renamed(ck["optimizer"][k] if k else ck["optimizer"], fqn)
     sd.set_model_state_dict(model, weights, options=options)
     for k, o in opts.items():
         sd.set_optimizer_state_dict(model, o, optims[k], options=options)

@@ -33,11 +33,9 @@ run = run_dir(args, "housing")
 history = loops.fit(model, train, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3),
                     epochs=epochs, val=val, batch_size=32, metrics=metrics,
                     checkpoint=run, resume=args.resume, seed=0, device=device)
-if rank() != 0:  # every rank holds the same history; one prints it
-    raise SystemExit
-print(plots_ascii.plot_history(history))
-
-loops.load_checkpoint(f"{run}/best.pt", model)
+loops.load_checkpoint(f"{run}/best.pt", model)  # every rank: all go on to the end together
 scores = loops.evaluate(model, test, loss_fn, metrics=metrics)
-print(f"test: RMSE {scores['rmse']:.4f} (${scores['rmse'] * 1e5:,.0f}), "
-      f"MAE {scores['mae']:.4f} (${scores['mae'] * 1e5:,.0f}), MSE {scores['loss']:.4f}")
+if rank() == 0:  # every rank holds the same history and scores; one prints them
+    print(plots_ascii.plot_history(history))
+    print(f"test: RMSE {scores['rmse']:.4f} (${scores['rmse'] * 1e5:,.0f}), "
+          f"MAE {scores['mae']:.4f} (${scores['mae'] * 1e5:,.0f}), MSE {scores['loss']:.4f}")
