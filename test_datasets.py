@@ -3,6 +3,7 @@ import concurrent.futures
 import gzip
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -276,10 +277,12 @@ class RunsAreKeptTest(unittest.TestCase):
     """An example never deletes a run, and a Ctrl-C ends it as an interrupted program."""
 
     def test_a_second_run_gets_its_own_directory_and_nothing_is_deleted(self):
+        ran = run_all_quick()  # the first run: ./run_all.sh --quick's, copied
+        made = os.path.join(ran["runs"].name, "quickstart")
+        self.assertTrue(os.path.isdir(made), ran["out"][-2000:] + ran["err"][-2000:])
         runs = tmpdir(self)
-        p = example("quickstart.py", "--quick", runs=runs)
-        self.assertEqual(p.returncode, 0, p.stderr)
         first = os.path.join(runs, "quickstart")
+        shutil.copytree(made, first)
         write(os.path.join(first, "notes.txt"), "my notes")  # a user's file beside the run
         before = {n: digest(os.path.join(first, n)) for n in os.listdir(first)}
         p = example("quickstart.py", "--quick", runs=runs)
@@ -398,6 +401,33 @@ class RecipesTest(unittest.TestCase):
                          r"last epoch: \d+% of the generated points land on a real cluster")
         self.assertIn("last.pt with both optimizers", out)
 
+    def test_housing(self):
+        self.check("housing.py", r"data: synthetic stand-in for California housing",
+                   r"test: RMSE \d\.\d{4} \(\$[\d,]+\), MAE \d\.\d{4}")
+
+    def test_digits_synthetic_and_mnist_files(self):
+        d = tmpdir(self)  # first: it runs while ./run_all.sh --quick still does
+        rng = np.random.default_rng(0)
+        write_idx(os.path.join(d, "train-images-idx3-ubyte.gz"),
+                  rng.integers(0, 256, (120, 28, 28)), True)
+        write_idx(os.path.join(d, "train-labels-idx1-ubyte.gz"), rng.integers(0, 10, 120), True)
+        write_idx(os.path.join(d, "t10k-images-idx3-ubyte.gz"),
+                  rng.integers(0, 256, (30, 28, 28)), True)
+        write_idx(os.path.join(d, "t10k-labels-idx1-ubyte.gz"), rng.integers(0, 10, 30), True)
+        self.check("digits.py", rf"data: {d}; 100 train / 20 val / 30 test", args=("--data", d))
+        self.check("digits.py", r"data: procedural digits", r"best epoch \d+ .*test accuracy",
+                   r"confusion matrix \(rows: true", r"accuracy per class",
+                   r"the mistakes it was surest of:\n\ntrue \d \(0\.\d\d\) +true",
+                   r"outputs: PCA, axes explain", r"hidden layer \(100 units\): PCA",
+                   r"hidden layer \(100 units\): t-SNE, perplexity \d+, KL \d",
+                   r"first-layer weights", r"largest probability, epoch 1 \(mean",
+                   r"noise the model takes for a 3 \(p = ")
+
+
+class GanKillTest(unittest.TestCase):
+    """A recipe that is not ./run_all.sh --quick's: its runs go beside that one (test classes
+    run in the order of their names, and the module's set-up started run_all)."""
+
     def test_gan_killed_with_9_resumes_to_the_weights_of_a_run_never_killed(self):
         runs = tmpdir(self)
         args = ("--epochs", "12", "--threads", "1")
@@ -433,28 +463,6 @@ class RecipesTest(unittest.TestCase):
                                             b["optimizer"][name]["state"][i]["exp_avg_sq"]))
         drop = lambda h: {k: v for k, v in h.items() if k != "time"}  # noqa: E731
         self.assertEqual(drop(a["history"]), drop(b["history"]))
-
-    def test_housing(self):
-        self.check("housing.py", r"data: synthetic stand-in for California housing",
-                   r"test: RMSE \d\.\d{4} \(\$[\d,]+\), MAE \d\.\d{4}")
-
-    def test_digits_synthetic_and_mnist_files(self):
-        self.check("digits.py", r"data: procedural digits", r"best epoch \d+ .*test accuracy",
-                   r"confusion matrix \(rows: true", r"accuracy per class",
-                   r"the mistakes it was surest of:\n\ntrue \d \(0\.\d\d\) +true",
-                   r"outputs: PCA, axes explain", r"hidden layer \(100 units\): PCA",
-                   r"hidden layer \(100 units\): t-SNE, perplexity \d+, KL \d",
-                   r"first-layer weights", r"largest probability, epoch 1 \(mean",
-                   r"noise the model takes for a 3 \(p = ")
-        d = tmpdir(self)
-        rng = np.random.default_rng(0)
-        write_idx(os.path.join(d, "train-images-idx3-ubyte.gz"),
-                  rng.integers(0, 256, (120, 28, 28)), True)
-        write_idx(os.path.join(d, "train-labels-idx1-ubyte.gz"), rng.integers(0, 10, 120), True)
-        write_idx(os.path.join(d, "t10k-images-idx3-ubyte.gz"),
-                  rng.integers(0, 256, (30, 28, 28)), True)
-        write_idx(os.path.join(d, "t10k-labels-idx1-ubyte.gz"), rng.integers(0, 10, 30), True)
-        self.check("digits.py", rf"data: {d}; 100 train / 20 val / 30 test", args=("--data", d))
 
 
 if __name__ == "__main__":

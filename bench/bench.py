@@ -94,7 +94,7 @@ def workloads(quick):
         "pima-like 768x8, MLP 8-12-8-1, batch 10": dict(
             data=lambda: (tabular(768, 8, "binary"), tabular(192, 8, "binary")),
             model=lambda: mlp([8, 12, 8, 1], torch.nn.Sigmoid()), loss=torch.nn.BCELoss(),
-            metric=("acc", "binary_accuracy", hits), batch=10, epochs=3 if quick else 50),
+            metric=("acc", "binary_accuracy", hits), batch=10, epochs=1 if quick else 50),
         "housing-like 20640x8, MLP 8-24-12-6-1, batch 32": dict(
             data=lambda: (tabular(20640, 8, "reg"), tabular(4128, 8, "reg")),
             model=lambda: mlp([8, 24, 12, 6, 1]), loss=torch.nn.MSELoss(),
@@ -315,16 +315,17 @@ def overhead(device, quick):
 
 def scaling(device, quick):
     """fit's seconds per epoch on the housing workload at 1x, 4x and 16x the rows (--quick:
-    1x and 2x)."""
+    1x and 2x an eighth of them, 2,580 rows: a smoke run)."""
     w = workloads(quick)["housing-like 20640x8, MLP 8-24-12-6-1, batch 32"]
     g = torch.Generator().manual_seed(1)
     out = {}
     model = w["model"]().to(device)  # warm-up, so that 1x does not pay for first calls
     loops.fit(model, (torch.randn(64, 8), torch.randn(64, 1)), w["loss"],
               torch.optim.Adam(model.parameters()), epochs=1, verbose=0, device=device)
+    rows = 20640 // 8 if quick else 20640
     for k in (1, 2) if quick else (1, 4, 16):
-        X = torch.randn(20640 * k, 8, generator=g).to(device)
-        y = torch.randn(20640 * k, 1, generator=g).to(device)
+        X = torch.randn(rows * k, 8, generator=g).to(device)
+        y = torch.randn(rows * k, 1, generator=g).to(device)
         model = w["model"]().to(device)
         t0 = time.perf_counter()
         loops.fit(model, (X, y), w["loss"], torch.optim.Adam(model.parameters()), epochs=1,
@@ -576,9 +577,9 @@ def main():
              if device.type == "cuda" else ""))
     plot_ms = plot_speed()
     n = 1 if args.quick else 5
-    imports = {"plots_ascii": import_ms("plots_ascii", runs=n),
-               "loops (torch already imported)": import_ms("loops", after="torch", runs=n)}
-    if not args.quick:  # the unit, and a second of CPU: left out of a smoke run
+    imports = {"plots_ascii": import_ms("plots_ascii", runs=n)}
+    if not args.quick:  # each a process importing torch, seconds of CPU: not in a smoke run
+        imports["loops (torch already imported)"] = import_ms("loops", after="torch", runs=n)
         imports["torch"] = import_ms("torch", runs=n)
     print(f"plots_ascii.line_plot, 10,000 points at 72x18: {plot_ms:.1f} ms")
     print("import: " + ", ".join(f"{k} {v:.1f} ms" for k, v in imports.items()))
