@@ -338,6 +338,48 @@ class RunsAreKeptTest(unittest.TestCase):
         self.assertNotIn("Traceback", p.stderr)
 
 
+class GanKillTest(unittest.TestCase):
+    """A recipe that is not ./run_all.sh --quick's: its runs go beside that one, before
+    RecipesTest waits for it (unittest runs classes in the order of their names, pytest in
+    the file's order; the module's set-up started run_all)."""
+
+    def test_gan_killed_with_9_resumes_to_the_weights_of_a_run_never_killed(self):
+        runs = tmpdir(self)
+        args = ("--epochs", "12", "--threads", "1")
+        cmd = [sys.executable, os.path.join(HERE, "examples", "gan.py"), "--runs", runs, *args]
+        # the run never killed, beside the one killed (two cores)
+        ref = subprocess.Popen(cmd + ["--name", "ref"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: ref.poll() is None and ref.kill())
+        p = subprocess.Popen(cmd + ["--name", "killed"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        last = os.path.join(runs, "killed", "last.pt")
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:  # kill inside epoch 3 or later
+            if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= 2:
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=300)
+        p.stderr.close()
+        self.assertLess(loops.load_checkpoint(last)["epoch"], 12)  # killed before its end
+        again = example("gan.py", *args, "--name", "killed", "--resume", runs=runs)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        _, err = ref.communicate(timeout=300)
+        self.assertEqual(ref.returncode, 0, err)
+        a, b = (loops.load_checkpoint(os.path.join(runs, n, "last.pt")) for n in ("ref",
+                                                                                   "killed"))
+        self.assertEqual(sorted(a["optimizer"]), ["D", "G"])
+        for k, v in a["model"].items():
+            self.assertTrue(torch.equal(v, b["model"][k]), k)
+        for name in ("G", "D"):
+            for i, state in a["optimizer"][name]["state"].items():
+                self.assertTrue(torch.equal(state["exp_avg_sq"],
+                                            b["optimizer"][name]["state"][i]["exp_avg_sq"]))
+        drop = lambda h: {k: v for k, v in h.items() if k != "time"}  # noqa: E731
+        self.assertEqual(drop(a["history"]), drop(b["history"]))
+
+
 class RecipesTest(unittest.TestCase):
     """Each recipe with --quick in a subprocess: exit code, key lines, its run directory.
     Without arguments of its own, a recipe is checked on its part of ./run_all.sh --quick."""
@@ -422,47 +464,6 @@ class RecipesTest(unittest.TestCase):
                    r"hidden layer \(100 units\): t-SNE, perplexity \d+, KL \d",
                    r"first-layer weights", r"largest probability, epoch 1 \(mean",
                    r"noise the model takes for a 3 \(p = ")
-
-
-class GanKillTest(unittest.TestCase):
-    """A recipe that is not ./run_all.sh --quick's: its runs go beside that one (test classes
-    run in the order of their names, and the module's set-up started run_all)."""
-
-    def test_gan_killed_with_9_resumes_to_the_weights_of_a_run_never_killed(self):
-        runs = tmpdir(self)
-        args = ("--epochs", "12", "--threads", "1")
-        cmd = [sys.executable, os.path.join(HERE, "examples", "gan.py"), "--runs", runs, *args]
-        # the run never killed, beside the one killed (two cores)
-        ref = subprocess.Popen(cmd + ["--name", "ref"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: ref.poll() is None and ref.kill())
-        p = subprocess.Popen(cmd + ["--name", "killed"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        last = os.path.join(runs, "killed", "last.pt")
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:  # kill inside epoch 3 or later
-            if os.path.exists(last) and loops.load_checkpoint(last)["epoch"] >= 2:
-                break
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=300)
-        p.stderr.close()
-        self.assertLess(loops.load_checkpoint(last)["epoch"], 12)  # killed before its end
-        again = example("gan.py", *args, "--name", "killed", "--resume", runs=runs)
-        self.assertEqual(again.returncode, 0, again.stderr)
-        _, err = ref.communicate(timeout=300)
-        self.assertEqual(ref.returncode, 0, err)
-        a, b = (loops.load_checkpoint(os.path.join(runs, n, "last.pt")) for n in ("ref",
-                                                                                   "killed"))
-        self.assertEqual(sorted(a["optimizer"]), ["D", "G"])
-        for k, v in a["model"].items():
-            self.assertTrue(torch.equal(v, b["model"][k]), k)
-        for name in ("G", "D"):
-            for i, state in a["optimizer"][name]["state"].items():
-                self.assertTrue(torch.equal(state["exp_avg_sq"],
-                                            b["optimizer"][name]["state"][i]["exp_avg_sq"]))
-        drop = lambda h: {k: v for k, v in h.items() if k != "time"}  # noqa: E731
-        self.assertEqual(drop(a["history"]), drop(b["history"]))
 
 
 if __name__ == "__main__":
