@@ -96,7 +96,6 @@ __all__ = [  # the optional blocks add their own names
 
 
 # --- entry points -------------------------------------------------------------
-
 def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
         metrics=None, monitor=None, mode="auto", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
@@ -315,7 +314,6 @@ def model_device(model):
 
 
 # --- the step -----------------------------------------------------------------
-
 def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
     """Where a batch meets the model: ``(loss, y_pred, y)`` of a batch (the loss None
     without a ``loss_fn``), under ``cast()`` (autocast) when given. The one place, for
@@ -345,46 +343,6 @@ def _seam(loss_fn, cast, forward):
     """_forward_loss with a run's loss_fn, cast (None in fp32: no context to enter at each
     step) and forward, decided once: ``seam(model, batch) -> (loss, y_pred, y)``."""
     return functools.partial(_forward_loss, loss_fn=loss_fn, cast=cast, forward=forward)
-
-
-def _pair(out):
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"forward returned {_describe(out)}; expected a pair (y_pred, y): "
-                        "the outputs, and the targets the loss and metrics compare them with")
-    return out
-
-
-def _refuse_output(y_pred, forward, cause=None):
-    """A TypeError for a model that returns something other than a tensor (a tuple of
-    logits and extras, a dict) where loops needs its outputs: it names forward=."""
-    if forward is None and not torch.is_tensor(y_pred):
-        raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
-                        "outputs for the loss and the metrics: pass forward=, e.g. forward="
-                        "lambda model, batch: (model(batch[0])[0], batch[1]) to take the "
-                        "first (README, 'Make it yours')") from cause
-
-
-_SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
-
-
-def _check_same_shape(loss_fn, out, y):
-    """A ValueError where ``loss_fn`` would broadcast outputs and targets of different
-    shapes ((N, 1) against (N,) gives an (N, N) mean: a wrong loss, with only torch's
-    warning)."""
-    if out.shape != y.shape:
-        raise ValueError(f"{type(loss_fn).__name__} got outputs of shape {tuple(out.shape)} "
-                         f"and targets of shape {tuple(y.shape)}: torch would broadcast them "
-                         "against each other and the loss would be wrong; give both the same "
-                         "shape (targets y.reshape(-1, 1), or outputs out.squeeze(-1))")
-
-
-def _refuse_loss(loss):
-    if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
-                        "(a Python number has no gradient: compute the loss with torch "
-                        "operations, e.g. torch.nn.functional.mse_loss)")
-    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
-                     "a scalar (use reduction='mean', the default of torch.nn losses)")
 
 
 class _Stepper:
@@ -532,7 +490,6 @@ def _unwrap(model):
 
 
 # --- one epoch ----------------------------------------------------------------
-
 _TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
 _CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
 
@@ -694,7 +651,6 @@ def _look_seconds(live, save_every, device):
 
 
 # --- exact sums ---------------------------------------------------------------
-
 class _Totals(NamedTuple):
     """A meter's sums on the device, not yet read back."""
     flat: torch.Tensor  # [loss sum, its denominator, *each metric's sums]
@@ -978,7 +934,6 @@ def _first_bad(losses, checked, total, unit):
 
 
 # --- the run's record ---------------------------------------------------------
-
 class _Record:
     """The run so far: the history (with ``best_epoch``, the epoch best.pt holds, for
     plots), the best value, patience, why it stopped, the best weights (restore_best);
@@ -1174,7 +1129,6 @@ def _hook_again(on_epoch_end, record, store, world):
 
 
 # --- checkpoints --------------------------------------------------------------
-
 class _Store:
     """A run's checkpoint directory: best.pt, last.pt, history.csv and run.json (what
     plots need to know: monitor, mode, directions), written by rank 0.
@@ -1354,134 +1308,6 @@ class _Store:
                 "from here train so")
 
 
-_NUMBER, _NONE = (int, float), type(None)
-# What save_last writes, by key: the types a resume can work with.
-_LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
-            "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
-            "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
-            "rng_ranks": (list, _NONE), "steps": int, "monitor": str, "mode": str}
-_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": dict, "epoch_time": _NUMBER,
-                      "rng_epoch": dict}
-_METER = {"loss_sum": torch.Tensor, "loss_den": torch.Tensor, "counts": dict, "sums": dict,
-          "losses": (torch.Tensor, _NONE), "outs": list, "ys": list}
-_STOPPED = (None, "patience", "on_epoch_end")  # _Record.stopped's values
-
-
-def _damage(ck, steps=None):
-    """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
-    history that does not add up, a random state that would not load, a snapshot's
-    step outside an epoch of ``steps`` batches), or None when a resume can trust it."""
-    def wrong_type(keys):
-        for key, kind in keys.items():
-            if key not in ck:
-                return f"'{key}' is missing"
-            v = ck[key]
-            if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, _NUMBER)):
-                return f"'{key}' is a {type(v).__name__} ({v!r:.40})"
-        return None
-    wrong = wrong_type(_LAST_PT)
-    if wrong:
-        return wrong
-    epoch, step, history = ck["epoch"], ck["step"], ck["history"]
-    if epoch < 0 or step < 0 or ck["wait"] < 0:
-        return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
-    if step and wrong_type(_LAST_PT_MID_EPOCH):
-        return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
-    if step and steps is not None and step > steps:  # == steps: saved at the last batch
-        return f"'step' is {step}, not inside an epoch of {steps} batches"
-    if step:
-        meter = ck["meter"]
-        for key, kind in _METER.items():
-            if not isinstance(meter.get(key), kind):
-                return f"the snapshot's meter has no {key!r} of type {kind}"
-        losses = meter["losses"]
-        held = [0 if losses is None else len(losses), len(meter["outs"]), len(meter["ys"])]
-        if held[0] == 0 and losses is not None or max(held) > step:  # those since a look
-            return (f"the snapshot's meter holds {held[0]} losses, {held[1]} outputs and "
-                    f"{held[2]} targets for {step} steps")
-    rngs = {"'rng'": ck["rng"], "'rng_epoch'": ck.get("rng_epoch") if step else None,
-            **{f"'rng_ranks'[{i}]": r for i, r in enumerate(ck["rng_ranks"] or [])}}
-    for where, rng in rngs.items():
-        wrong = rng is not None and _rng_damage(rng)
-        if wrong:
-            return f"{where} {wrong}"
-    if isinstance(ck["best"], float) and math.isnan(ck["best"]):
-        return "'best' is nan (no epoch could ever improve on it)"
-    if ck["stopped"] not in _STOPPED:
-        return f"'stopped' is {ck['stopped']!r}; expected one of {_STOPPED}"
-    opt = ck["optimizer"]
-    if not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o) for o in (
-            [opt] if "param_groups" in opt else opt.values() or [{}])):
-        return "'optimizer' is not an optimizer's state_dict (or a dict of them)"
-    lengths = {k: len(v) if isinstance(v, list) else None for k, v in history.items()}
-    if any(n != epoch for n in lengths.values()):
-        return f"its history has columns of lengths {lengths} for epoch {epoch}"
-    if not all(isinstance(x, _NUMBER) for v in history.values() for x in v):
-        return "its history holds values other than numbers"
-    if [float(e) for e in history.get("epoch", [])] != [float(e) for e in range(1, epoch + 1)]:
-        return f"its history's epochs are not 1..{epoch}"
-    if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
-        return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
-    return None
-
-
-def _rows(data):
-    """The rows of training data: of (X, y) tensors, or of a DataLoader's dataset if sized."""
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        return len(data[0])
-    try:
-        return len(data.dataset)
-    except (AttributeError, TypeError):
-        return None
-
-
-def _rng_damage(rng):
-    """What keeps ``rng`` (a saved random state) from loading, tried on throwaway
-    generators so that nothing of this process changes; None when it loads."""
-    if not isinstance(rng, dict):
-        return f"is a {type(rng).__name__}, not a random state"
-    try:
-        torch.Generator().set_state(rng["torch"])
-        random.Random().setstate(_tuples(rng["python"]))
-        for state in ([rng["batches"]] if "batches" in rng else []) + list(rng.get("loaders", [])):
-            torch.Generator().set_state(state)
-        np = sys.modules.get("numpy")
-        if np is not None and "numpy" in rng:
-            name, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.RandomState().set_state(
-                (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    except KeyError as e:
-        return f"has no {e.args[0]!r} random state"
-    except (RuntimeError, TypeError, ValueError) as e:
-        return f"does not load as a random state ({str(e)[:80]})"
-    return None
-
-
-def _optimizer_damage(ck, optimizer):
-    """A state tensor of torch.optim's optimizers that is not its parameter's shape
-    (Adam's exp_avg, SGD's momentum_buffer, ...): torch would load it and fail at the
-    first step, after the model was loaded. None when all fit (or cannot be told)."""
-    saved = ck["optimizer"]
-    for name, opt in _named(optimizer).items():
-        state = saved.get(name) if name else saved
-        kind = type(opt)
-        if (not isinstance(state, dict) or not kind.__module__.startswith("torch.optim")
-                or kind.__name__ in ("Adafactor", "LBFGS", "SparseAdam")):
-            continue
-        params = [p for g in opt.param_groups for p in g["params"]]
-        ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
-        if len(ids) != len(params):
-            continue  # named by _check_optimizer_fits, with the groups' sizes
-        shape = {i: p.shape for i, p in zip(ids, params)}
-        for i, st in state.get("state", {}).items():
-            for key, v in (st.items() if isinstance(st, dict) else ()):
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape != shape.get(i, v.shape):
-                    what = f"optimizer {name!r}" if name else "the optimizer"
-                    return (f"{what}'s {key!r} of parameter {i} has shape {tuple(v.shape)}, "
-                            f"the parameter {tuple(shape[i])}")
-    return None
-
-
 def _nonfinite_weights(model):
     """The names of the parameters holding NaN or inf; one host read when there are none."""
     params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a sharded model's: this
@@ -1560,25 +1386,6 @@ def _new_temp(path):
             continue
 
 
-_PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
-
-
-def _check_plain(value, where):
-    if torch.is_tensor(value) or isinstance(value, _PLAIN):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_plain(k, f"{where} key {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
-    else:
-        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
-                        "only tensors and plain Python values, so that load_checkpoint can load "
-                        "them with weights_only=True")
-
-
 def _read_checkpoint(path, *, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -1610,40 +1417,6 @@ def _load_into(ckpt, path, model, optimizer):
         opt.load_state_dict(ckpt["optimizer"][name] if name else ckpt["optimizer"])
 
 
-def _check_fits(model, state, path):
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} saved vs {tuple(v.shape)} here"
-              for k, v in own.items() if k in state and torch.is_tensor(state[k])
-              and state[k].shape != v.shape]
-    if missing or extra or shapes:
-        parts = [f"missing {missing[:3]}" if missing else "",
-                 f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
-        raise ValueError(f"{path} was saved from a different model architecture: "
-                         + "; ".join(p for p in parts if p))
-
-
-def _check_optimizer_fits(optimizer, ckpt, path):
-    if "optimizer" not in ckpt:
-        raise ValueError(f"{path} holds no optimizer state")
-    one = not isinstance(optimizer, dict)
-    states = {"": ckpt["optimizer"]} if one else ckpt["optimizer"]
-    types = {"": ckpt.get("optimizer_type")} if one else ckpt.get("optimizer_type") or {}
-    if set(states) != set(_named(optimizer)) or "param_groups" in states:
-        raise ValueError(f"{path} holds the optimizers {sorted(states)}, this run has "
-                         f"{sorted(_named(optimizer))}; resume with the same ones")
-    for name, opt in _named(optimizer).items():
-        saved, what = types.get(name), f"optimizer {name!r}" if name else "optimizer"
-        if saved is not None and saved != type(opt).__name__:
-            raise ValueError(f"{path} was saved with {what} {saved}, but "
-                             f"{type(opt).__name__} was given; use the same optimizer type")
-        sizes = [len(g["params"]) for g in states[name]["param_groups"]]
-        if sizes != [len(g["params"]) for g in opt.param_groups]:
-            raise ValueError(f"{path}: the saved {what} has parameter groups of sizes {sizes}, "
-                             f"this one has {[len(g['params']) for g in opt.param_groups]}")
-
-
 def _named(optimizer):
     """{name: optimizer}: a dict of them as it is, one as {"": it}, None as {}."""
     return optimizer if isinstance(optimizer, dict) else {} if optimizer is None else {
@@ -1662,134 +1435,6 @@ def _prepare_dir(path):
         raise ValueError(f"checkpoint directory {path!r} cannot be written: {e.strerror or e}; "
                          "expected a writable directory path") from None
     return path
-
-
-# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
-_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
-
-
-def _remove_own_temps(path):
-    """Remove the temp files a run killed while writing left behind (``last.pt.<12 hex>.tmp``),
-    and only those: a user's ``best.weights.tmp`` stays."""
-    for name in os.listdir(path):
-        if _OWN_TEMP.fullmatch(name):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(path, name))
-
-
-class _DirLock:
-    """One run per checkpoint directory: the operating system's lock on ``DIR/.lock``
-    (flock; msvcrt on Windows), which goes with the process however it ends. The file
-    names the holder; without locks on the file system, none is taken. It is opened
-    without following a link and changed only once it is known to be loops' own (new,
-    empty, or naming a holder as loops writes it): anything else at that name (a link,
-    a directory, a FIFO, a file of yours) is refused, never written to or deleted."""
-    NAME = ".lock"
-    OURS = re.compile(r"(pid \d+ on \S*\n?)?")  # what loops writes there, or nothing yet
-
-    def __init__(self, directory):
-        self.path = os.path.join(directory, self.NAME)
-        while True:
-            f = self._open(directory)
-            if not _try_lock(f):
-                holder = ""
-                with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
-                    f.seek(0)
-                    holder = f.read().strip()
-                holder = holder or "another process"
-                f.close()
-                raise ValueError(
-                    f"checkpoint directory {directory!r} is in use by another run ({holder}, "
-                    f"holding {self.path}); one directory holds one run at a time: wait for "
-                    "it to end, or choose another directory")
-            try:  # locked: but is it still the file at that name (not one just removed)?
-                same = os.path.samestat(os.fstat(f.fileno()), os.lstat(self.path))
-            except OSError:
-                same = False
-            if same:
-                break
-            f.close()
-        f.seek(0)
-        held = f.read(4096)
-        if not self.OURS.fullmatch(held):
-            f.close()
-            raise ValueError(f"{self.path} is not loops' lock file (it holds {held[:60]!r}); "
-                             "fit keeps its lock at that name and will not change or delete "
-                             "a file of yours: move it, or choose another directory")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self.file = f
-        _HELD_LOCKS.add(f)
-
-    def _open(self, directory):
-        """The lock file, opened read-write without following a link, created if absent."""
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(
-            os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # NONBLOCK: a FIFO
-        try:
-            fd = os.open(self.path, flags, 0o666)
-        except OSError as e:
-            kind = ("a symbolic link" if os.path.islink(self.path) else "a directory"
-                    if os.path.isdir(self.path) else None)
-            if kind is None:
-                raise
-            raise ValueError(f"{self.path} is {kind}; fit keeps its lock in a file of its own "
-                             "at that name and will not follow or replace it: remove it, or "
-                             "choose another directory") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ValueError(f"{self.path} is not a regular file (a FIFO, socket or device); "
-                             "fit keeps its lock in a file of its own at that name: remove "
-                             "it, or choose another directory")
-        if getattr(os, "O_NONBLOCK", 0):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "r+")
-
-    def release(self):
-        with contextlib.suppress(OSError):  # still locked: no other run can hold it now
-            if os.path.samestat(os.fstat(self.file.fileno()), os.lstat(self.path)):
-                os.unlink(self.path)  # ours, and still the file at that name
-        _HELD_LOCKS.discard(self.file)
-        self.file.close()  # closing drops the lock
-
-
-# The lock files this process holds. A forked child (a DataLoader worker) closes its
-# copies at once: a flock is held while any copy is open, and workers outlive a
-# killed parent by seconds, which kept a restart out of the directory.
-_HELD_LOCKS = set()
-
-
-def _drop_inherited_locks():
-    for f in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            f.close()  # this process's copy only: the parent's lock stays
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-def _try_lock(f):
-    """Take an exclusive lock on open file ``f`` without waiting; False if another holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-        try:
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:  # no locks on this file system: go on unlocked
-        return True
 
 
 def _write_csv(path, history):
@@ -1862,7 +1507,6 @@ def _tuples(x):
 
 
 # --- processes ------------------------------------------------------------------
-
 class _OneProcess:
     """The world of a run in one process: rank 0 of 1, the writer. The distributed block's
     _Ranks answers the same questions for a torchrun job (sums over ranks, the first
@@ -2043,7 +1687,6 @@ def _describe(x):
 
 
 # --- progress -----------------------------------------------------------------
-
 # Formatting is pure functions returning strings (tested with golden strings);
 # _Printer only writes them.
 
@@ -2154,8 +1797,6 @@ class _Printer:
 
 
 # --- metrics ------------------------------------------------------------------
-
-
 # Each metric is a plain function (y_pred, y) -> scalar tensor over the whole set.
 # For exact epoch values the loop does not average batch values: it keeps each
 # metric's sufficient statistic (a sum, a maximum, or confusion counts) on the
@@ -2500,6 +2141,115 @@ def _user_value(fn, p, y):
         got = f"shape {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
         raise ValueError(f"returned {got}; expected a scalar tensor, the batch's mean")
     return v.detach().double().reshape(())
+
+
+# --- building a run: what fit runs on -------------------------------------------
+
+class _Plan(NamedTuple):
+    """What fit runs on, built from its checked arguments."""
+    device: torch.device
+    world: object        # _OneProcess, or the distributed block's _Ranks
+    stats: dict          # metric name -> _Stat, for validation (and training, but with
+    train_stats: dict    # train_step, which gives no outputs)
+    train: object        # a _TensorSource or _LoaderSource
+    val: object          # the same, or None
+    keys: list           # the history's keys known now, in order (train_step and val_fn
+    monitor: str         # add theirs when they first return)
+    mode: str            # "min" or "max"
+    percent: set         # keys shown as percentages
+    settings: dict       # how the run trains (batch size, ...): saved, compared on resume
+    better: dict         # each value's better direction, where known (for plots)
+
+
+def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
+          metrics, monitor, mode, patience, min_delta, restore_best, scheduler,
+          scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume,
+          save_every,
+          drop_last, precision, accumulate, shuffle, seed, forward, train_step, val_fn,
+          on_batch_end):
+    """Check every argument of fit, then build what it runs on: the world, the metric
+    table, the data sources (whose data is checked as they are built), the history's
+    keys, the monitor and its direction; last, the first validation batch is tried."""
+    device, world = _check_fit(
+        model, loss_fn, optimizer, epochs=epochs, patience=patience, min_delta=min_delta,
+        restore_best=restore_best, scheduler=scheduler, scheduler_interval=scheduler_interval,
+        verbose=verbose,
+        clip_grad_norm=clip_grad_norm, device=device, on_epoch_end=on_epoch_end,
+        checkpoint=checkpoint, resume=resume, save_every=save_every, precision=precision,
+        accumulate=accumulate, shuffle=shuffle, seed=seed, train=train, forward=forward,
+        train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
+    stats = _metric_table(metrics, loss_fn)
+    train_data = _source(train, what="train", batch_size=batch_size, device=device,
+                         reused=epochs > 1, world=world, drop_last=drop_last,
+                         accumulate=accumulate,
+                         pairs=forward is None and train_step is None)
+    if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
+        val_batch_size = max(batch_size, 256)
+    val_data = None if val is None else _source(
+        val, what="val", batch_size=val_batch_size, device=device, reused=epochs > 1,
+        world=world, split_rows=True, pairs=forward is None)
+    keys = ["epoch"] + ([] if train_step else ["loss", *stats])
+    if val_data is not None:
+        keys += ["val_loss"] * (loss_fn is not None) + ["val_" + k for k in stats]
+    keys += [*_rates(optimizer), "time", "best_epoch"]
+    monitor = _check_monitor(monitor, keys, has_val=val_data is not None and loss_fn is not None,
+                             later=train_step is not None or val_fn is not None)
+    percent = {k for k, st in stats.items() if st.percent}
+    percent |= {"val_" + k for k in percent}
+    _try_first_val_batch(model, val_data, _seam(loss_fn, _autocast(precision, device), forward),
+                         stats)
+    settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+                "accumulate": accumulate, "precision": precision, "rows": _rows(train),
+                "batches": train_data.steps}  # saved in last.pt; compared on resume
+    mode = _check_mode(mode, monitor, stats)
+    return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
+                 monitor, mode, percent, settings, _directions(stats, monitor, mode))
+
+
+def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
+            drop_last=False, pairs=True, accumulate=1):
+    """``data`` as a batch source, checked: tensors or a loader. With several ranks,
+    training tensors are cut per global batch, validation's (``split_rows``) by rows."""
+    world = world or _ONE_PROCESS
+    rank, ranks = world.rank, world.size
+    _check_batch_size(batch_size)
+    if not isinstance(drop_last, bool):
+        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        _check_tensors(*data, what)
+        X, y = data
+        if drop_last and len(X) < ranks * batch_size * accumulate:
+            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
+                             f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
+                                                else "") + " leaves no batch; expected at "
+                             f"least {ranks * batch_size * accumulate} rows")
+        if split_rows and ranks > 1:
+            return world.val_rows(X, y, batch_size, device, what)
+        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
+                             ranks=ranks, sharded=ranks > 1, drop_last=drop_last,
+                             accumulate=accumulate)
+    _check_loader(data, what, reused=reused, drop_last=drop_last)
+    source = _LoaderSource(data, device=device, what=what, pairs=pairs)
+    if source.steps == 0:
+        raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
+    source.sharded = world.sharded_loader(data, what)
+    return source
+
+
+def _check_mode(mode, monitor, stats):
+    """The monitor's direction: ``mode`` itself, or for "auto" the known direction of the
+    loss and of the built-in metrics; refused where it is not known (never a guess)."""
+    if mode in ("min", "max"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    base = monitor.removeprefix("val_")
+    better = "min" if base == "loss" else getattr(stats.get(base), "better", None)
+    if better is None:
+        raise ValueError(f"mode='auto' does not know whether a higher or a lower {monitor!r} "
+                         "is better (it is not the loss or a built-in metric): pass mode='max' "
+                         "or mode='min'")
+    return better
 
 
 # --- optional blocks: how the rest of the file asks for them ---------------------
@@ -3112,97 +2862,364 @@ def _check_lr_find(model, loss_fn, optimizer, *, start_lr, end_lr, steps, device
 # --- end of lr_find -----------------------------------------------------------
 
 
-# --- building a run: what fit runs on -------------------------------------------
+# --- optional: checkpoint guards ---------------------------------------------
+# The directory's lock (one run at a time), the diagnosis of a damaged last.pt and
+# the checks that a checkpoint fits the model and optimizer it is loaded into.
 
-class _Plan(NamedTuple):
-    """What fit runs on, built from its checked arguments."""
-    device: torch.device
-    world: object        # _OneProcess, or the distributed block's _Ranks
-    stats: dict          # metric name -> _Stat, for validation (and training, but with
-    train_stats: dict    # train_step, which gives no outputs)
-    train: object        # a _TensorSource or _LoaderSource
-    val: object          # the same, or None
-    keys: list           # the history's keys known now, in order (train_step and val_fn
-    monitor: str         # add theirs when they first return)
-    mode: str            # "min" or "max"
-    percent: set         # keys shown as percentages
-    settings: dict       # how the run trains (batch size, ...): saved, compared on resume
-    better: dict         # each value's better direction, where known (for plots)
-
-
-def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
-          metrics, monitor, mode, patience, min_delta, restore_best, scheduler,
-          scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume,
-          save_every,
-          drop_last, precision, accumulate, shuffle, seed, forward, train_step, val_fn,
-          on_batch_end):
-    """Check every argument of fit, then build what it runs on: the world, the metric
-    table, the data sources (whose data is checked as they are built), the history's
-    keys, the monitor and its direction; last, the first validation batch is tried."""
-    device, world = _check_fit(
-        model, loss_fn, optimizer, epochs=epochs, patience=patience, min_delta=min_delta,
-        restore_best=restore_best, scheduler=scheduler, scheduler_interval=scheduler_interval,
-        verbose=verbose,
-        clip_grad_norm=clip_grad_norm, device=device, on_epoch_end=on_epoch_end,
-        checkpoint=checkpoint, resume=resume, save_every=save_every, precision=precision,
-        accumulate=accumulate, shuffle=shuffle, seed=seed, train=train, forward=forward,
-        train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
-    stats = _metric_table(metrics, loss_fn)
-    train_data = _source(train, what="train", batch_size=batch_size, device=device,
-                         reused=epochs > 1, world=world, drop_last=drop_last,
-                         accumulate=accumulate,
-                         pairs=forward is None and train_step is None)
-    if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
-        val_batch_size = max(batch_size, 256)
-    val_data = None if val is None else _source(
-        val, what="val", batch_size=val_batch_size, device=device, reused=epochs > 1,
-        world=world, split_rows=True, pairs=forward is None)
-    keys = ["epoch"] + ([] if train_step else ["loss", *stats])
-    if val_data is not None:
-        keys += ["val_loss"] * (loss_fn is not None) + ["val_" + k for k in stats]
-    keys += [*_rates(optimizer), "time", "best_epoch"]
-    monitor = _check_monitor(monitor, keys, has_val=val_data is not None and loss_fn is not None,
-                             later=train_step is not None or val_fn is not None)
-    percent = {k for k, st in stats.items() if st.percent}
-    percent |= {"val_" + k for k in percent}
-    _try_first_val_batch(model, val_data, _seam(loss_fn, _autocast(precision, device), forward),
-                         stats)
-    settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
-                "accumulate": accumulate, "precision": precision, "rows": _rows(train),
-                "batches": train_data.steps}  # saved in last.pt; compared on resume
-    mode = _check_mode(mode, monitor, stats)
-    return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
-                 monitor, mode, percent, settings, _directions(stats, monitor, mode))
+_NUMBER, _NONE = (int, float), type(None)
+# What save_last writes, by key: the types a resume can work with.
+_LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "step": int,
+            "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
+            "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
+            "rng_ranks": (list, _NONE), "steps": int, "monitor": str, "mode": str}
+_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": dict, "epoch_time": _NUMBER,
+                      "rng_epoch": dict}
+_METER = {"loss_sum": torch.Tensor, "loss_den": torch.Tensor, "counts": dict, "sums": dict,
+          "losses": (torch.Tensor, _NONE), "outs": list, "ys": list}
+_STOPPED = (None, "patience", "on_epoch_end")  # _Record.stopped's values
 
 
-def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
-            drop_last=False, pairs=True, accumulate=1):
-    """``data`` as a batch source, checked: tensors or a loader. With several ranks,
-    training tensors are cut per global batch, validation's (``split_rows``) by rows."""
-    world = world or _ONE_PROCESS
-    rank, ranks = world.rank, world.size
-    _check_batch_size(batch_size)
-    if not isinstance(drop_last, bool):
-        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
+def _damage(ck, steps=None):
+    """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
+    history that does not add up, a random state that would not load, a snapshot's
+    step outside an epoch of ``steps`` batches), or None when a resume can trust it."""
+    def wrong_type(keys):
+        for key, kind in keys.items():
+            if key not in ck:
+                return f"'{key}' is missing"
+            v = ck[key]
+            if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, _NUMBER)):
+                return f"'{key}' is a {type(v).__name__} ({v!r:.40})"
+        return None
+    wrong = wrong_type(_LAST_PT)
+    if wrong:
+        return wrong
+    epoch, step, history = ck["epoch"], ck["step"], ck["history"]
+    if epoch < 0 or step < 0 or ck["wait"] < 0:
+        return f"epoch {epoch}, step {step}, wait {ck['wait']}: expected counts >= 0"
+    if step and wrong_type(_LAST_PT_MID_EPOCH):
+        return wrong_type(_LAST_PT_MID_EPOCH) + " (needed in a mid-epoch snapshot)"
+    if step and steps is not None and step > steps:  # == steps: saved at the last batch
+        return f"'step' is {step}, not inside an epoch of {steps} batches"
+    if step:
+        meter = ck["meter"]
+        for key, kind in _METER.items():
+            if not isinstance(meter.get(key), kind):
+                return f"the snapshot's meter has no {key!r} of type {kind}"
+        losses = meter["losses"]
+        held = [0 if losses is None else len(losses), len(meter["outs"]), len(meter["ys"])]
+        if held[0] == 0 and losses is not None or max(held) > step:  # those since a look
+            return (f"the snapshot's meter holds {held[0]} losses, {held[1]} outputs and "
+                    f"{held[2]} targets for {step} steps")
+    rngs = {"'rng'": ck["rng"], "'rng_epoch'": ck.get("rng_epoch") if step else None,
+            **{f"'rng_ranks'[{i}]": r for i, r in enumerate(ck["rng_ranks"] or [])}}
+    for where, rng in rngs.items():
+        wrong = rng is not None and _rng_damage(rng)
+        if wrong:
+            return f"{where} {wrong}"
+    if isinstance(ck["best"], float) and math.isnan(ck["best"]):
+        return "'best' is nan (no epoch could ever improve on it)"
+    if ck["stopped"] not in _STOPPED:
+        return f"'stopped' is {ck['stopped']!r}; expected one of {_STOPPED}"
+    opt = ck["optimizer"]
+    if not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o) for o in (
+            [opt] if "param_groups" in opt else opt.values() or [{}])):
+        return "'optimizer' is not an optimizer's state_dict (or a dict of them)"
+    lengths = {k: len(v) if isinstance(v, list) else None for k, v in history.items()}
+    if any(n != epoch for n in lengths.values()):
+        return f"its history has columns of lengths {lengths} for epoch {epoch}"
+    if not all(isinstance(x, _NUMBER) for v in history.values() for x in v):
+        return "its history holds values other than numbers"
+    if [float(e) for e in history.get("epoch", [])] != [float(e) for e in range(1, epoch + 1)]:
+        return f"its history's epochs are not 1..{epoch}"
+    if ck["best_epoch"] is not None and not 1 <= ck["best_epoch"] <= epoch:
+        return f"best_epoch {ck['best_epoch']} is not one of epochs 1..{epoch}"
+    return None
+
+
+def _rows(data):
+    """The rows of training data: of (X, y) tensors, or of a DataLoader's dataset if sized."""
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        _check_tensors(*data, what)
-        X, y = data
-        if drop_last and len(X) < ranks * batch_size * accumulate:
-            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
-                             f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
-                                                else "") + " leaves no batch; expected at "
-                             f"least {ranks * batch_size * accumulate} rows")
-        if split_rows and ranks > 1:
-            return world.val_rows(X, y, batch_size, device, what)
-        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
-                             ranks=ranks, sharded=ranks > 1, drop_last=drop_last,
-                             accumulate=accumulate)
-    _check_loader(data, what, reused=reused, drop_last=drop_last)
-    source = _LoaderSource(data, device=device, what=what, pairs=pairs)
-    if source.steps == 0:
-        raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
-    source.sharded = world.sharded_loader(data, what)
-    return source
+        return len(data[0])
+    try:
+        return len(data.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _rng_damage(rng):
+    """What keeps ``rng`` (a saved random state) from loading, tried on throwaway
+    generators so that nothing of this process changes; None when it loads."""
+    if not isinstance(rng, dict):
+        return f"is a {type(rng).__name__}, not a random state"
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate(_tuples(rng["python"]))
+        for state in ([rng["batches"]] if "batches" in rng else []) + list(rng.get("loaders", [])):
+            torch.Generator().set_state(state)
+        np = sys.modules.get("numpy")
+        if np is not None and "numpy" in rng:
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.RandomState().set_state(
+                (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except KeyError as e:
+        return f"has no {e.args[0]!r} random state"
+    except (RuntimeError, TypeError, ValueError) as e:
+        return f"does not load as a random state ({str(e)[:80]})"
+    return None
+
+
+def _optimizer_damage(ck, optimizer):
+    """A state tensor of torch.optim's optimizers that is not its parameter's shape
+    (Adam's exp_avg, SGD's momentum_buffer, ...): torch would load it and fail at the
+    first step, after the model was loaded. None when all fit (or cannot be told)."""
+    saved = ck["optimizer"]
+    for name, opt in _named(optimizer).items():
+        state = saved.get(name) if name else saved
+        kind = type(opt)
+        if (not isinstance(state, dict) or not kind.__module__.startswith("torch.optim")
+                or kind.__name__ in ("Adafactor", "LBFGS", "SparseAdam")):
+            continue
+        params = [p for g in opt.param_groups for p in g["params"]]
+        ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+        if len(ids) != len(params):
+            continue  # named by _check_optimizer_fits, with the groups' sizes
+        shape = {i: p.shape for i, p in zip(ids, params)}
+        for i, st in state.get("state", {}).items():
+            for key, v in (st.items() if isinstance(st, dict) else ()):
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != shape.get(i, v.shape):
+                    what = f"optimizer {name!r}" if name else "the optimizer"
+                    return (f"{what}'s {key!r} of parameter {i} has shape {tuple(v.shape)}, "
+                            f"the parameter {tuple(shape[i])}")
+    return None
+
+
+def _check_fits(model, state, path):
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} saved vs {tuple(v.shape)} here"
+              for k, v in own.items() if k in state and torch.is_tensor(state[k])
+              and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "",
+                 f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
+        raise ValueError(f"{path} was saved from a different model architecture: "
+                         + "; ".join(p for p in parts if p))
+
+
+def _check_optimizer_fits(optimizer, ckpt, path):
+    if "optimizer" not in ckpt:
+        raise ValueError(f"{path} holds no optimizer state")
+    one = not isinstance(optimizer, dict)
+    states = {"": ckpt["optimizer"]} if one else ckpt["optimizer"]
+    types = {"": ckpt.get("optimizer_type")} if one else ckpt.get("optimizer_type") or {}
+    if set(states) != set(_named(optimizer)) or "param_groups" in states:
+        raise ValueError(f"{path} holds the optimizers {sorted(states)}, this run has "
+                         f"{sorted(_named(optimizer))}; resume with the same ones")
+    for name, opt in _named(optimizer).items():
+        saved, what = types.get(name), f"optimizer {name!r}" if name else "optimizer"
+        if saved is not None and saved != type(opt).__name__:
+            raise ValueError(f"{path} was saved with {what} {saved}, but "
+                             f"{type(opt).__name__} was given; use the same optimizer type")
+        sizes = [len(g["params"]) for g in states[name]["param_groups"]]
+        if sizes != [len(g["params"]) for g in opt.param_groups]:
+            raise ValueError(f"{path}: the saved {what} has parameter groups of sizes {sizes}, "
+                             f"this one has {[len(g['params']) for g in opt.param_groups]}")
+
+
+# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
+_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
+
+
+def _remove_own_temps(path):
+    """Remove the temp files a run killed while writing left behind (``last.pt.<12 hex>.tmp``),
+    and only those: a user's ``best.weights.tmp`` stays."""
+    for name in os.listdir(path):
+        if _OWN_TEMP.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+
+
+class _DirLock:
+    """One run per checkpoint directory: the operating system's lock on ``DIR/.lock``
+    (flock; msvcrt on Windows), which goes with the process however it ends. The file
+    names the holder; without locks on the file system, none is taken. It is opened
+    without following a link and changed only once it is known to be loops' own (new,
+    empty, or naming a holder as loops writes it): anything else at that name (a link,
+    a directory, a FIFO, a file of yours) is refused, never written to or deleted."""
+    NAME = ".lock"
+    OURS = re.compile(r"(pid \d+ on \S*\n?)?")  # what loops writes there, or nothing yet
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, self.NAME)
+        while True:
+            f = self._open(directory)
+            if not _try_lock(f):
+                holder = ""
+                with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
+                    f.seek(0)
+                    holder = f.read().strip()
+                holder = holder or "another process"
+                f.close()
+                raise ValueError(
+                    f"checkpoint directory {directory!r} is in use by another run ({holder}, "
+                    f"holding {self.path}); one directory holds one run at a time: wait for "
+                    "it to end, or choose another directory")
+            try:  # locked: but is it still the file at that name (not one just removed)?
+                same = os.path.samestat(os.fstat(f.fileno()), os.lstat(self.path))
+            except OSError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        held = f.read(4096)
+        if not self.OURS.fullmatch(held):
+            f.close()
+            raise ValueError(f"{self.path} is not loops' lock file (it holds {held[:60]!r}); "
+                             "fit keeps its lock at that name and will not change or delete "
+                             "a file of yours: move it, or choose another directory")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.file = f
+        _HELD_LOCKS.add(f)
+
+    def _open(self, directory):
+        """The lock file, opened read-write without following a link, created if absent."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(
+            os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # NONBLOCK: a FIFO
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            kind = ("a symbolic link" if os.path.islink(self.path) else "a directory"
+                    if os.path.isdir(self.path) else None)
+            if kind is None:
+                raise
+            raise ValueError(f"{self.path} is {kind}; fit keeps its lock in a file of its own "
+                             "at that name and will not follow or replace it: remove it, or "
+                             "choose another directory") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{self.path} is not a regular file (a FIFO, socket or device); "
+                             "fit keeps its lock in a file of its own at that name: remove "
+                             "it, or choose another directory")
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+")
+
+    def release(self):
+        with contextlib.suppress(OSError):  # still locked: no other run can hold it now
+            if os.path.samestat(os.fstat(self.file.fileno()), os.lstat(self.path)):
+                os.unlink(self.path)  # ours, and still the file at that name
+        _HELD_LOCKS.discard(self.file)
+        self.file.close()  # closing drops the lock
+
+
+# The lock files this process holds. A forked child (a DataLoader worker) closes its
+# copies at once: a flock is held while any copy is open, and workers outlive a
+# killed parent by seconds, which kept a restart out of the directory.
+_HELD_LOCKS = set()
+
+
+def _drop_inherited_locks():
+    for f in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            f.close()  # this process's copy only: the parent's lock stays
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _try_lock(f):
+    """Take an exclusive lock on open file ``f`` without waiting; False if another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # no locks on this file system: go on unlocked
+        return True
+
+# --- end of checkpoint guards ------------------------------------------------
+
+
+# --- optional: argument checks -----------------------------------------------
+# Everything an entry point is given is checked before the first step and before
+# any file is written, with errors that say what came and what was expected: each
+# entry point's checks first, then the checks they share.
+
+def _pair(out):
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"forward returned {_describe(out)}; expected a pair (y_pred, y): "
+                        "the outputs, and the targets the loss and metrics compare them with")
+    return out
+
+
+def _refuse_output(y_pred, forward, cause=None):
+    """A TypeError for a model that returns something other than a tensor (a tuple of
+    logits and extras, a dict) where loops needs its outputs: it names forward=."""
+    if forward is None and not torch.is_tensor(y_pred):
+        raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
+                        "outputs for the loss and the metrics: pass forward=, e.g. forward="
+                        "lambda model, batch: (model(batch[0])[0], batch[1]) to take the "
+                        "first (README, 'Make it yours')") from cause
+
+
+_SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
+
+
+def _check_same_shape(loss_fn, out, y):
+    """A ValueError where ``loss_fn`` would broadcast outputs and targets of different
+    shapes ((N, 1) against (N,) gives an (N, N) mean: a wrong loss, with only torch's
+    warning)."""
+    if out.shape != y.shape:
+        raise ValueError(f"{type(loss_fn).__name__} got outputs of shape {tuple(out.shape)} "
+                         f"and targets of shape {tuple(y.shape)}: torch would broadcast them "
+                         "against each other and the loss would be wrong; give both the same "
+                         "shape (targets y.reshape(-1, 1), or outputs out.squeeze(-1))")
+
+
+def _refuse_loss(loss):
+    if not torch.is_tensor(loss):
+        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
+                        "(a Python number has no gradient: compute the loss with torch "
+                        "operations, e.g. torch.nn.functional.mse_loss)")
+    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                     "a scalar (use reduction='mean', the default of torch.nn losses)")
+
+
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(value, where):
+    if torch.is_tensor(value) or isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    else:
+        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
+                        "only tensors and plain Python values, so that load_checkpoint can load "
+                        "them with weights_only=True")
 
 
 def _try_first_val_batch(model, val, seam, stats):
@@ -3225,12 +3242,6 @@ def _try_first_val_batch(model, val, seam, stats):
         except Exception:  # an exception type that takes other arguments
             error = ValueError(message)
         raise error from e
-
-
-# --- argument checks ----------------------------------------------------------
-# Everything an entry point is given is checked before the first step and before
-# any file is written, with errors that say what came and what was expected: each
-# entry point's checks first, then the checks they share.
 
 def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, restore_best,
                scheduler, scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end,
@@ -3340,22 +3351,6 @@ def _check_monitor(monitor, keys, *, has_val, later):
                          + ("" if has_val or not str(monitor).startswith("val_")
                             else " (val_ values need val=)"))
     return monitor
-
-
-def _check_mode(mode, monitor, stats):
-    """The monitor's direction: ``mode`` itself, or for "auto" the known direction of the
-    loss and of the built-in metrics; refused where it is not known (never a guess)."""
-    if mode in ("min", "max"):
-        return mode
-    if mode != "auto":
-        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-    base = monitor.removeprefix("val_")
-    better = "min" if base == "loss" else getattr(stats.get(base), "better", None)
-    if better is None:
-        raise ValueError(f"mode='auto' does not know whether a higher or a lower {monitor!r} "
-                         "is better (it is not the loss or a built-in metric): pass mode='max' "
-                         "or mode='min'")
-    return better
 
 
 def _check_step_values(values):
@@ -3568,3 +3563,5 @@ def _check_seed(seed):
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+# --- end of argument checks --------------------------------------------------
