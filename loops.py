@@ -14,76 +14,57 @@ Copy this file into your project; it needs only the standard library and torch.
     >>> history["loss"][-1] < 1e-3
     True
 
-Data is either a tuple ``(X, y)`` of tensors, batched here by slicing (moved to
-the device once, shuffled by a seeded ``torch.Generator``), or any re-iterable
-of ``(xb, yb)`` batches such as a ``DataLoader`` or a list, used as it is.
+Data is a tuple ``(X, y)`` of tensors, batched here by slicing (moved to the device
+once, shuffled by a seeded ``torch.Generator``), or any re-iterable of batches such as
+a ``DataLoader``, used as it is. Epoch values are exact: sums and counts over the
+rows, never a mean of batch means (for the training set, over the epoch's steps as
+the model changed). They stay on the device and are read back once an epoch and at
+each throttled progress refresh, so a GPU never waits inside an epoch but for that.
+``fit(..., checkpoint=DIR)`` writes best.pt, last.pt and history.csv, each atomically;
+``resume=True`` continues from last.pt bit for bit.
 
-Epoch values are exact: the loss and every metric equal the value computed on
-the whole set at once, whatever the batch size (sums and counts, never a mean
-of batch means). For the training set that is the value over the epoch's
-steps, as the model changed during the epoch. Sums stay on the device and are
-read back once per epoch and at each (throttled) progress refresh, so a CUDA
-run never waits on the GPU inside an epoch except to refresh the progress line.
+The map, top-down. To change the loop, copy ``fit``: it plans the run, then per epoch
+trains, evaluates, records, saves, reports and decides whether to stop.
 
-``fit(..., checkpoint=DIR)`` writes ``best.pt``, ``last.pt``, ``history.csv`` and
-``run.json`` (which way each value is better, for plots), each atomically (temp
-file + rename); ``resume=True`` continues from ``last.pt``
-so that a run killed at any instant ends bit-for-bit as if never interrupted.
+    entry points     fit, train_epoch, evaluate, predict, batches, save/load_checkpoint
+    the step         _Stepper: ``step`` and ``_backward``, the one backward of every kind
+                     of step; _forward_loss, where a batch meets the model and the loss
+    one epoch        _train_loop (a step per batch), _epoch_logs, _evaluate_pass, _Watch
+    exact sums       _Meter: the loss and the metrics' statistics, summed on the device
+    the run's record _Record: history, best value, patience, why it stopped
+    checkpoints      _Store: best.pt and last.pt (saved and resumed side by side)
+    processes, data  _OneProcess; _TensorSource and _LoaderSource
+    progress         pure formatters, and the _Printer that writes them
+    metrics          accuracy, binary_accuracy, mse, rmse, mae, whole_set
+    building a run   _plan: what fit runs on
+    optional blocks  argument checks, checkpoint guards, mid-epoch snapshots, more
+                     metrics, mixed precision, distributed, lr_find
 
-The file reads top-down, in this order:
-
-    entry points      fit, train_epoch, evaluate, predict, batches, save/load_checkpoint
-    the step          _forward_loss, where a batch meets the model and the loss (the one
-                      place); _Stepper, the optimizer's side: backward, step, options
-    one epoch         _begin_epoch, _train_loop (a step per batch), _evaluate_pass,
-                      _Watch (a look now and then: live line, NaN stop, snapshots)
-    exact sums        _Meter: losses and metric statistics summed on the device
-    the run's record  _Record: history, best, patience, why it stopped; how a run ends
-    checkpoints       _Store: best.pt, last.pt (saved and resumed side by side),
-                      history.csv, run.json; atomic writes, the directory's lock,
-                      random states
-    processes         _OneProcess, the world of a run in one process
-    data sources      (X, y) tensors cut here, or a DataLoader used as it is
-    progress          pure formatters, and the _Printer that writes them
-    metrics           the built-in metrics and the statistics that make them exact
-    optional blocks   mixed precision, distributed, lr_find
-    building a run    _plan: fit's arguments checked, what fit runs on built
-    argument checks   each entry point's, then those they share
-
-To change the loop, copy ``fit``: it builds its parts, then per epoch trains,
-evaluates, records, saves, reports and decides whether to stop. A line for every
-batch goes in ``_train_loop``'s loop (it runs every step: read nothing back from
-the device there); a change to the step itself in ``_Stepper.step``; another way
-to feed the model (several inputs, a dict batch) in ``_forward_loss``.
+A line for every batch goes in ``_train_loop``'s loop (no ``.item()`` there: on a GPU it
+waits); a change to the step (a penalty on the loss, label smoothing) in
+``_Stepper._backward``, which every kind of step goes through; another way to feed the
+model in ``_forward_loss`` (or pass ``forward=``).
 
 Each optional block lies between a line ``# --- optional: NAME`` and a line
-``# --- end of NAME``. Delete one, or all, and the rest works as before (fit with
-metrics, checkpoints, resume, patience and restore_best; evaluate; predict);
-asking such a copy for a deleted feature is an error that names the block:
-``mixed precision`` (precision="bf16"/"fp16"), ``distributed`` (torchrun), ``lr_find``.
+``# --- end of NAME``. Delete any of them, or all, and the rest gives the same numbers.
+Asking such a copy for a deleted feature (``precision=``, ``save_every=``, ``loops.f1``)
+is an error that names the block; without ``argument checks`` bad input meets torch's
+own errors, and without ``checkpoint guards`` a damaged last.pt is not diagnosed.
 """
-import atexit
 import builtins
-import collections
 import contextlib
-import copy
 import csv
 import functools
 import io
 import itertools
-import json
 import math
+import opcode
 import os
 import random
-import re
 import signal
-import socket
-import stat
 import sys
-import tempfile
 import threading
 import time
-import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -91,11 +72,12 @@ import torch
 __all__ = [  # the optional blocks add their own names
     "batches", "train_epoch", "evaluate", "predict", "fit", "save_checkpoint",
     "load_checkpoint", "model_device", "accuracy", "binary_accuracy", "mse", "rmse", "mae",
-    "mape", "max_error", "precision", "recall", "f1", "confusion_matrix", "whole_set",
+    "whole_set",
 ]
 
 
 # --- entry points -------------------------------------------------------------
+
 def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, shuffle=True,
         metrics=None, monitor=None, mode="auto", checkpoint=None, resume=False, patience=None,
         min_delta=0.0, restore_best=False, scheduler=None, scheduler_interval="epoch",
@@ -104,31 +86,18 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         on_batch_end=None, forward=None, train_step=None, val_fn=None):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
 
-    ``precision`` "bf16"/"fp16": forward and loss under autocast; ``accumulate=k``:
-    one optimizer step per k batches; ``drop_last``: skip the short last batch of
-    (X, y) training tensors. ``on_epoch_end(epoch, logs)`` runs once the epoch's files
-    are written (True stops training), at least once per epoch: a run resumed from the
-    end of epoch N calls the hook of epoch N again first (it may have died inside it).
-    ``save_every=s`` also refreshes last.pt every s seconds inside an epoch. Your own
-    parts (README, "Make it yours"): ``forward(model, batch) -> (y_pred, y)``,
-    ``train_step(model, batch, optimizer) -> {name: tensor}``, ``val_fn(model) ->
-    {name: float}``, ``on_batch_end(step, loss)``."""
-    # Every argument checked, before any work and before any file is written, and
-    # what the run works on built: its world, data sources, metrics and history keys.
-    plan = _plan(model, train, loss_fn, optimizer, epochs=epochs, val=val,
-                 batch_size=batch_size, val_batch_size=val_batch_size, metrics=metrics,
-                 monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
-                 restore_best=restore_best, scheduler=scheduler,
-                 scheduler_interval=scheduler_interval, clip_grad_norm=clip_grad_norm,
-                 device=device, verbose=verbose,
-                 on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=resume,
-                 save_every=save_every, drop_last=drop_last, precision=precision,
-                 accumulate=accumulate, shuffle=shuffle, seed=seed, forward=forward,
-                 train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
-    device, world = plan.device, plan.world
+    README "Make it yours" for ``forward``, ``train_step``, ``val_fn``, ``on_batch_end``;
+    ``on_epoch_end(epoch, logs)`` runs once the epoch's files are written (True stops),
+    and again for epoch N when a run resumes from its end (it may have died inside it)."""
+    args = locals()  # fit's arguments, once: to the checks, then to the plan
+    world = _world()  # one process, or under torchrun the distributed block's _Ranks
+    world.check(model, optimizer, save_every, clip_grad_norm, precision)
+    _maybe("_check_fit", **args)  # every argument, before any work (argument checks)
+    plan = _plan(world, **args)
+    device = plan.device
 
     # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
-    # the run's record, the checkpoint directory (and last.pt to continue from), printing.
+    # the run's record, the checkpoint directory, the printer.
     gen = _shuffle_generator(seed, device, world,
                              drawn=shuffle and isinstance(plan.train, _TensorSource))
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
@@ -140,34 +109,31 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                      later=train_step is not None or val_fn is not None)
     store = _Store(checkpoint, model, optimizer, scheduler, gen, world=world, resume=resume,
                    scaler=stepper.scaler, loaders=plan.train.generators,
-                   settings=plan.settings)  # holds the lock
+                   settings=plan.settings)
     printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
     look_seconds = _look_seconds(printer.live, save_every, device)
 
     epoch = 1
     try:
-        snapshot = _resume(store, record, epochs, plan.train.steps, printer, on_epoch_end,
-                           world) if resume else None
+        snapshot = _resume(store, record, epochs, plan, printer, on_epoch_end) if resume else None
         first = epoch = record.epoch + 1
         for epoch in record.epochs_to_run(epochs):
-            # Train: the epoch's batches and sums (where a mid-epoch snapshot stopped,
-            # when resuming one), then a step on each batch, looked at now and then.
-            start, batches = _begin_epoch(epoch, plan.train, gen, stepper.lr(),
-                                          shuffle=shuffle, keep_rng=save_every is not None,
-                                          snapshot=snapshot)
+            # Train: the epoch's batches and sums (or where a mid-epoch snapshot stopped),
+            # then a step on each batch, looked at now and then.
             meter = _Meter(plan.train_stats, device, None if train_step else loss_fn,
-                           sharded=plan.train.sharded, snapshot=snapshot, tried=epoch > first)
+                           sharded=plan.train.sharded, tried=epoch > first,
+                           first_step=record.steps)
+            start, batches = _begin_epoch(epoch, plan, gen, _rates(optimizer), meter,
+                                          shuffle=shuffle, snapshot=snapshot)
             snapshot = None  # only the first epoch of a resumed run continues a snapshot
             watch = None if look_seconds is None else _Watch(
                 look_seconds, plan.train.steps, functools.partial(printer.progress, epoch),
-                at_once=printer.live, save_every=save_every,
-                snapshot=functools.partial(store.save_last, record, start))
+                at_once=printer.live, also=plan.snapshots and plan.snapshots(store, record, start))
             with _nan_stops_training(epoch, printer, model, store):
                 _train_loop(model, batches, stepper, meter, watch, on_batch_end, record.steps)
                 stepper.check_epoch()
                 # Evaluate: training and validation values, in one host read; then val_fn.
-                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan.val, stepper.seam,
-                                                      plan.stats, world, val_fn, meter.tried)}
+                logs = {"epoch": epoch, **_epoch_logs(meter, model, plan, stepper.seam, val_fn)}
             logs.update(start.lr, time=start.elapsed())
             record.steps += stepper.optimizer_steps(meter.steps)
             # Record: the history, the best value, patience; the scheduler's epoch step.
@@ -196,23 +162,16 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
                 generator=None, device=None, scheduler=None, scheduler_interval="epoch",
                 clip_grad_norm=None, progress=None, drop_last=False, precision=None,
                 accumulate=1, forward=None):
-    """Train one epoch (train mode) and return its exact loss and metrics as floats.
-
-    ``progress(step, steps, logs)`` is called at most ten times a second with the
-    running values (``steps`` None for unsized data). An epoch scheduler is stepped
-    at the end (ReduceLROnPlateau with the epoch's loss). The other options as in
-    fit; an fp16 GradScaler starts afresh with each call (fit keeps one per run)."""
-    device = _check_train_epoch(model, loss_fn, optimizer, device=device, scheduler=scheduler,
-                                scheduler_interval=scheduler_interval, shuffle=shuffle,
-                                clip_grad_norm=clip_grad_norm, precision=precision,
-                                accumulate=accumulate, progress=progress, forward=forward)
-    stats = _metric_table(metrics, loss_fn)
-    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
+    """Train one epoch and return its exact loss and metrics; the options as in fit.
+    ``progress(step, steps, logs)`` sees the running values at most ten times a second."""
+    _maybe("_check_train_epoch", **locals())
+    device = model_device(model)
+    source = _source(data, what="data", batch_size=batch_size, device=device,
                      drop_last=drop_last, pairs=forward is None, accumulate=accumulate)
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
                        clip_grad_norm=clip_grad_norm, precision=precision,
                        accumulate=accumulate, device=device, loss_fn=loss_fn, forward=forward)
-    meter = _Meter(stats, device, loss_fn)
+    meter = _Meter(_metric_table(metrics, loss_fn), device, loss_fn)
     watch = None if progress is None else _Watch(
         _TICK_SECONDS, source.steps, lambda step, steps, logs, *_: progress(step, steps, logs))
     _train_loop(model, source.epoch(generator=generator, shuffle=shuffle), stepper, meter, watch)
@@ -224,53 +183,37 @@ def train_epoch(model, data, loss_fn, optimizer, *, metrics=None, batch_size=32,
 
 def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=None,
              precision=None, forward=None):
-    """Loss and metrics over a whole set, in eval mode without grad; model mode restored.
-    ``precision`` "bf16"/"fp16": forward and loss under autocast (the sums stay fp64);
-    ``forward(model, batch) -> (y_pred, y)`` as in fit."""
-    device = _check_evaluate(model, loss_fn, device=device, precision=precision,
-                             forward=forward)
-    stats = _metric_table(metrics, loss_fn)
-    source = _source(data, what="data", batch_size=batch_size, device=device, reused=False,
+    """Loss and metrics over a whole set, in eval mode without grad; model mode restored."""
+    _maybe("_check_evaluate", **locals())
+    device = model_device(model)
+    source = _source(data, what="data", batch_size=batch_size, device=device,
                      pairs=forward is None)
-    seam = _seam(loss_fn, _autocast(precision, device), forward)
-    logs = _read([_evaluate_pass(model, source, seam, stats)])[0]
+    seam = _seam(loss_fn, forward, precision, device)
+    logs = _read([_evaluate_pass(model, source, seam, _metric_table(metrics, loss_fn))])[0]
     if loss_fn is None:
         del logs["loss"]
     return logs
 
 
 def predict(model, X_or_data, *, batch_size=256, device=None, precision=None, forward=None):
-    """Outputs for a whole set in input order, concatenated on the CPU (eval mode, no grad);
-    with ``precision`` "bf16"/"fp16" computed under autocast and returned in fp32. With
-    ``forward``, each batch as the data gives it goes to ``forward(model, batch)``, and
-    the ``y_pred`` it returns are concatenated."""
-    device = _check_predict(model, X_or_data, batch_size=batch_size, device=device,
-                            precision=precision, forward=forward)
-    data = X_or_data
-    if forward is None and isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(
-            data[0]):
+    """Outputs for a whole set in input order, on the CPU in fp32 (eval mode, no grad): the
+    model's on each batch's inputs, or the ``y_pred`` that ``forward(model, batch)`` gives."""
+    _maybe("_check_predict", **locals())
+    device, data = model_device(model), X_or_data
+    if forward is None and _is_pair(data):
         data = data[0]
-    if isinstance(data, tuple):  # (X, y) tensors, with forward: batches of both
-        inputs = _TensorSource(*data, batch_size=batch_size, device=device).epoch()
-    elif torch.is_tensor(data):
-        X = data.to(device)
-        inputs = (X[i:i + batch_size] for i in range(0, len(X), batch_size))
-    else:  # batches as the loader gives them; without forward, their inputs
-        inputs = (_to(b if forward or not isinstance(b, (tuple, list)) else b[0], device)
-                  for b in data)
-    seam = _seam(None, _autocast(precision, device), forward or (lambda m, xb: (m(xb), None)))
+    source = _source(data, what="predict", batch_size=batch_size, device=device, pairs=False)
+    seam = _seam(None, forward or (  # else a batch's inputs
+        lambda m, b: (m(b[0] if isinstance(b, (tuple, list)) else b), None)), precision, device)
     with _eval_mode(model):
-        outs = [seam(model, batch)[1] for batch in inputs]
-    if not outs:  # on the device until here: one transfer at the end
-        raise ValueError("predict: the data yielded no batches; expected at least one")
-    _refuse_output(outs[0], forward)
-    return _fp32(torch.cat(outs)).cpu()
+        outs = [seam(model, batch)[1] for batch in source.epoch()]
+    _maybe("_check_predicted", outs, forward)
+    return _fp32(torch.cat(outs)).cpu()  # on the device until here: one transfer at the end
 
 
 def batches(X, y, batch_size, *, shuffle=False, drop_last=False, generator=None):
     """Yield ``(xb, yb)`` slices of two tensors; keeps the last partial batch unless drop_last."""
-    _check_tensors(X, y, "X, y")
-    _check_batch_size(batch_size)
+    _maybe("_check_data", (X, y), "X, y", batch_size)
     order = torch.randperm(len(X), generator=generator).to(X.device) if shuffle else None
     yield from _slices(X, y, batch_size, order,
                        rows=len(X) - len(X) % batch_size if drop_last else None)
@@ -288,12 +231,8 @@ def save_checkpoint(path, model, optimizer=None, **state):
         ckpt["optimizer"], ckpt["optimizer_type"] = (
             states[""] if one else ({k: v[0] for k, v in states.items()},
                                     {k: v[1] for k, v in states.items()}))
-    _check_plain(ckpt, "checkpoint")
+    _maybe("_check_plain", ckpt, "checkpoint")
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
-
-
-def _is_sharded(model):  # by FSDP2's fully_shard (setup_distributed(shard=True))
-    return hasattr(type(model), "set_requires_gradient_sync")
 
 
 def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
@@ -306,51 +245,16 @@ def load_checkpoint(path, model=None, optimizer=None, *, map_location="cpu"):
 
 def model_device(model):
     """The device of the model's parameters (or buffers; the CPU for a model with neither)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
+    for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
 
 
 # --- the step -----------------------------------------------------------------
-def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
-    """Where a batch meets the model: ``(loss, y_pred, y)`` of a batch (the loss None
-    without a ``loss_fn``), under ``cast()`` (autocast) when given. The one place, for
-    training, evaluation, predict, lr_find and the first validation batch's check; the
-    user's ``forward(model, batch) -> (y_pred, y)`` replaces ``(model(xb), yb)``."""
-    if cast is not None:
-        with cast():
-            return _forward_loss(model, batch, loss_fn, None, forward)
-    if forward is None:
-        xb, y = batch
-        y_pred = model(xb)
-    else:
-        y_pred, y = _pair(forward(model, batch))
-    if loss_fn is None:
-        return None, y_pred, y
-    try:
-        loss = loss_fn(y_pred, y)
-    except Exception as e:  # costs nothing until it raises
-        _refuse_output(y_pred, forward, e)
-        raise
-    if not isinstance(loss, torch.Tensor) or loss.ndim:  # every step, but no host read
-        _refuse_loss(loss)
-    return loss, y_pred, y
-
-
-def _seam(loss_fn, cast, forward):
-    """_forward_loss with a run's loss_fn, cast (None in fp32: no context to enter at each
-    step) and forward, decided once: ``seam(model, batch) -> (loss, y_pred, y)``."""
-    return functools.partial(_forward_loss, loss_fn=loss_fn, cast=cast, forward=forward)
-
 
 class _Stepper:
-    """The optimizer's side of training: the step, accumulation, clipping, fp16's loss
-    scaling, and the scheduler (stepped after every optimizer step, or each epoch).
-    What a run needs is decided once, here: with no option set, ``step`` is the
-    textbook five lines. ``step_group`` (``accumulate=k``) weighs each batch's loss
-    by its share of the group's rows, so that k batches of b step as one of k * b."""
+    """The optimizer's side of training. Every kind of step (plain, accumulated, fp16, DDP's
+    no_sync) goes through ``step`` and ``_backward``: an edit there reaches them all."""
 
     def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
                  precision=None, accumulate=1, device=None, loss_fn=None, world=None,
@@ -358,62 +262,73 @@ class _Stepper:
         self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
         self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
         self.per_step = scheduler if interval == "step" else None
-        self.loss_fn, self.cast, self.forward = loss_fn, _autocast(precision, device), forward
-        self.seam = _seam(loss_fn, self.cast, forward)
-        self.scaler = _grad_scaler(precision, device)
+        self.seam = _seam(loss_fn, forward, precision, device)
+        self.scaler = None if precision != "fp16" else _block(  # fp16's GradScaler
+            "mixed precision", "_Scaler", "precision='fp16'")(device.type)
         self.weigh = _target_weights(loss_fn) if forward is None else None  # for the shares
         self.summed = getattr(loss_fn, "reduction", "mean") == "sum"  # sums add up as they are
         self.world = world or _ONE_PROCESS
-        self.train_step, self.names = train_step, None
+        self.train_step, self.shares = train_step, [None]
         if train_step is not None:
             self.step = self._own_step  # the user's step, in place of loops' own
 
-    def step(self, model, batch):
-        """One optimizer step on one batch; its (loss, y_pred, y), detached. The graph
-        dies on return, before the next batch."""
+    def step(self, model, group):
+        """One optimizer step on a group of batches (one, or ``accumulate``), its gradients
+        all-reduced once (DDP: on the last batch); [(loss, y_pred, y)] of each batch."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, y_pred, y = _forward_loss(model, batch, self.loss_fn, self.cast, self.forward)
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.shares = self._shares(group) if len(group) > 1 else [None]
+        no_sync = self.world.no_sync(model) if len(group) > 1 else None
+        done = []
+        for i, (batch, share) in enumerate(zip(group, self.shares)):
+            with no_sync() if no_sync is not None and i < len(group) - 1 else _NO_CONTEXT:
+                done.append(self._backward(model, batch, share))
         self._update(model)
+        return done
+
+    def _backward(self, model, batch, share=None):
+        """Forward, loss, and the backward of the loss times its ``share`` of the group (None:
+        all of it). A function of its own, so that the graph dies before the next batch."""
+        loss, y_pred, y = self.seam(model, batch)
+        scaled = loss if share is None else loss * share
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss.detach(), y_pred.detach(), y
 
-    def _own_step(self, model, batch):
-        """train_step's step: (None, None, batch, its values detached), the values being
+    def _own_step(self, model, group):
+        """train_step's step: [(None, None, batch, its values detached)], the values being
         batch means that the meter sums in place of the loss."""
+        batch, = group
         values = self.train_step(model, batch, self.optimizer)
-        if self.names is None:
-            self.names = _check_step_values(values)
-        return None, None, batch, {k: values[k].detach() for k in self.names}
+        try:
+            values = {k: v.detach() for k, v in values.items()}
+        except AttributeError:  # not a dict of tensors
+            _maybe("_check_step_values", values)
+            raise
+        return [(None, None, batch, values)]
+
+    def loss(self, done):
+        """The step's loss from its batches' (``done``): by their shares under accumulation;
+        with train_step, the values it returned."""
+        if self.train_step is not None:
+            return done[0][3]
+        if len(done) == 1:
+            return done[0][0]
+        return sum(d[0] if w is None else d[0] * w for d, w in zip(done, self.shares))
 
     def optimizer_steps(self, batches):
         """How many optimizer steps ``batches`` batches of an epoch made."""
         return -(-batches // self.accumulate)
 
-    def step_group(self, model, group):
-        """One optimizer step on a group of batches; [(loss, y_pred, y)] of each. With
-        several ranks the gradients are all-reduced once, on the group's last batch."""
-        self.optimizer.zero_grad(set_to_none=True)
-        shares, no_sync = self.shares(group), self.world.no_sync(model)
-        done = []
-        for i, batch in enumerate(group):
-            if no_sync is not None and i < len(group) - 1:  # DDP: all-reduce on the last
-                with no_sync():
-                    done.append(self._backward(model, batch, shares[i]))
-            else:
-                done.append(self._backward(model, batch, shares[i]))
-        self._update(model)
-        return done
-
     def groups(self, batches):
         """The batches in groups of ``accumulate`` (the last may be shorter), one step
         each; a group never spans two epochs."""
+        if self.accumulate == 1:
+            return ([b] for b in batches)
         it = iter(batches)
         return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
 
-    def shares(self, group):
-        """Each batch's weight in the group's mean loss: its rows (or its targets'
-        weights, for CrossEntropyLoss/NLLLoss without forward) over the group's; None
-        (a weight of one) for a reduction="sum" loss, whose group sum is its batches'."""
+    def _shares(self, group):
+        """Each batch's share of the group's rows (or targets' weights, CrossEntropyLoss's),
+        so that k batches of b step as one of k * b; None for a reduction="sum" loss."""
         if self.summed:
             return [None] * len(group)
         if self.weigh is not None and all(isinstance(yb, torch.Tensor) for _, yb in group):
@@ -424,14 +339,6 @@ class _Stepper:
         total = sum(rows)
         return [n / total for n in rows]
 
-    def _backward(self, model, batch, share=None):
-        """Forward and loss (under autocast, if any), backward of the loss times its share;
-        a function of its own so that the graph dies on return, before the next batch."""
-        loss, y_pred, y = _forward_loss(model, batch, self.loss_fn, self.cast, self.forward)
-        scaled = loss if share is None else loss * share
-        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-        return loss.detach(), y_pred.detach(), y
-
     def _update(self, model):
         if self.scaler is not None:  # fp16: unscale, clip, step (or skip), update the scale
             self.scaler.update_weights(self.optimizer, model.parameters(), self.clip_grad_norm)
@@ -441,9 +348,6 @@ class _Stepper:
             self.optimizer.step()
         if self.per_step is not None:
             self.per_step.step()
-
-    def lr(self):
-        return _rates(self.optimizer)
 
     def check_epoch(self):
         """At the end of an epoch: fp16 that skipped every step says so (see _Scaler)."""
@@ -460,20 +364,49 @@ class _Stepper:
             self.scheduler.step()
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entered at every step that syncs
+
+
+def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
+    """``(loss, y_pred, y)`` of a batch, under ``cast()`` (autocast) if given: the one place
+    where a batch meets the model and the loss, for training, evaluation and predict."""
+    if cast is not None:
+        with cast():
+            return _forward_loss(model, batch, loss_fn, None, forward)
+    if forward is None:
+        xb, y = batch
+        y_pred = model(xb)
+    else:
+        out = forward(model, batch)
+        if type(out) not in (tuple, list) or len(out) != 2:
+            _maybe("_check_pair", out)
+        y_pred, y = out
+    if loss_fn is None:
+        return None, y_pred, y
+    try:
+        loss = loss_fn(y_pred, y)
+    except Exception as e:  # costs nothing until it raises
+        _maybe("_check_output", y_pred, forward, e)
+        raise
+    if not isinstance(loss, torch.Tensor) or loss.ndim:  # every step, but no host read
+        _maybe("_refuse_loss", loss)
+    return loss, y_pred, y
+
+
+def _seam(loss_fn, forward, precision=None, device=None):
+    """_forward_loss with a run's loss_fn, forward and autocast (the mixed precision block;
+    in fp32 no context to enter at each step), decided once."""
+    cast = None if precision is None else _block("mixed precision", "_autocast_to",
+                                                 f"precision={precision!r}")(precision, device)
+    return functools.partial(_forward_loss, loss_fn=loss_fn, cast=cast, forward=forward)
+
+
 def _rates(optimizer):
     """The rates the next step trains with, each optimizer's first group's: {"lr": r}, or
     {"lr_NAME": r, ...} for a dict of optimizers (train_step's)."""
     if isinstance(optimizer, dict):
         return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizer.items()}
     return {"lr": optimizer.param_groups[0]["lr"]}
-
-
-def _group_rates(optimizer):
-    """{"lr": r} of every parameter group of every optimizer, named as the line that
-    reports one changed needs ("lr", "lr of group 1", "lr_gen")."""
-    named = optimizer.items() if isinstance(optimizer, dict) else [(None, optimizer)]
-    return {("lr" if k is None else f"lr_{k}") + (f" of group {i}" if i else ""): float(g["lr"])
-            for k, o in named for i, g in enumerate(o.param_groups)}
 
 
 def _fp32(out):
@@ -490,98 +423,69 @@ def _unwrap(model):
 
 
 # --- one epoch ----------------------------------------------------------------
+
 _TICK_SECONDS = 0.1      # progress refresh: at most ten times a second
 _CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often (reads are free)
 
 
 class _EpochStart:
-    """How an epoch began: its number, rates, RNG state before its order was drawn (kept
-    for mid-epoch snapshots) and clock; ``state``/``resumed`` save and load it."""
+    """How an epoch began: its number, rates, clock and, for mid-epoch snapshots, the
+    random state before its order was drawn."""
 
     def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
         self.epoch, self.lr, self.rng = epoch, lr, rng
         self.elapsed_before, self.t0 = elapsed_before, time.perf_counter()
-
-    def state(self):
-        return {"rng_epoch": self.rng, "epoch_lr": self.lr, "epoch_time": self.elapsed()}
-
-    @classmethod
-    def resumed(cls, epoch, state):
-        return cls(epoch, state["epoch_lr"], state["rng_epoch"], state["epoch_time"])
 
     def elapsed(self):
         """Seconds spent on this epoch, including those before a resume."""
         return self.elapsed_before + time.perf_counter() - self.t0
 
 
-def _begin_epoch(epoch, source, gen, lr, *, shuffle, keep_rng, snapshot=None):
-    """Start epoch ``epoch``: how it began (an _EpochStart) and its batches; continuing a
-    mid-epoch ``snapshot`` (last.pt's dict) where it stopped, when one is given.
-
-    Bit-exact resume rests on the order of these lines:
-      1. restore the RNG state the epoch began with, so that
-      2. drawing the epoch's order, and passing over the batches done, gives the same
-         order as the first time (a DataLoader redraws its own from the same state);
-      3. then restore the RNG state of the snapshot's batch boundary, so that dropout
-         and anything else random goes on from there, not from the epoch's start.
-    Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
-    batches come again. (The snapshot's sums go to the epoch's _Meter: no randomness.)
-    """
-    if snapshot is None:
-        start = _EpochStart(epoch, lr, _rng_state(gen, source.generators) if keep_rng else None)
-        return start, source.epoch(generator=gen, shuffle=shuffle, number=epoch)
-    start = _EpochStart.resumed(epoch, snapshot)
-    _set_rng_state(start.rng, gen, source.generators)  # 1
-    batches = source.epoch(generator=gen, shuffle=shuffle, start=snapshot["step"],
-                           number=epoch)                 # 2
-    _set_rng_state(snapshot["rng"], gen, source.generators)  # 3
-    return start, batches
+def _begin_epoch(epoch, plan, gen, lr, meter, *, shuffle, snapshot=None):
+    """Start epoch ``epoch``: how it began and its batches, the order drawn now; or, given
+    last.pt's mid-epoch ``snapshot``, go on where it stopped (the snapshots block)."""
+    source = plan.train
+    if snapshot is not None:
+        return _block("mid-epoch snapshots", "_continue_epoch", "resuming a last.pt saved "
+                      "inside an epoch")(epoch, source, gen, meter, snapshot, shuffle=shuffle)
+    rng = _rng_state(gen, source.generators) if plan.snapshots else None
+    start = _EpochStart(epoch, lr, rng)
+    return start, source.epoch(generator=gen, shuffle=shuffle, number=epoch)
 
 
 def _train_loop(model, batches, stepper, meter, watch=None, on_batch_end=None, steps=0):
-    """Train on ``batches``, a step per batch (or group), each summed by ``meter``; ``watch``
-    looks now and then. The place for a line after every step, as ``on_batch_end``: no
-    ``.item()`` here, since on a GPU each host read waits for the device."""
+    """A step per batch (or group), summed by ``meter``; ``watch`` looks now and then. The
+    place for a line after every step: no ``.item()`` here, on a GPU it waits."""
     model.train()
     step = start = meter.steps
     next_look = start + 1 if watch is not None else math.inf
-    if stepper.accumulate == 1:
-        for batch in batches:
-            done = stepper.step(model, batch)
-            meter.add(*done)
-            step += 1
-            if on_batch_end is not None:
-                on_batch_end(steps + step, done[0] if done[0] is not None else done[3])
-            if step >= next_look:
-                next_look = watch(step, meter)
-    else:
-        for group in stepper.groups(batches):
-            done = stepper.step_group(model, group)
-            for d in done:
-                meter.add(*d)
-            step += len(group)
-            if on_batch_end is not None:  # the group's loss: its batches' by their shares
-                on_batch_end(steps + stepper.optimizer_steps(step),
-                             sum(d[0] if w is None else d[0] * w
-                                 for d, w in zip(done, stepper.shares(group))))
-            if step >= next_look:  # at a step's end, never inside a group
-                next_look = watch(step, meter)
+    for group in stepper.groups(batches):
+        done = stepper.step(model, group)
+        for d in done:
+            meter.add(*d)
+        step += len(group)
+        if on_batch_end is not None:
+            on_batch_end(steps + stepper.optimizer_steps(step), stepper.loss(done))
+        if step >= next_look:  # at a step's end, never inside a group
+            next_look = watch(step, meter)
     if step == start == 0:
         raise ValueError("the training data yielded no batches; expected at least one")
 
 
-def _epoch_logs(meter, model, val, seam, stats, world, val_fn=None, tried=False):
-    """The epoch's training values and, with ``val``, its validation values (``val_``
-    keys; ``val_loss`` only with a loss_fn), in one host read after one all-reduce of
-    each when there are several ranks; then ``val_fn``'s values, named as it names them."""
-    meters = [meter] + ([] if val is None else [_evaluate_pass(model, val, seam, stats, tried)])
-    logs, *val_logs = _read(meters, world)
+def _epoch_logs(meter, model, plan, seam, val_fn=None):
+    """The epoch's training and ``val_`` values in one host read (after one all-reduce with
+    several ranks), then ``val_fn``'s, named as it names them."""
+    val = [] if plan.val is None else [
+        _evaluate_pass(model, plan.val, seam, plan.stats, meter.tried)]
+    logs, *val_logs = _read([meter, *val], plan.world)
     for k, v in val_logs[0].items() if val_logs else ():
         if k != "loss" or seam.keywords["loss_fn"] is not None:
             logs["val_" + k] = v
     if val_fn is not None:
         with _eval_mode(model):
-            logs.update(world.first(_check_val_values(val_fn(model))))  # rank 0's everywhere
+            values = plan.world.first(val_fn(model))  # rank 0's everywhere
+        _maybe("_check_val_values", values, logs)
+        logs.update(values)
     return logs
 
 
@@ -599,30 +503,27 @@ def _eval_mode(model):
 def _evaluate_pass(model, source, seam, stats, tried=False):
     """One pass over ``source`` in eval mode without grad, each batch through ``seam``
     (_forward_loss as the run sets it); its sums in a _Meter, unread."""
-    meter = _Meter(stats, source.device, seam.keywords["loss_fn"], sharded=source.sharded,
-                   evaluating=True, tried=tried)
-    no_loss = seam.keywords["loss_fn"] is None  # then a zero stands in for each batch's loss
-    zero = torch.zeros((), device=source.device) if no_loss else None
+    loss_fn = seam.keywords["loss_fn"]
+    meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded, evaluating=True,
+                   tried=tried)
+    zero = torch.zeros((), device=source.device)  # each batch's loss, without a loss_fn
     with _eval_mode(model):
         for batch in source.epoch():
             loss, out, yb = seam(model, batch)
-            meter.add(zero if no_loss else loss, out, yb)
+            meter.add(zero if loss is None else loss, out, yb)
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
 
 
 class _Watch:
-    """A look between steps, at most every ``seconds`` (the clock is read only when the
-    rate so far says it is time): one host read, the running logs (a NaN stops here)
-    to ``show``, and every ``save_every`` seconds a mid-epoch ``snapshot``."""
+    """A look between steps at most every ``seconds`` (the clock read only when the rate says
+    it is time): one host read (a NaN stops here), ``show`` the logs, then ``also``."""
 
-    def __init__(self, seconds, steps, show, *, at_once=True, save_every=None, snapshot=None):
-        self.seconds, self.steps, self.show = seconds, steps, show
-        self.save_every, self.snapshot = save_every, snapshot
+    def __init__(self, seconds, steps, show, *, at_once=True, also=None):
+        self.seconds, self.steps, self.show, self.also = seconds, steps, show, also
         self.t0, self.start = time.perf_counter(), None
         self.last = None if at_once else self.t0  # a live line shows the first step at once
-        self.last_save = self.t0
 
     def __call__(self, step, meter):
         """Look now if it is time; return the step at which to ask again."""
@@ -633,24 +534,22 @@ class _Watch:
             self.last = now
             logs = _read([meter], final=False)[0]
             self.show(step, self.steps, logs, now - self.t0, step - self.start)
-            if self.save_every is not None and time.perf_counter() - self.last_save >= \
-                    self.save_every:
-                self.snapshot(step, meter)
-                self.last_save = time.perf_counter()
+            if self.also is not None:
+                self.also(step, meter)
         rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps per second so far
         return step + max(1, int(rate * (self.seconds - (now - self.last))))
 
 
 def _look_seconds(live, save_every, device):
-    """How often fit looks inside an epoch: ten times a second for a live line or
-    snapshots; once a second on a silent CPU run, to stop early on a NaN (a read is
-    free there); never (None) on a silent GPU run, where a read waits for the device."""
+    """How often fit looks inside an epoch: often for a live line or snapshots; once a second
+    on a silent CPU run (a NaN stops early); never on a silent GPU run (a read waits)."""
     if live or save_every is not None:
         return _TICK_SECONDS
     return _CPU_CHECK_SECONDS if device.type == "cpu" else None
 
 
 # --- exact sums ---------------------------------------------------------------
+
 class _Totals(NamedTuple):
     """A meter's sums on the device, not yet read back."""
     flat: torch.Tensor  # [loss sum, its denominator, *each metric's sums]
@@ -660,21 +559,18 @@ class _Totals(NamedTuple):
 
 
 class _Meter:
-    """Sums of the loss and the metrics over one pass, kept on the device. ``add`` only
-    keeps detached tensors (no host read); every ``_FOLD_STEPS`` steps they are folded
-    into the sums in a few ops. Fold points depend on the step count alone, so the
-    sums, to the last bit, do not depend on when anyone looked. A batch's loss (a mean)
-    counts for its rows, or for CrossEntropyLoss/NLLLoss for its targets' weights."""
+    """Sums of the loss and the metrics over one pass, on the device: ``add`` keeps detached
+    tensors, folded into the sums every ``_FOLD_STEPS`` steps in a few ops. Fold points
+    depend on the step count alone, so the sums do not depend on when anyone looked."""
     _FOLD_STEPS = 128
     _PENDING = 1 << 22
 
     def __init__(self, stats, device, loss_fn=None, *, sharded=False, evaluating=False,
-                 snapshot=None, tried=False):
+                 tried=False, first_step=0):
         self.stats, self.device, self.sharded = stats, device, sharded
         # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
         self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
-        self.weigh = _target_weights(loss_fn)
-        self.loss_fn = loss_fn if isinstance(loss_fn, _SAME_SHAPE_LOSSES) else None
+        self.weigh, self.loss_fn = _target_weights(loss_fn), loss_fn
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
         self.loss_den = torch.zeros((), dtype=self.dtype, device=device)
@@ -687,28 +583,24 @@ class _Meter:
         self._losses, self._outs, self._ys, self._numel = [], [], [], 0
         self.own = False  # summing train_step's values, not a loss
         self.tried = tried  # the metrics ran on a batch of this run already (an epoch ago)
+        self.first_step = first_step  # the run's steps before this pass (on_batch_end's count)
         self.kept = [[], []] if any(st.whole for st in stats.values()) else None  # all y_pred, y
-        if snapshot is not None:  # a mid-epoch snapshot's sums: go on from its step
-            self.load_state_dict(snapshot["meter"], snapshot["step"])
 
     def add(self, loss, out, y, values=None):
-        """A batch's loss (its mean), outputs and targets, detached: kept until a fold.
-        With train_step, its ``values`` (batch means) instead: summed as metrics of the
-        batch's rows, their sum standing in for the loss where a NaN is looked for."""
+        """A batch's loss (its mean), outputs and targets, detached: kept until a fold; with
+        train_step its ``values`` instead, and the batch as ``y``."""
         if values is not None:
-            if not self.stats:  # the first step: the names, in train_step's order
+            if not self.steps:  # the first step: the names, in train_step's order
                 self.stats, self.own = _value_stats(values), True
                 self.sums, self.counts = dict.fromkeys(values), dict.fromkeys(values, 0)
+                _maybe("_check_step_values", values)
             out = torch.stack([values[k] for k in self.stats]).reshape(1, -1)
             loss, y = out.sum(), _batch_rows(y)
         self._losses.append(loss)
         self._ys.append(y)  # its rows, and for the metrics and weights its values
         self.steps += 1
         if self.steps == 1:  # fail at the first batch, not at a fold or never
-            if self.loss_fn is not None:
-                _check_same_shape(self.loss_fn, out, y)
-            if self.stats and not self.tried:
-                _metric_sums(self.stats, [out], [y], self.dtype)
+            _maybe("_check_first_batch", self, out, y)
         if self.stats:
             self._outs.append(out)
             self._numel += out.numel()
@@ -725,8 +617,10 @@ class _Meter:
             ns = ([y.shape[0] for y in self._ys] if torch.is_tensor(self._ys[0])
                   else [_batch_rows(y) for y in self._ys])
             den, total = sum(ns), _loss_sum(losses, ns, self.loss_is_sum, self.dtype)
-        else:
-            weights = _batch_weights(self.weigh, self._ys, self.dtype)
+        else:  # the targets' weights; of equal shapes in one op
+            weights = (self.weigh(torch.stack(self._ys)) if all(
+                y.shape == self._ys[0].shape for y in self._ys) else torch.cat(
+                [self.weigh(y.unsqueeze(0)) for y in self._ys])).to(self.dtype)
             losses = torch.where(weights > 0, losses, 0)
             den, total = weights.sum(), (losses.to(self.dtype) * weights).sum()
         sums, counts = _metric_sums(self.stats, self._outs, self._ys, self.dtype)
@@ -783,29 +677,6 @@ class _Meter:
         where = world.first_bad(self.losses(), self.checked, loss_sum, unit)
         raise (_EvaluationLossError if self.evaluating else FloatingPointError)(where)
 
-    def state_dict(self):
-        """Sums and pending steps, for a mid-epoch snapshot (right after a check)."""
-        cpu = [t.cpu() for t in self._outs], [_to(t, "cpu") for t in self._ys]
-        return {"loss_sum": self.loss_sum.cpu(), "loss_den": self.loss_den.cpu(),
-                "counts": dict(self.counts), "own": self.own,
-                "sums": {k: (v.cpu() if v is not None else None) for k, v in self.sums.items()},
-                "losses": torch.stack(self._losses).cpu() if self._losses else None,
-                "outs": cpu[0], "ys": cpu[1], "kept": _to(self.kept, "cpu")}
-
-    def load_state_dict(self, state, step):
-        dev = self.device
-        self.loss_sum, self.loss_den = state["loss_sum"].to(dev), state["loss_den"].to(dev)
-        self.counts = dict(state["counts"])
-        self.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
-        if state.get("own"):  # train_step's values: their names are the counts'
-            self.stats, self.own = _value_stats(self.counts), True
-        losses = state["losses"]
-        self._losses = [] if losses is None else list(losses.to(dev))
-        self._outs, self._ys = [t.to(dev) for t in state["outs"]], [_to(t, dev) for t in state["ys"]]
-        self._numel = sum(t.numel() for t in self._outs)
-        self.kept = _to(state["kept"], dev)
-        self.steps, self.checked = step, step - len(self._losses)
-
 
 def _value_stats(values):
     """train_step's values as statistics: each a batch mean (column i of the outputs),
@@ -815,9 +686,8 @@ def _value_stats(values):
 
 
 def _target_weights(loss_fn):
-    """For CrossEntropyLoss/NLLLoss averaging over class indices: y -> each target's
-    weight in torch's batch mean (``weight[y]``; 0 where ``y == ignore_index``).
-    None for any other loss, whose batch mean counts each row once."""
+    """y -> each target's weight in a CrossEntropyLoss/NLLLoss batch mean (``weight[y]``, 0 at
+    ``ignore_index``); None for other losses, whose mean counts each row once."""
     if not isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) or (
             loss_fn.reduction != "mean"):
         return None
@@ -832,22 +702,14 @@ def _target_weights(loss_fn):
     return weigh
 
 
-def _batch_weights(weigh, ys, dtype):
-    """The weight of each batch's targets, as one tensor (one op for equal shapes)."""
-    if all(y.shape == ys[0].shape for y in ys):
-        w = weigh(torch.stack(ys))
-    else:
-        w = torch.cat([weigh(y.unsqueeze(0)) for y in ys])
-    return w.to(dtype)
-
-
 def _loss_sum(losses, ns, loss_is_sum, dtype):
-    """The rows' loss sum from batch losses: each batch mean counts for its rows."""
+    """The rows' loss sum from batch losses: each batch mean counts for its rows; a run of
+    batches of one size (all but the last, usually) in one op."""
     total, start = 0, 0
-    for size, run in _runs(ns):  # usually one run of equal batches, two at the end
-        weight = 1 if loss_is_sum else size
+    for size, run in itertools.groupby(ns):
+        run = len(list(run))
         part = losses if run == len(losses) else losses[start:start + run]
-        total = total + part.sum(dtype=dtype) * weight
+        total = total + part.sum(dtype=dtype) * (1 if loss_is_sum else size)
         start += run
     return total
 
@@ -864,13 +726,8 @@ def _metric_sums(stats, outs, ys, dtype):
         each = [(_fp32(p), y) for p, y in zip(outs, ys)]
     for k, st in stats.items():
         for p, y in (each if st.by_batch else joined or each if st.whole is None else ()):
-            try:
-                s = st.stat(p, y).reshape(-1)
-            except Exception as e:
-                raise ValueError(f"metric {k!r} failed on a batch (outputs: {_describe(p)}; "
-                                 f"targets: {_describe(y)}): {e}") from e
-            s = s if s.dtype == dtype else s.to(dtype)
-            sums[k] = _combine(st, sums[k], s)
+            s = st.stat(p, y).reshape(-1)
+            sums[k] = _combine(st, sums[k], s if s.dtype == dtype else s.to(dtype))
             counts[k] += st.count(p, y)
     return sums, counts
 
@@ -881,21 +738,9 @@ def _combine(st, acc, s):
     return acc + s if st.reduce == "sum" else torch.maximum(acc, s)
 
 
-def _runs(values):
-    """[(value, length)] of consecutive equal values: [10, 10, 10, 4] -> [(10, 3), (4, 1)]."""
-    out = []
-    for v in values:
-        if out and out[-1][0] == v:
-            out[-1][1] += 1
-        else:
-            out.append([v, 1])
-    return out
-
-
 def _read(meters, world=None, final=True):
-    """The logs of several meters in one host read (a NaN loss raises, naming its step).
-    ``world``: sharded meters' sums are all-reduced first (every rank must call); not
-    ``final`` (a look): each rank its own, and whole_set metrics wait."""
+    """The logs of several meters in one host read (a NaN loss raises); with ``world``, sums
+    all-reduced first. Not ``final`` (a look): each rank its own, whole_set's wait."""
     reduced = [world is not None and m.sharded for m in meters]
     totals = [m.totals(world if r else None, final) for m, r in zip(meters, reduced)]
     flats = [world.reduce(t) if r else t.flat for t, r in zip(totals, reduced)]
@@ -905,19 +750,14 @@ def _read(meters, world=None, final=True):
         v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
         counts = v[len(t.flat):] if r else t.counts  # the ranks' counts follow their sums
         m.check(v[0], world if r else None if m.sharded else _ONE_PROCESS)
-        logs = _finish(m.stats, v, counts, t.sizes, loss=not m.own)
-        out.append({k: x for k, x in logs.items() if final or k not in m.stats or
-                    m.stats[k].whole is None})
+        logs = {} if m.own else {"loss": v[0] / v[1] if v[1] else math.nan}
+        j = 2
+        for (k, st), count, size in zip(m.stats.items(), counts, t.sizes):
+            if final or st.whole is None:
+                logs[k] = float(st.finish(v[j:j + size], count))
+            j += size
+        out.append(logs)
     return out
-
-
-def _finish(stats, vals, counts, sizes, *, loss=True):
-    """The logs from a meter's sums read back as floats: [loss sum, its denominator, ...]."""
-    logs, i = {"loss": vals[0] / vals[1] if vals[1] else math.nan} if loss else {}, 2
-    for (k, st), count, size in zip(stats.items(), counts, sizes):
-        logs[k] = float(st.finish(vals[i:i + size], count))
-        i += size
-    return logs
 
 
 class _EvaluationLossError(FloatingPointError):
@@ -934,9 +774,9 @@ def _first_bad(losses, checked, total, unit):
 
 
 # --- the run's record ---------------------------------------------------------
+
 class _Record:
-    """The run so far: the history (with ``best_epoch``, the epoch best.pt holds, for
-    plots), the best value, patience, why it stopped, the best weights (restore_best);
+    """The run so far: history, best value, patience, why it stopped, the best weights;
     ``state`` and ``load`` save and take it back under the same keys."""
     _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped", "steps", "monitor",
               "mode")
@@ -956,26 +796,20 @@ class _Record:
     def state(self):
         return {k: getattr(self, k) for k in self._SAVED}
 
-    def result(self):
-        """The history fit returns: a dict, with ``better`` (see _History)."""
-        return _History(self.history, self.better)
-
-    def about(self):
-        """run.json's content: what plots need to know of the run and cannot see in
-        history.csv, the monitor, its mode and which direction is better for each value."""
-        return {"monitor": self.monitor, "mode": self.mode, "better": self.better}
-
     def load(self, state):
         for k in self._SAVED:
             setattr(self, k, state[k])
         self.history = {k: list(v) for k, v in state["history"].items()}
 
+    def result(self):
+        """The history fit returns: a dict (with ``better``, from the plot hints block)."""
+        history = _maybe("_History", self.history, self.better)
+        return dict(self.history) if history is None else history
+
     def improves(self, value):
         """Whether ``value`` beats the best so far by more than min_delta (NaN never does)."""
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
+        if self.best is None or not math.isfinite(value):
+            return math.isfinite(value)
         if self.mode == "min":
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
@@ -986,11 +820,7 @@ class _Record:
         logs["best_epoch"] = math.nan  # its place; set below
         if self.later and not self.history["epoch"] and set(self.history) <= set(logs):
             self.history = {k: [] for k in logs}  # train_step's and val_fn's names join
-        if list(logs) != list(self.history) or self.monitor not in logs:
-            raise ValueError(f"epoch {logs['epoch']} has the values {list(logs)}; the run "
-                             f"records {list(self.history)} and monitors {self.monitor!r}: "
-                             "train_step and val_fn return the same names each time, and "
-                             "monitor= names one of them")
+        _maybe("_check_logs", logs, self)
         self.epoch = int(logs["epoch"])
         value = logs[self.monitor]
         improved = self.improves(value)
@@ -1029,45 +859,19 @@ class _Record:
             load_checkpoint(best_path, model)
 
 
-class _History(dict):
-    """fit's history, ``{key: [value per epoch]}``, and ``better``: ``{key: "min" or
-    "max"}`` for each value whose better direction is known (the loss, the built-in
-    metrics, the monitor by its mode); plots_ascii marks a best only for those."""
-
-    def __init__(self, history, better):
-        super().__init__(history)
-        self.better = dict(better)
-
-    def __reduce__(self):  # saved (torch.save, pickle) as an OrderedDict, which torch.load
-        return collections.OrderedDict, (list(self.items()),)  # takes with weights_only
-
-    def __deepcopy__(self, memo):
-        return _History(copy.deepcopy(dict(self), memo), self.better)
-
-
-def _directions(stats, monitor, mode):
-    """{history key: "min" or "max"} for each value whose direction is known: the loss,
-    the built-in metrics (their val_ values too) and the monitor, by fit's mode."""
-    better = {"loss": "min", **{k: st.better for k, st in stats.items() if st.better}}
-    better.update({"val_" + k: d for k, d in better.items()})
-    better[monitor] = better[monitor.removeprefix("val_")] = mode  # the same value's
-    return better                                                  # training side too
-
-
 @contextlib.contextmanager
 def _nan_stops_training(epoch, printer, model, store):
-    """A FloatingPointError (a non-finite loss) stops training with a message naming the
-    epoch, what is kept, and whether it came from a validation batch (with finite
-    weights, then, the validation data is the suspect)."""
+    """A non-finite loss stops training naming the epoch, what is kept, and whether it came
+    from validation (with finite weights, then, the validation data is the suspect)."""
     try:
         yield
     except _EvaluationLossError as e:
         printer.close()
-        bad = _nonfinite_weights(model)
+        bad = _maybe("_nonfinite_weights", model)  # None: not looked at (checkpoint guards)
         why = (f"The weights hold NaN or inf ({', '.join(bad[:3])}): a gradient of the last "
                "steps was not finite although their losses were" if bad else
-               "Every training loss was finite and every weight is: look for NaN/inf in "
-               "the validation data, or inputs the model overflows on")
+               "Every training loss was finite" + (" and every weight is" if bad == [] else "")
+               + ": look for NaN/inf in the validation data, or inputs the model overflows on")
         raise FloatingPointError(f"epoch {epoch}: validation {e}; training stopped "
                                  f"({store.kept()}). {why}") from None
     except FloatingPointError as e:
@@ -1093,19 +897,18 @@ def _interrupted(stop, epoch, record, store, printer, world):
 
 
 def _ask_hook(on_epoch_end, epoch, logs, record, store, world):
-    """Call ``on_epoch_end``; if it returns True, training stops, and last.pt says so (a
-    resume stops too). With several ranks every rank stops if any rank's hook asked,
-    so that none waits for another that left."""
+    """``on_epoch_end``; True stops training, saved in last.pt (a resume stops too). Every
+    rank stops if any rank's hook asked, so that none waits for one that left."""
     asked = on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True
     if world.any(asked):
         record.stopped = "on_epoch_end"
         store.save_last(record)
 
 
-def _resume(store, record, epochs, steps, printer, on_epoch_end, world):
-    """Continue from last.pt, if there is one (saying what changed, or that nothing is
-    left to do); its dict when it is a mid-epoch snapshot, else None."""
-    snapshot = store.resume(record, epochs, steps)
+def _resume(store, record, epochs, plan, printer, on_epoch_end):
+    """Continue from last.pt, if any; its dict if a mid-epoch snapshot. Resumed at the end of
+    epoch N, N's hook runs again: the run may have died inside it, after last.pt."""
+    snapshot = store.resume(record, epochs, plan.train.steps)
     if not record.epochs_to_run(epochs):
         printer.line(f"nothing to do: {record.epoch} epochs done" + (
             " (training had stopped early); to train on anyway, load its weights and optimizer "
@@ -1116,24 +919,17 @@ def _resume(store, record, epochs, steps, printer, on_epoch_end, world):
     for line in store.notes:  # where it goes on from, what changed
         printer.line(line)
     if snapshot is None and record.epoch:
-        _hook_again(on_epoch_end, record, store, world)  # it may not have returned
+        logs = {k: v[-1] for k, v in record.history.items()}
+        logs["epoch"] = int(logs["epoch"])
+        _ask_hook(on_epoch_end, record.epoch, logs, record, store, plan.world)
     return snapshot
 
 
-def _hook_again(on_epoch_end, record, store, world):
-    """Resuming from the end of epoch N: call its hook again (the run may have died inside
-    it; last.pt, written before, cannot tell), and stop if it asks to."""
-    logs = {k: v[-1] for k, v in record.history.items()}
-    logs["epoch"] = int(logs["epoch"])
-    _ask_hook(on_epoch_end, record.epoch, logs, record, store, world)
-
-
 # --- checkpoints --------------------------------------------------------------
+
 class _Store:
-    """A run's checkpoint directory: best.pt, last.pt, history.csv and run.json (what
-    plots need to know: monitor, mode, directions), written by rank 0.
-    What last.pt holds is written by ``save_last`` and read by ``resume``, side by side;
-    without a directory nothing is written and there is nothing to resume."""
+    """A run's checkpoint directory, written by rank 0: best.pt, last.pt, history.csv.
+    What last.pt holds is written by ``save_last`` and read by ``resume``, side by side."""
     FORMAT = "loops/1"
 
     def __init__(self, directory, model, optimizer, scheduler, gen, *, world, scaler=None,
@@ -1141,23 +937,26 @@ class _Store:
         self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
         self.loaders = loaders  # the training DataLoader's generators
         self.scaler = scaler  # fp16's GradScaler: its scale is part of the run
-        self.world, self.writer = world, world.writer
-        self.dir = None if directory is None else _prepare_dir(directory)
-        # one run at a time in a directory; rank 0, the writer, holds the lock
-        self.lock = _DirLock(self.dir) if self.dir is not None and self.writer else None
-        self.last_path = self.best_path = self.csv_path = None
-        if self.dir is not None:
-            self.last_path, self.best_path, self.csv_path = (
-                os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
-        self.described = False  # run.json, written with the first epoch's files
-        if self.lock is not None:
-            if not resume and os.path.exists(self.last_path):  # again, now under the lock:
-                self.release()  # a run that started beside this one may have finished
-                _refuse_a_held_run(directory, self.last_path)
-            _remove_own_temps(self.dir)  # only now: another run's would be in flight
-        self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
         self.settings = settings  # how the run trains (batch size, ...): compared on resume
+        self.world, self.writer = world, world.writer
+        self.dir = self.last_path = self.best_path = self.csv_path = self.lock = None
+        self.holds = None  # what last.pt holds ("epoch 2 + 5 steps"), once it holds anything
         self.notes = []  # a resume's lines: where it goes on, the settings and rates it changed
+        self.described = False  # run.json, written with the first epoch's files
+        if directory is None:
+            return
+        self.dir = os.fspath(directory)
+        _maybe("_check_writable", self.dir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.last_path, self.best_path, self.csv_path = (
+            os.path.join(self.dir, name) for name in ("last.pt", "best.pt", "history.csv"))
+        if self.writer:  # one run at a time in a directory: rank 0 holds its lock
+            self.lock = _maybe("_lock_dir", self.dir)
+            if not resume and os.path.exists(self.last_path):  # (under the lock: no run
+                self.release()                                 # can start beside this one)
+                raise ValueError(f"{directory!r} already holds a run ({self.last_path}); pass "
+                                 "resume=True to continue it, or choose another directory "
+                                 "(nothing is overwritten)")
 
     def kept(self):
         """What the directory holds for the run, in words: 'last.pt holds epoch 2'."""
@@ -1171,26 +970,11 @@ class _Store:
             self.lock.release()
             self.lock = None
 
-    def _refuse_nonfinite(self, where):
-        """FloatingPointError, before anything is written, if a weight is NaN or inf: a
-        gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
-        such weights must never replace a good checkpoint. One host read."""
-        bad = _nonfinite_weights(self.model)
-        bad = list(dict.fromkeys(n for names in self.world.gather(bad) or [bad] for n in names))
-        if not bad:
-            return
-        raise FloatingPointError(
-            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
-            f"was not finite. Nothing was written from them ({self.kept()}); look for an "
-            "operation whose gradient is undefined where it is used (sqrt or log at 0, a norm "
-            "of zeros)")
-
     def save_epoch(self, record, improved):
         """After an epoch: best.pt if it improved, then last.pt and history.csv."""
         if self.dir is None:
             return
-        self._refuse_nonfinite(f"epoch {record.epoch}: ")
+        _maybe("_refuse_nonfinite", self, f"epoch {record.epoch}: ")
         with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
             if improved and (self.writer or _is_sharded(self.model)):  # every rank gathers
                 save_checkpoint(self.best_path, self.model, format=self.FORMAT,
@@ -1198,18 +982,15 @@ class _Store:
             self.save_last(record)
             if self.writer:
                 _write_csv(self.csv_path, record.history)
-            if self.writer and not self.described:
-                _atomic_write(os.path.join(self.dir, "run.json"),
-                              lambda f: f.write(json.dumps(record.about()).encode()))
+            if self.writer and not self.described:  # which way is better, for plots
+                _maybe("_describe_run", self.dir, record)
                 self.described = True
 
-    def save_last(self, record, start=None, step=0, meter=None):
-        """last.pt at the end of an epoch or, given the epoch's start, its meter and the
-        step, at a batch boundary inside it (a mid-epoch snapshot)."""
+    def save_last(self, record, step=0, **inside):
+        """last.pt: at the end of an epoch, or at batch ``step`` inside it with what a
+        mid-epoch snapshot adds (``inside``: its meter, the epoch's start)."""
         if self.dir is None:
             return
-        if start is not None:  # at the epoch's end, save_epoch has looked already
-            self._refuse_nonfinite("")  # fit names the epoch
         rng = _rng_state(self.gen, self.loaders)
         ranks = self.world.gather(rng)  # every rank's random state, so that each resumes its own
         with _ctrl_c_after():  # a Ctrl-C waits for the file and the note of what it holds
@@ -1219,26 +1000,19 @@ class _Store:
                     **record.state(),
                     scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
                     scaler=None if self.scaler is None else self.scaler.state_dict(),
-                    rng=rng, rng_ranks=ranks, step=step, settings=self.settings,
-                    meter=None if meter is None else meter.state_dict(),
-                    **({} if start is None else start.state()))
+                    rng=rng, rng_ranks=ranks, step=step, settings=self.settings, **inside)
             self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
 
     def resume(self, record, epochs, steps=None):
-        """Continue from last.pt if it exists: check all of it, then load everything as it
-        was. Returns last.pt's dict when it is a mid-epoch snapshot, else None. ``steps``:
-        the batches of an epoch, where known."""
+        """Continue from last.pt if it exists, checked whole first (checkpoint guards);
+        its dict when it is a mid-epoch snapshot."""
         if self.dir is None or not os.path.exists(self.last_path):
             return None
         ck = _read_checkpoint(self.last_path)
-        self._check_resumable(ck, record, epochs, steps)
-        given = _group_rates(self.optimizer)
+        self.notes = _maybe("_check_resumable", self, ck, record, epochs, steps) or []
         _load_into(ck, self.last_path, self.model, self.optimizer)
         where = f"epoch {ck['epoch'] + 1}" + (f", batch {ck['step'] + 1}," if ck["step"] else "")
         self.notes.insert(0, f"resuming {self.dir} at {where} of {epochs} from last.pt")
-        self.notes += [f"the optimizer was given {k} {a:g}; last.pt's {b:g} is used, so "
-                       "that the run goes on as it was" for (k, a), b in
-                       zip(given.items(), _group_rates(self.optimizer).values()) if a != b]
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ck["scheduler"])
         if self.scaler is not None:
@@ -1246,75 +1020,11 @@ class _Store:
         record.load(ck)
         if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
             _write_csv(self.csv_path, record.history)
-        ranks = ck.get("rng_ranks") or [ck["rng"]]
-        if len(ranks) != self.world.size:  # each rank's rows and random state differ
-            self.notes.append(f"last.pt was written by {len(ranks)} processes, this run has "
-                              f"{self.world.size}: it goes on, but no longer bit for bit")
+        ranks = ck.get("rng_ranks") or [ck["rng"]]  # each rank's own, on as many ranks
         _set_rng_state(ranks[self.world.rank] if len(ranks) == self.world.size
                        else ck["rng"], self.gen, self.loaders)
         self.holds = f"epoch {ck['epoch']}" + (f" + {ck['step']} steps" if ck["step"] else "")
         return ck if ck["step"] else None
-
-    def _check_resumable(self, ck, record, epochs, steps=None):
-        path = self.last_path
-        if ck.get("format") != self.FORMAT:
-            raise ValueError(f"{path} was not written by fit (no 'format': '{self.FORMAT}'); "
-                             "cannot resume")
-        wrong = _damage(ck, steps) or _optimizer_damage(ck, self.optimizer)
-        if wrong:
-            raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
-                             "from a copy, or move it away to start afresh")
-        saved, keys = list(ck["history"]), list(record.history)
-        if saved != keys and not (record.later and [k for k in saved if k in keys] == keys):
-            older = "best_epoch" not in saved  # written before that column was kept
-            raise ValueError(f"{path} recorded {saved}, this run records {keys}; " + (
-                "it was written by an older loops.py: finish it with that one" if older
-                else "resume with the same metrics, val, train_step and val_fn"))
-        if (ck["monitor"], ck["mode"]) != (record.monitor, record.mode):
-            raise ValueError(f"{path} monitored {ck['monitor']!r} (mode {ck['mode']!r}); this "
-                             f"run asks for {record.monitor!r} ({record.mode!r}), and its best "
-                             "so far would mean nothing for that: resume with the same monitor")
-        done = ck["epoch"] + (1 if ck["step"] else 0)
-        if epochs < done:
-            raise ValueError(f"{path} already trained {ck['epoch']} epochs"
-                             + (f" and part of epoch {done}" if ck["step"] else "")
-                             + f"; epochs={epochs} is the total, counting those: pass epochs >= "
-                               f"{done}")
-        if (ck["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
-                             "scheduler; resume with the same setup")
-        if (ck.get("scaler") is None) != (self.scaler is None):
-            raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
-                             "precision='fp16' (its GradScaler); resume with the same precision")
-        self.notes = [line for line in [self._changed_settings(ck)] if line]
-
-    def _changed_settings(self, ck):
-        """A line on the settings this run changes from last.pt's, or None. Inside an
-        epoch (a snapshot) none may change: the rows already trained, the order and the
-        partial sums are those of the saved settings, so it is refused, naming each."""
-        saved, given = ck.get("settings"), self.settings
-        if not isinstance(saved, dict) or given is None:  # written before settings were kept
-            return None
-        changed = [f"{k} {given[k]!r} (last.pt: {saved[k]!r})" for k in given
-                   if k in saved and saved[k] != given[k]]
-        if not changed:
-            return None
-        if ck["step"]:
-            raise ValueError(f"{self.last_path} stopped inside epoch {ck['epoch'] + 1}, at batch "
-                             f"{ck['step']}, and this run changes {', '.join(changed)}: the "
-                             "epoch cannot go on with other rows or another order. Resume with "
-                             "the saved settings (change them at an epoch's end)")
-        return (f"resuming after epoch {ck['epoch']} with {', '.join(changed)}: the epochs "
-                "from here train so")
-
-
-def _nonfinite_weights(model):
-    """The names of the parameters holding NaN or inf; one host read when there are none."""
-    params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a sharded model's: this
-              for n, p in _unwrap(model).named_parameters()]      # rank's shard (DTensor)
-    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
-        return []
-    return [name for name, p in params if not bool(torch.isfinite(p).all())]
 
 
 def _atomic_write(path, write):
@@ -1332,9 +1042,7 @@ def _atomic_write(path, write):
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            cause = _os_error_in(e)
-            if cause is not None and cause is not e:  # torch's zip writer wraps a full
-                raise cause from e                     # disk's OSError in a RuntimeError
+            _maybe("_raise_os_error", e)  # a full disk's, not torch's RuntimeError around it
             raise
         with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
             dfd = os.open(folder, os.O_RDONLY)
@@ -1346,9 +1054,8 @@ def _atomic_write(path, write):
 
 @contextlib.contextmanager
 def _ctrl_c_after():
-    """Hold a Ctrl-C back until the block ends, then raise it: torch's zip writer turns a
-    KeyboardInterrupt inside it into a RuntimeError and a half file. In the main thread,
-    while Python's own handler is installed (a program's own is left alone)."""
+    """Hold a Ctrl-C back until the block ends: torch's zip writer turns a KeyboardInterrupt
+    into a RuntimeError. With Python's own handler only (a program's own is left alone)."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
@@ -1361,17 +1068,6 @@ def _ctrl_c_after():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
-
-
-def _os_error_in(e):
-    """The OSError ``e`` is, or was raised while handling (its cause or context), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _new_temp(path):
@@ -1387,30 +1083,23 @@ def _new_temp(path):
 
 
 def _read_checkpoint(path, *, map_location="cpu"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """A checkpoint's dict, read with weights_only=True (no code can run while it loads);
+    the checkpoint guards say what is wrong with a file that does not read."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on content
-        raise ValueError(f"{path} is not a plain checkpoint: it holds something other than "
-                         "tensors and plain values (refused: unpickling it could run code), "
-                         f"or it is damaged. torch said: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
+    except Exception as e:
+        _maybe("_refuse_unreadable", path, e)
+        raise
+    _maybe("_check_checkpoint", ckpt, path)  # a dict with the model's weights
     return ckpt
 
 
 def _load_into(ckpt, path, model, optimizer):
-    """Load a checkpoint's weights and optimizer state, after checking that both fit:
-    torch's load_state_dict copies the matching tensors before it raises on the
-    rest, which would leave a half-loaded model."""
+    """Load a checkpoint's weights and optimizer state, checked first that both fit (torch's
+    load_state_dict copies what matches before it raises: a half-loaded model)."""
     if model is not None and ("shards" in ckpt or _is_sharded(model)):
         return _block("distributed", "_load_sharded", "sharding")(ckpt, path, model, optimizer)
-    if model is not None:
-        _check_fits(_unwrap(model), ckpt["model"], path)
-    if optimizer is not None:
-        _check_optimizer_fits(optimizer, ckpt, path)
+    _maybe("_check_fits", ckpt, path, model, optimizer)
     if model is not None:
         _unwrap(model).load_state_dict(ckpt["model"])
     for name, opt in _named(optimizer).items():
@@ -1423,18 +1112,8 @@ def _named(optimizer):
         "": optimizer}
 
 
-def _prepare_dir(path):
-    """Create the checkpoint directory and prove it writable with a probe file."""
-    path = os.fspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"checkpoint directory {path!r} cannot be written: {e.strerror or e}; "
-                         "expected a writable directory path") from None
-    return path
+def _is_sharded(model):  # by FSDP2's fully_shard (setup_distributed(shard=True))
+    return hasattr(type(model), "set_requires_gradient_sync")
 
 
 def _write_csv(path, history):
@@ -1449,25 +1128,20 @@ def _write_csv(path, history):
 
 
 def _shuffle_generator(seed, device, world, *, drawn=True):
-    """The generator of each epoch's order; with ``seed`` every RNG is seeded too (torch's
-    with seed + rank: the ranks' orders agree, their dropout masks differ). Without,
-    it follows torch.manual_seed, and takes nothing when no order is ``drawn``."""
+    """The generator of each epoch's order; with ``seed`` every RNG seeded too, torch's with
+    seed + rank (the ranks' orders agree, their dropout masks differ)."""
     gen = torch.Generator()
     if seed is not None:
-        _seed_all(seed + world.rank)
+        torch.manual_seed(seed + world.rank)  # CPU and every CUDA device
+        random.seed(seed + world.rank)
+        np = sys.modules.get("numpy")
+        if np is not None:
+            np.random.seed((seed + world.rank) % 2**32)
         return gen.manual_seed(seed)
     if not drawn:
         return gen
     draw = world.broadcast(torch.randint(0, 2**62, (1,)).to(device))  # rank 0's, everywhere
     return gen.manual_seed(int(draw.item()))
-
-
-def _seed_all(seed):
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    random.seed(seed)
-    np = sys.modules.get("numpy")
-    if np is not None:
-        np.random.seed(seed % 2**32)
 
 
 def _rng_state(generator, loaders=()):
@@ -1507,17 +1181,16 @@ def _tuples(x):
 
 
 # --- processes ------------------------------------------------------------------
+
 class _OneProcess:
     """The world of a run in one process: rank 0 of 1, the writer. The distributed block's
-    _Ranks answers the same questions for a torchrun job (sums over ranks, the first
-    NaN of any, gather, any, broadcast, no_sync, ...), so the file asks ``world``."""
+    _Ranks answers the same questions for a torchrun job, with collectives."""
     rank, size, writer = 0, 1, True
 
     def reduce(self, totals):
         return totals.flat
 
-    def first_bad(self, losses, checked, total, unit):
-        return _first_bad(losses, checked, total, unit)
+    first_bad = staticmethod(_first_bad)
 
     def broadcast(self, x):  # rank 0's value, the value itself here
         return x
@@ -1525,14 +1198,9 @@ class _OneProcess:
     any = first = cat = broadcast  # the flag of any rank, rank 0's object, all ranks' rows
 
     def gather(self, *_):  # a list over the ranks: None in one process, as are DDP's
-        return None        # no_sync and whether a loader gives each rank its own rows
+        return None        # no_sync, whether a loader gives each rank its own rows, ...
 
-    no_sync = sharded_loader = gather
-
-    def check(self, *args, **options):
-        pass
-
-    abandon = check
+    no_sync = sharded_loader = check = abandon = gather
 
 
 _ONE_PROCESS = _OneProcess()
@@ -1548,43 +1216,37 @@ def _world():
 
 
 # --- data sources -------------------------------------------------------------
+
 def _slices(X, y, batch_size, order, *, start=0, rows=None, rank=0, ranks=1):
-    """This rank's batches after ``start`` of them, cut in one call (no Python per batch),
-    from the first ``rows`` rows of the order (all by default). Each global batch is cut
-    in ``ranks`` parts; the short last one gives each rank the same rows (the few left
-    over skipped), so DDP's mean stays the global batch's."""
+    """This rank's (xb, yb) batches (xb alone without ``y``) after ``start``, cut in one call.
+    A global batch goes in ``ranks`` equal parts (the short last's leftovers skipped)."""
     step = ranks * batch_size
     n = len(X) if rows is None else rows
-    if order is None:
-        if ranks == 1:
-            return itertools.islice(zip(X[:n].split(batch_size), y[:n].split(batch_size)),
-                                    start, None)
-        order = torch.arange(len(X), device=X.device)  # a rank's rows are not one block
-    full = n // step
-    idx = list(order[:full * step].view(full, ranks, batch_size)[:, rank].unbind(0))
-    local = (n - full * step) // ranks
-    if local:
-        lo = full * step + rank * local
-        idx.append(order[lo:lo + local])
-    idx = idx[start:]
-    dim0 = itertools.repeat(0)
-    return zip(map(X.index_select, dim0, idx), map(y.index_select, dim0, idx))
+    if order is None and ranks == 1:
+        cut = [X[:n].split(batch_size)] + ([] if y is None else [y[:n].split(batch_size)])
+    else:
+        order = torch.arange(len(X), device=X.device) if order is None else order
+        full = n // step
+        idx = list(order[:full * step].view(full, ranks, batch_size)[:, rank].unbind(0))
+        local = (n - full * step) // ranks
+        if local:
+            lo = full * step + rank * local
+            idx.append(order[lo:lo + local])
+        cut = [map(t.index_select, itertools.repeat(0), idx) for t in (X, y) if t is not None]
+    return itertools.islice(zip(*cut) if len(cut) == 2 else cut[0], start, None)
 
 
-# Two kinds of data source, with the same face: ``steps`` (batches an epoch, or
-# None when unknown), ``device``, ``sharded`` (each rank sees its own rows, so the
-# epoch's sums are all-reduced), ``generators`` (the random generators it draws
-# from, saved in last.pt) and ``epoch(...)``, the batches of one epoch.
+# Two kinds of data source, one face: ``steps`` (batches an epoch, or None), ``device``,
+# ``sharded`` (each rank has its own rows: sums all-reduced), ``generators`` (saved in
+# last.pt) and ``epoch(...)``, the batches of one epoch.
 class _TensorSource:
-    """(X, y) tensors, moved to the device once and cut into batches here each epoch.
-    With several ranks each global batch of ``ranks * batch_size`` rows is cut in
-    ``ranks`` parts and rank ``rank`` takes its own (see ``_slices``). ``drop_last``
-    drops the rows after the last whole step: with ``accumulate=k``, the last short
-    group of k batches, as one batch of k times the rows would drop its short end."""
+    """(X, y) tensors (or X alone), moved to the device once and cut here each epoch.
+    ``drop_last`` drops the rows after the last whole step (of ``accumulate`` batches)."""
 
     def __init__(self, X, y, *, batch_size, device, rank=0, ranks=1, sharded=False,
                  drop_last=False, accumulate=1):
-        self.X, self.y = X.to(device), y.to(device)  # a no-op when already there
+        self.X = X.to(device)  # a no-op when already there
+        self.y = None if y is None else y.to(device)
         self.batch_size, self.device, self.rank, self.ranks = batch_size, device, rank, ranks
         self.sharded = sharded
         self.generators = []  # the order is drawn from fit's own generator
@@ -1608,10 +1270,16 @@ class _LoaderSource:
     """A re-iterable of (xb, yb) batches (a DataLoader, a list), used as it is; with
     ``pairs`` False (your forward or train_step reads them) batches of any shape."""
 
-    def __init__(self, loader, *, device, sharded=False, what="data", pairs=True):
-        self.loader, self.device, self.sharded, self.what = loader, device, sharded, what
-        self.pairs = pairs
-        self.generators = _loader_generators(loader)
+    def __init__(self, loader, *, device, what="data", pairs=True):
+        self.loader, self.device, self.what, self.pairs = loader, device, what, pairs
+        self.sharded = False  # unless a DistributedSampler gives each rank its own rows
+        # The torch.Generators it draws from (its own, its sampler's, its batch sampler's
+        # sampler's), once each: their states are part of a run, as the global one.
+        owners = (loader, getattr(loader, "sampler", None),
+                  getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+        found = [getattr(o, "generator", None) for o in owners]
+        self.generators = [g for i, g in enumerate(found) if isinstance(g, torch.Generator)
+                           and all(g is not f for f in found[:i])]
         try:
             self.steps = len(loader)
         except TypeError:
@@ -1626,36 +1294,15 @@ class _LoaderSource:
         it = iter(self.loader)
         for _ in range(start):
             next(it)
+        return (self._batch(batch) for batch in it)
+
+    def _batch(self, batch):
         if not self.pairs:
-            return (_to(batch, self.device) for batch in it)
-        return _pairs(it, self.device, self.what)
-
-
-def _loader_generators(loader):
-    """The torch.Generators a DataLoader draws from (its own, its sampler's, its batch
-    sampler's sampler's), once each: their states are part of a run, as the global one."""
-    found = []
-    for owner in (loader, getattr(loader, "sampler", None),
-                  getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not f for f in found):
-            found.append(g)
-    return found
-
-
-def _pairs(batches, device, what):
-    """Each (xb, yb) batch on the device; TypeError naming ``what`` at a batch of another
-    shape (a dict from a Dataset returning {"x": ..., "y": ...} would unpack to its keys)."""
-    for batch in batches:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            kind = (f"a dict with keys {list(batch)[:4]}" if isinstance(batch, dict)
-                    else f"{_describe(batch)}" if torch.is_tensor(batch)
-                    else f"a {type(batch).__name__}"
-                    + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-            raise TypeError(f"{what}: a batch is {kind}; expected an (inputs, targets) pair. "
-                            "Return (x, y) from the Dataset's __getitem__ (or a collate_fn)")
+            return _to(batch, self.device)
+        if type(batch) not in (tuple, list) or len(batch) != 2:
+            _maybe("_refuse_batch", batch, self.what)
         xb, yb = batch
-        yield _to(xb, device), _to(yb, device)
+        return _to(xb, self.device), _to(yb, self.device)
 
 
 def _to(x, device):
@@ -1680,13 +1327,13 @@ def _batch_rows(x):
     return _batch_rows(first) if isinstance(first, (torch.Tensor, dict, tuple, list)) else len(x)
 
 
-def _describe(x):
-    return f"a tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else (
-        f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-        if isinstance(x, tuple) else type(x).__name__)
+def _is_pair(data):
+    """Whether ``data`` is an (X, y) pair of tensors, batched here (else batches as given)."""
+    return isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])
 
 
 # --- progress -----------------------------------------------------------------
+
 # Formatting is pure functions returning strings (tested with golden strings);
 # _Printer only writes them.
 
@@ -1727,9 +1374,8 @@ def _format_summary(epoch, epochs, logs, *, percent=(), seconds=None, best=False
 
 def _format_progress(epoch, epochs, step, steps, logs, elapsed, done, *, percent=(),
                      columns=None):
-    """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821'.
-    With ``columns``, the line fits in that many characters: fields go in the order
-    rate, the metrics from the last, ETA, the loss, and what is left is cut."""
+    """The live line: 'epoch 3/50  41/77  1534 it/s  ETA 0.02s  loss 0.4821', fitted to
+    ``columns`` by leaving out the rate, the metrics from the last, ETA, the loss."""
     rate = done / elapsed if elapsed > 0 else 0.0
     head = [f"epoch {epoch}/{epochs}", f"{step}/{steps if steps else '?'}"]
     eta = [f"ETA {_seconds((steps - step) / rate)}"] if steps and rate > 0 else []
@@ -1753,9 +1399,8 @@ def _terminal_columns(stream):
 
 
 class _Printer:
-    """What fit prints. verbose=1 on a terminal: a live line per epoch that ends as the
-    epoch's summary; verbose=1 elsewhere (a pipe, a file) and verbose=2: summary lines
-    only, with no carriage return; verbose=0: nothing."""
+    """What fit prints: verbose=1 on a terminal, a live line that ends as the epoch's
+    summary; elsewhere (a log) and verbose=2, summary lines only, no carriage return."""
 
     def __init__(self, verbose, epochs, percent=(), stream=None):
         self.verbose, self.epochs, self.percent = verbose, epochs, percent
@@ -1797,17 +1442,11 @@ class _Printer:
 
 
 # --- metrics ------------------------------------------------------------------
-# Each metric is a plain function (y_pred, y) -> scalar tensor over the whole set.
-# For exact epoch values the loop does not average batch values: it keeps each
-# metric's sufficient statistic (a sum, a maximum, or confusion counts) on the
-# device and finishes it once, at the end of the epoch.
-#
-# Targets: (N,) or (N, 1) class indices are labels; (N, C) rows are one-hot or
-# probability targets (their arg-max is the label). Outputs: (N, C) with C >= 2
-# are class scores (their arg-max is the class); (N,) or (N, 1) are one
-# probability per row, positive above 0.5 -- or, for a model trained with
-# BCEWithLogitsLoss, one logit per row, positive above 0 (the same rows:
-# sigmoid(z) > 0.5 exactly when z > 0). Binary targets are positive above 0.5.
+# For exact epoch values each metric keeps a sufficient statistic (a sum, a maximum,
+# confusion counts) on the device, finished once an epoch: never a mean of batch values.
+# Targets: (N,) or (N, 1) class indices, or (N, C) one-hot rows. Outputs: (N, C), C >= 2,
+# class scores; else one probability per row, positive above 0.5 (a BCEWithLogitsLoss
+# model's logit: above 0, the same rows). Binary targets are positive above 0.5.
 
 class _Stat(NamedTuple):
     stat: Callable    # (y_pred, y) -> tensor: sums (or a maximum) over the rows given
@@ -1816,7 +1455,7 @@ class _Stat(NamedTuple):
     reduce: str = "sum"
     size: int = 1     # how many numbers ``stat`` returns (for class scores: C * C)
     percent: bool = False  # shown as 77.3% in the progress line
-    better: str = None     # "max" or "min" for mode="auto"; None: not known
+    better: str = None     # "max" (read from labels) or "min" (errors); None: not known
     by_batch: bool = False  # called on each batch, not on many at once (your own metrics)
     whole: Callable = None  # a whole_set metric: (all y_pred, all y) -> value, once an epoch
 
@@ -1877,8 +1516,362 @@ def _binary_right(p, y, cut, ignore):
     return _right((p > cut) == (y > 0.5), _kept(y, ignore))
 
 
-def _n_labels(p, y):  # the label positions of class scores (N, ..., C)
+def _ratio(s, n):
+    return s[0] / n if n else math.nan
+
+
+def _share(s, n):  # [right, counted]
+    return s[0] / s[1] if s[1] else math.nan
+
+
+def _n_rows(p, y):  # what a statistic is counted over, from shapes alone: its rows,
+    return p.shape[0]
+
+
+def _n_values(p, y):  # its values,
+    return p.numel()
+
+
+def _n_labels(p, y):  # the label positions of class scores (N, ..., C),
     return p.numel() // p.shape[-1]
+
+
+def _n_none(p, y):  # or nothing (a maximum)
+    return 0
+
+
+def _stats(cut, ignore=None):
+    """The built-in metrics: one value per row is positive above ``cut``; rows whose class
+    target is ``ignore`` count nowhere."""
+    def sq(p, y):
+        return _error(p, y).square().sum(dtype=torch.float64)
+    counted = {"size": 2, "count": _n_none, "finish": _share}  # [right, counted]
+    table = {
+        "accuracy": _Stat(lambda p, y: _correct(p, y, ignore), percent=True, better="max", **(
+            counted if ignore is not None else {"count": _n_labels, "finish": _ratio})),
+        "binary_accuracy": _Stat(lambda p, y: _binary_right(p, y, cut, ignore), percent=True,
+                                 better="max", **(counted if ignore is not None else
+                                                  {"count": _n_values, "finish": _ratio})),
+        "mse": _Stat(sq, _n_values, _ratio, better="min"),
+        "rmse": _Stat(sq, _n_values, lambda s, n: math.sqrt(s[0] / n), better="min"),
+        "mae": _Stat(lambda p, y: _error(p, y).abs().sum(dtype=torch.float64), _n_values, _ratio,
+                     better="min"),
+    }
+    return {**table, **(_maybe("_more_stats", cut, ignore) or {})}
+
+
+def _ignored_label(loss_fn):
+    """The class index that ``loss_fn`` leaves out (CrossEntropyLoss/NLLLoss), or None."""
+    if isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return loss_fn.ignore_index
+    return None
+
+
+def _metric(name, doc):
+    """The public function of built-in metric ``name``: its statistic over the rows given,
+    finished (what fit computes over an epoch, computed over one call's rows)."""
+    def metric(y_pred, y, *, logits=False, ignore_index=None):
+        st = _stats(0.0 if logits else 0.5, ignore_index)[name]
+        if ignore_index is not None and st.better == "min":  # the errors
+            raise TypeError(f"{name} takes no ignore_index: it reads values, not class labels")
+        with torch.no_grad():
+            s = st.stat(y_pred, y).reshape(-1).tolist()
+        return torch.tensor(st.finish(s, st.count(y_pred, y)), dtype=torch.float64)
+    metric.__name__ = metric.__qualname__ = metric.builtin = name
+    metric.__doc__ = doc
+    return metric
+
+
+_ABOUT_LOGITS = (" With ``logits=True`` one value per row is a logit, positive above 0"
+                 " (fit, evaluate and train_epoch do this for a BCEWithLogitsLoss model).")
+_ABOUT_IGNORED = (" Rows whose class-index target is ``ignore_index`` count nowhere (fit, evaluate"
+                  " and train_epoch pass a CrossEntropyLoss/NLLLoss's own, -100 by default).")
+accuracy = _metric("accuracy", "Fraction of rows whose arg-max class equals the label "
+                   "(an index, (N,) or (N, 1), or a one-hot row)." + _ABOUT_IGNORED)
+binary_accuracy = _metric("binary_accuracy", "Fraction of probabilities on the right side "
+                          "of 0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS
+                          + _ABOUT_IGNORED)
+mse = _metric("mse", "Mean squared error.")
+rmse = _metric("rmse", "Root of the mean squared error (of the whole set, not a mean of roots).")
+mae = _metric("mae", "Mean absolute error.")
+
+
+def _metric_table(metrics, loss_fn=None):
+    """{"name": fn or built-in name} -> {"name": _Stat}; the built-ins follow ``loss_fn``
+    (BCEWithLogitsLoss: logits; CrossEntropyLoss: its ignore_index)."""
+    if metrics is None:
+        return {}
+    logits = isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
+    builtin = _stats(0.0 if logits else 0.5, _ignored_label(loss_fn))
+    table = {}
+    for key, fn in metrics.items():
+        name = fn if isinstance(fn, str) else getattr(fn, "builtin", None)
+        if name in _BLOCK_OF and name not in builtin:
+            _block(_BLOCK_OF[name], "_more_stats", f"metrics[{key!r}] ({name})")
+        if name is not None:
+            table[key] = builtin[name]
+        elif isinstance(fn, _WholeSet):  # once an epoch, on every output (MAX over ranks
+            table[key] = _Stat(None, _n_none, lambda s, n: s[0], "max", whole=fn.fn)  # = it)
+        else:  # a per-sample mean, batch by batch: its epoch value is the rows'
+            table[key] = _Stat(lambda p, y, fn=fn: _user_value(fn, p, y) * len(p), _n_rows,
+                               _ratio, by_batch=True)
+    return table
+
+
+class _WholeSet(NamedTuple):
+    fn: Callable
+
+
+def whole_set(fn):
+    """Mark ``fn(y_pred, y) -> scalar`` as a metric of a whole epoch's outputs (AUC): called
+    once an epoch on all of them. Any other function of yours is a per-sample mean."""
+    _maybe("_check_whole_set", fn)
+    return _WholeSet(fn)
+
+
+def _user_value(fn, p, y):
+    v = fn(p, y)
+    v = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+    if v.numel() != 1:
+        _maybe("_refuse_metric_value", v)
+    return v.detach().double().reshape(())
+
+
+# --- building a run: what fit runs on -------------------------------------------
+
+class _Plan(NamedTuple):
+    """What fit runs on, built from its arguments."""
+    device: torch.device
+    world: object        # _OneProcess, or the distributed block's _Ranks
+    stats: dict          # metric name -> _Stat, for validation (and training, but with
+    train_stats: dict    # train_step, which gives no outputs)
+    train: object        # a _TensorSource or _LoaderSource
+    val: object          # the same, or None
+    keys: list           # the history's keys known now, in order (train_step and val_fn
+    monitor: str         # add theirs when they first return)
+    mode: str            # "min" or "max"
+    percent: set         # keys shown as percentages
+    settings: dict       # how the run trains (batch size, ...): saved, compared on resume
+    better: dict         # each value's better direction, where known (plot hints)
+    snapshots: object    # save_every's _Snapshots (with save_every given), or None
+
+
+def _plan(world, model, train, loss_fn, optimizer, *, val, batch_size, val_batch_size,
+          metrics, monitor, mode, shuffle, drop_last, accumulate, precision, save_every,
+          forward, train_step, val_fn, **_):
+    """What fit runs on: the device (the model's), metrics, data sources, the history's
+    keys, the monitor and its direction, the settings saved in last.pt."""
+    device = model_device(model)
+    stats = _metric_table(metrics, loss_fn)
+    train_data = _source(train, what="train", batch_size=batch_size, device=device, world=world,
+                         drop_last=drop_last, accumulate=accumulate,
+                         pairs=forward is None and train_step is None)
+    val_data = None if val is None else _source(  # no graph in evaluation: larger batches
+        val, what="val", batch_size=val_batch_size or max(batch_size, 256), device=device,
+        world=world, split_rows=True, pairs=forward is None)
+    keys = ["epoch"] + ([] if train_step else ["loss", *stats])
+    if val_data is not None:
+        keys += ["val_loss"] * (loss_fn is not None) + ["val_" + k for k in stats]
+    keys += [*_rates(optimizer), "time", "best_epoch"]
+    has_val_loss = val_data is not None and loss_fn is not None
+    monitor = monitor or ("val_loss" if has_val_loss else "loss")
+    _maybe("_check_monitor", monitor, keys, has_val=has_val_loss,
+           later=train_step is not None or val_fn is not None)
+    mode = _direction(monitor, mode, stats)
+    _maybe("_try_first_val_batch", model, val_data,
+           _seam(loss_fn, forward, precision, device), stats)
+    settings = {"batch_size": getattr(train, "batch_size", batch_size), "shuffle": shuffle,
+                "drop_last": drop_last, "accumulate": accumulate, "precision": precision,
+                "rows": _rows(train),
+                "batches": train_data.steps}  # saved in last.pt; compared on resume
+    percent = {k for k, st in stats.items() if st.percent}
+    snapshots = None if save_every is None else functools.partial(
+        _block("mid-epoch snapshots", "_Snapshots", "save_every="), save_every)
+    return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
+                 monitor, mode, percent | {"val_" + k for k in percent}, settings,
+                 _maybe("_directions", stats, monitor, mode), snapshots)
+
+
+def _source(data, *, what, batch_size, device, world=None, pairs=True, drop_last=False,
+            accumulate=1, split_rows=False):
+    """``data`` as a batch source: tensors cut here, or batches used as they come. Several
+    ranks cut training tensors per global batch, validation's (``split_rows``) by rows."""
+    world = world or _ONE_PROCESS
+    if torch.is_tensor(data) or _is_pair(data):
+        X, y = (data, None) if torch.is_tensor(data) else data
+        if split_rows and world.size > 1:
+            return world.val_rows(X, y, batch_size, device, what)
+        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=world.rank,
+                             ranks=world.size, sharded=world.size > 1, drop_last=drop_last,
+                             accumulate=accumulate)
+    source = _LoaderSource(data, device=device, what=what, pairs=pairs)
+    source.sharded = world.sharded_loader(data, what)
+    return source
+
+
+def _rows(data):
+    """The rows of the training data, where they can be counted (compared on resume)."""
+    with contextlib.suppress(TypeError, AttributeError):
+        return len(data[0] if _is_pair(data) else data if torch.is_tensor(data) else data.dataset)
+    return None
+
+
+def _direction(monitor, mode, stats):
+    """The monitor's direction: ``mode`` itself, or for "auto" the known direction of the
+    loss and of the built-in metrics; refused where it is not known (never a guess)."""
+    if mode != "auto":
+        return mode
+    base = monitor.removeprefix("val_")
+    better = "min" if base == "loss" else getattr(stats.get(base), "better", None)
+    if better is None:
+        raise ValueError(f"mode='auto' does not know whether a higher or a lower {monitor!r} "
+                         "is better (it is not the loss or a built-in metric): pass mode='max' "
+                         "or mode='min'")
+    return better
+
+
+# --- optional blocks: how the core asks for them -----------------------------------
+# Each optional block below may be deleted from a copy of this file. The core asks
+# for a feature of a block through _block (a missing public name through __getattr__),
+# so that a copy without it fails with a message naming the block; and for a guard
+# rail (a check, the lock, more metrics) through _maybe, which does nothing then.
+
+_BLOCK_OF = dict(lr_find="lr_find", setup_distributed="distributed", consolidate="distributed",
+                 **dict.fromkeys(("mape", "max_error", "precision", "recall", "f1",
+                                  "confusion_matrix"), "more metrics"))
+
+
+def __getattr__(name):  # asked only for a name this module lacks
+    if name not in _BLOCK_OF:
+        raise AttributeError(f"module 'loops' has no attribute {name!r}")
+    message = (f"loops.{name} is part of the optional block '{_BLOCK_OF[name]}', which this "
+               "copy of loops.py does not have; copy that block back in from loops.py to use it")
+    caller = sys._getframe(1)  # `from loops import NAME` would turn an AttributeError
+    code = caller.f_code.co_code  # into a bare ImportError: raise that one itself
+    importing = caller.f_lasti < len(code) and code[caller.f_lasti] == opcode.opmap["IMPORT_FROM"]
+    raise (ImportError if importing else AttributeError)(message)
+
+
+def _block(name, definition, asked):
+    """``definition`` of the optional block ``name``; a ValueError saying what was
+    ``asked`` and which block it needs when this copy of loops.py was made without it."""
+    found = globals().get(definition)
+    if found is None:
+        raise ValueError(f"{asked} needs the optional block '{name}' of loops.py, which this "
+                         f"copy does not have: copy the lines from '# --- optional: {name}' to "
+                         f"'# --- end of {name}' back in from loops.py to use it")
+    return found
+
+
+def _maybe(definition, *args, **kw):
+    """Call ``definition`` of an optional block (a check, a guard, more metrics) if this
+    copy of loops.py has it; without the block, nothing (None): good input runs the same."""
+    found = globals().get(definition)
+    return None if found is None else found(*args, **kw)
+
+
+# --- optional: mid-epoch snapshots --------------------------------------------
+# save_every=s: last.pt is refreshed every s seconds inside an epoch too, at a batch
+# boundary, with what it takes to go on from there: the epoch's partial sums, its rates
+# and time, and the random state before its order was drawn. Without this block
+# last.pt is written at each epoch's end, and save_every= is refused naming the block.
+
+class _Snapshots:
+    """save_every's snapshots during one epoch, asked at each look of its _Watch."""
+
+    def __init__(self, save_every, store, record, start):
+        self.save_every, self.store, self.record, self.start = save_every, store, record, start
+        self.last = time.perf_counter()
+
+    def __call__(self, step, meter):
+        if time.perf_counter() - self.last < self.save_every:
+            return
+        _maybe("_refuse_nonfinite", self.store, "")  # fit names the epoch
+        start = self.start
+        self.store.save_last(self.record, step, meter=_meter_state(meter), rng_epoch=start.rng,
+                             epoch_lr=start.lr, epoch_time=start.elapsed())
+        self.last = time.perf_counter()
+
+
+def _continue_epoch(epoch, source, gen, meter, snapshot, *, shuffle):
+    """Epoch ``epoch`` going on from last.pt's mid-epoch ``snapshot``: how it began and its
+    batches after those done; ``meter`` takes the snapshot's sums.
+
+    Bit-exact resume rests on the order of these lines:
+      1. restore the RNG state the epoch began with, so that
+      2. drawing the epoch's order, and passing over the batches done, gives the same
+         order as the first time (a DataLoader redraws its own from the same state);
+      3. then restore the RNG state of the snapshot's batch boundary, so that dropout
+         and anything else random goes on from there, not from the epoch's start.
+    Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
+    batches come again. (The snapshot's sums go to the meter: no randomness.)
+    """
+    start = _EpochStart(epoch, snapshot["epoch_lr"], snapshot["rng_epoch"],
+                        snapshot["epoch_time"])
+    _set_rng_state(start.rng, gen, source.generators)  # 1
+    batches = source.epoch(generator=gen, shuffle=shuffle, start=snapshot["step"],
+                           number=epoch)                 # 2
+    _set_rng_state(snapshot["rng"], gen, source.generators)  # 3
+    _load_meter(meter, snapshot["meter"], snapshot["step"])
+    return start, batches
+
+
+def _meter_state(meter):
+    """A meter's sums and pending steps, for a snapshot (taken right after a look)."""
+    m = meter
+    return {"loss_sum": m.loss_sum.cpu(), "loss_den": m.loss_den.cpu(),
+            "counts": dict(m.counts), "own": m.own,
+            "sums": {k: (v.cpu() if v is not None else None) for k, v in m.sums.items()},
+            "losses": torch.stack(m._losses).cpu() if m._losses else None,
+            "outs": [t.cpu() for t in m._outs], "ys": [_to(t, "cpu") for t in m._ys],
+            "kept": _to(m.kept, "cpu")}
+
+
+def _load_meter(meter, state, step):
+    m, dev = meter, meter.device
+    m.loss_sum, m.loss_den = state["loss_sum"].to(dev), state["loss_den"].to(dev)
+    m.counts = dict(state["counts"])
+    m.sums = {k: (v.to(dev) if v is not None else None) for k, v in state["sums"].items()}
+    if state.get("own"):  # train_step's values: their names are the counts'
+        m.stats, m.own = _value_stats(m.counts), True
+    losses = state["losses"]
+    m._losses = [] if losses is None else list(losses.to(dev))
+    m._outs, m._ys = [t.to(dev) for t in state["outs"]], [_to(t, dev) for t in state["ys"]]
+    m._numel = sum(t.numel() for t in m._outs)
+    m.kept = _to(state["kept"], dev)
+    m.steps, m.checked = step, step - len(m._losses)
+
+# --- end of mid-epoch snapshots -----------------------------------------------
+
+
+# --- optional: more metrics ---------------------------------------------------
+# mape, max_error, precision, recall, f1 (binary, or the macro average over classes,
+# exact over an epoch from the confusion counts) and confusion_matrix. Without this
+# block the core's metrics remain, and these names are refused naming the block.
+
+__all__ += ["mape", "max_error", "precision", "recall", "f1", "confusion_matrix"]
+
+_MAPE_EPS = 1e-7  # as Keras: |y| is clamped so that a zero target does not divide by zero
+
+
+def _more_stats(cut, ignore=None):
+    """The statistics of this block's metrics, as _stats makes the core's."""
+    def counts(p, y):
+        return _counts(p, y, cut, ignore)
+
+    def macro(score):
+        return _Stat(counts, _class_rows, lambda c, rows: _macro(score, c, rows), size=4,
+                     better="max")
+    return {
+        "mape": _Stat(lambda p, y: (_error(p, y).abs() / y.reshape(p.shape).abs()
+                                    .clamp_min(_MAPE_EPS)).sum(dtype=torch.float64) * 100,
+                      _n_values, _ratio, better="min"),
+        "max_error": _Stat(lambda p, y: _error(p, y).abs().max(), _n_none, lambda s, n: s[0],
+                           "max", better="min"),
+        "precision": macro(lambda tp, fp, fn: _safe_div(tp, tp + fp)),
+        "recall": macro(lambda tp, fp, fn: _safe_div(tp, tp + fn)),
+        "f1": macro(lambda tp, fp, fn: _safe_div(2 * tp, 2 * tp + fp + fn)),
+    }
 
 
 def _counts(p, y, cut, ignore=None):
@@ -1905,129 +1898,27 @@ def _class_rows(p, y):
     return p.shape[0] if _scores(p) else 0  # 0: the counts are binary
 
 
-def _per_class(c, class_rows):
-    """[(tp, fp, fn)] of the positive class (binary counts) or of each class that
-    occurs in the targets or the predictions (scikit-learn's macro average)."""
+def _macro(score, c, class_rows):
+    """``score(tp, fp, fn)`` of the positive class (binary counts ``c``), or its mean over
+    each class that occurs in the targets or the predictions (scikit-learn's macro)."""
     if not class_rows:
         tn, fn, fp, tp = c
-        return [(tp, fp, fn)]
-    k = math.isqrt(len(c))
-    rows = [c[i * k:(i + 1) * k] for i in range(k)]
-    out = []
-    for j in range(k):
-        true_j, pred_j = sum(rows[j]), sum(r[j] for r in rows)
-        if true_j or pred_j:
-            out.append((rows[j][j], pred_j - rows[j][j], true_j - rows[j][j]))
-    return out
-
-
-def _macro(score):
-    def finish(c, class_rows):
-        per = _per_class(c, class_rows)
-        return sum(score(*t) for t in per) / len(per) if per else 0.0
-    return finish
-
-
-def _ratio(s, n):
-    return s[0] / n if n else math.nan
-
-
-def _share(s, n):  # [right, counted]
-    return s[0] / s[1] if s[1] else math.nan
+        per = [(tp, fp, fn)]
+    else:
+        k = math.isqrt(len(c))
+        rows = [c[i * k:(i + 1) * k] for i in range(k)]
+        per = []
+        for j in range(k):
+            true_j, pred_j = sum(rows[j]), sum(r[j] for r in rows)
+            if true_j or pred_j:
+                per.append((rows[j][j], pred_j - rows[j][j], true_j - rows[j][j]))
+    return sum(score(*t) for t in per) / len(per) if per else 0.0
 
 
 def _safe_div(a, b):
     return a / b if b else 0.0  # scikit-learn's zero_division=0
 
 
-def _n_rows(p, y):  # what a statistic is counted over, from shapes alone: its rows,
-    return p.shape[0]
-
-
-def _n_values(p, y):  # its values,
-    return p.numel()
-
-
-def _n_none(p, y):  # or nothing (a maximum)
-    return 0
-
-
-_MAPE_EPS = 1e-7  # as Keras: |y| is clamped so that a zero target does not divide by zero
-
-
-def _stats(cut, ignore=None):
-    """The built-in metrics, with one-value-per-row predictions positive above ``cut`` and
-    the rows whose class-index target is ``ignore`` left out."""
-    def counts(p, y):
-        return _counts(p, y, cut, ignore)
-    counted = {"size": 2, "count": _n_none, "finish": _share}
-    table = {  # with an ignored label the rows counted are summed too: [right, counted]
-        "accuracy": _Stat(lambda p, y: _correct(p, y, ignore), percent=True, **(
-            counted if ignore is not None else {"count": _n_labels, "finish": _ratio})),
-        "binary_accuracy": _Stat(lambda p, y: _binary_right(p, y, cut, ignore), percent=True,
-                                 **(counted if ignore is not None else
-                                    {"count": _n_values, "finish": _ratio})),
-        "mse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
-                     _ratio),
-        "rmse": _Stat(lambda p, y: _error(p, y).square().sum(dtype=torch.float64), _n_values,
-                      lambda s, n: math.sqrt(s[0] / n)),
-        "mae": _Stat(lambda p, y: _error(p, y).abs().sum(dtype=torch.float64), _n_values, _ratio),
-        "mape": _Stat(lambda p, y: (_error(p, y).abs() / y.reshape(p.shape).abs()
-                                    .clamp_min(_MAPE_EPS)).sum(dtype=torch.float64) * 100,
-                      _n_values, _ratio),
-        "max_error": _Stat(lambda p, y: _error(p, y).abs().max(), _n_none, lambda s, n: s[0],
-                           "max"),
-        "precision": _Stat(counts, _class_rows, _macro(lambda tp, fp, fn: _safe_div(tp, tp + fp)),
-                           size=4),
-        "recall": _Stat(counts, _class_rows, _macro(lambda tp, fp, fn: _safe_div(tp, tp + fn)),
-                        size=4),
-        "f1": _Stat(counts, _class_rows,
-                    _macro(lambda tp, fp, fn: _safe_div(2 * tp, 2 * tp + fp + fn)), size=4),
-    }
-    return {k: st._replace(better="max" if k in _READS_LABELS else "min")  # errors: lower
-            for k, st in table.items()}
-
-
-_READS_LABELS = ("accuracy", "binary_accuracy", "precision", "recall", "f1")
-
-
-_STATS = _stats(0.5)
-
-
-def _ignored_label(loss_fn):
-    """The class index that ``loss_fn`` leaves out (CrossEntropyLoss/NLLLoss), or None."""
-    if isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
-        return loss_fn.ignore_index
-    return None
-
-
-def _metric(name, doc):
-    """The public function of built-in metric ``name``: its statistic over the rows given,
-    finished (what fit computes over an epoch, computed over one call's rows)."""
-    def metric(y_pred, y, *, logits=False, ignore_index=None):
-        if ignore_index is not None and name not in _READS_LABELS:
-            raise TypeError(f"{name} takes no ignore_index: it reads values, not class labels")
-        st = _stats(0.0 if logits else 0.5, ignore_index)[name]
-        with torch.no_grad():
-            s = st.stat(y_pred, y).reshape(-1).tolist()
-        return torch.tensor(st.finish(s, st.count(y_pred, y)), dtype=torch.float64)
-    metric.__name__ = metric.__qualname__ = name
-    metric.__doc__ = doc
-    return metric
-
-
-_ABOUT_LOGITS = (" With ``logits=True`` one value per row is a logit, positive above 0"
-                 " (fit, evaluate and train_epoch do this for a BCEWithLogitsLoss model).")
-_ABOUT_IGNORED = (" Rows whose class-index target is ``ignore_index`` count nowhere (fit, evaluate"
-                  " and train_epoch pass a CrossEntropyLoss/NLLLoss's own, -100 by default).")
-accuracy = _metric("accuracy", "Fraction of rows whose arg-max class equals the label "
-                   "(an index, (N,) or (N, 1), or a one-hot row)." + _ABOUT_IGNORED)
-binary_accuracy = _metric("binary_accuracy", "Fraction of probabilities on the right side "
-                          "of 0.5 (targets: above 0.5 is positive)." + _ABOUT_LOGITS
-                          + _ABOUT_IGNORED)
-mse = _metric("mse", "Mean squared error.")
-rmse = _metric("rmse", "Root of the mean squared error (of the whole set, not a mean of roots).")
-mae = _metric("mae", "Mean absolute error.")
 mape = _metric("mape", "Mean absolute percentage error, in percent (|y| clamped at 1e-7).")
 max_error = _metric("max_error", "Largest absolute error.")
 _ABOUT_PRF = (" One probability per row: binary, positive above 0.5. Class scores (N, C): the"
@@ -2037,7 +1928,6 @@ _ABOUT_PRF = (" One probability per row: binary, positive above 0.5. Class score
 precision = _metric("precision", "Precision, tp / (tp + fp)." + _ABOUT_PRF)
 recall = _metric("recall", "Recall, tp / (tp + fn)." + _ABOUT_PRF)
 f1 = _metric("f1", "F1 score, 2 tp / (2 tp + fp + fn)." + _ABOUT_PRF)
-_BUILTIN = {globals()[name]: name for name in _STATS}
 
 
 def _classes(t, num_classes, cut, what):
@@ -2080,219 +1970,52 @@ def confusion_matrix(y_pred, y, num_classes, *, logits=False, ignore_index=None)
                                  "num_classes")
         return torch.bincount(true * k + pred, minlength=k * k).reshape(k, k).cpu()
 
-
-def _metric_table(metrics, loss_fn=None):
-    """{"name": fn or built-in name} -> {"name": _Stat}; TypeError/ValueError naming the key.
-    The built-in metrics follow ``loss_fn``: after a BCEWithLogitsLoss the binary ones read
-    one value per row as a logit; a CrossEntropyLoss/NLLLoss's ``ignore_index`` rows count
-    nowhere. A function of the user's gets the outputs as they are."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, dict):
-        raise TypeError(f"metrics must be a dict {{'name': fn or 'accuracy', ...}}, got "
-                        f"{type(metrics).__name__}")
-    logits = isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
-    builtins = _stats(0.0 if logits else 0.5, _ignored_label(loss_fn))
-    table = {}
-    for key, fn in metrics.items():
-        if not isinstance(key, str) or not key or key.startswith("val_") or key in (
-                "loss", *_NOT_VALUES):
-            raise ValueError(f"metrics: key {key!r} is not allowed; use a name that is not "
-                             f"'loss', {', '.join(map(repr, _NOT_VALUES))} and does not start "
-                             "with 'val_'")
-        if isinstance(fn, str):
-            if fn not in _STATS:
-                raise ValueError(f"metrics[{key!r}]: unknown metric {fn!r}; expected one of "
-                                 f"{', '.join(_STATS)} or a function (y_pred, y) -> tensor")
-            table[key] = builtins[fn]
-        elif fn in _BUILTIN:
-            table[key] = builtins[_BUILTIN[fn]]
-        elif isinstance(fn, _WholeSet):  # once an epoch, on every output (MAX over ranks
-            table[key] = _Stat(None, _n_none, lambda s, n: s[0], "max", whole=fn.fn)  # = it)
-        elif callable(fn):  # a per-sample mean, batch by batch: its epoch value is the rows'
-            table[key] = _Stat(lambda p, y, fn=fn: _user_value(fn, p, y) * len(p), _n_rows,
-                               _ratio, by_batch=True)
-        else:
-            raise TypeError(f"metrics[{key!r}]: expected a function (y_pred, y) -> tensor or "
-                            f"the name of a built-in metric, got {type(fn).__name__}")
-    return table
+# --- end of more metrics ------------------------------------------------------
 
 
-class _WholeSet(NamedTuple):
-    fn: Callable
+# --- optional: plot hints -----------------------------------------------------
+# What plots need to know of a run that its numbers do not say: which way each value
+# is better (the loss and the built-in metrics by their kind, the monitor by its mode),
+# as fit's ``history.better`` and as run.json beside history.csv. plots_ascii marks a
+# best only where it knows. Without this block fit returns a plain dict, no run.json.
+
+import collections  # noqa: E402  (the block's own imports: they go with it)
+import copy  # noqa: E402
+import json  # noqa: E402
 
 
-def whole_set(fn):
-    """Mark ``fn(y_pred, y) -> scalar`` as a metric of a whole epoch's outputs at once (AUC,
-    average precision, a rank correlation): called once an epoch on all of its outputs and
-    targets, concatenated on the device (every rank's, gathered). Any other function of
-    yours is taken as a per-sample mean, called batch by batch."""
-    if not callable(fn):
-        raise TypeError(f"whole_set takes a function (y_pred, y) -> scalar, got "
-                        f"{type(fn).__name__}")
-    return _WholeSet(fn)
+class _History(dict):
+    """fit's history, ``{key: [value per epoch]}``, and ``better``: ``{key: "min" or
+    "max"}`` for each value whose better direction is known (the loss, the built-in
+    metrics, the monitor by its mode); plots_ascii marks a best only for those."""
+
+    def __init__(self, history, better):
+        super().__init__(history)
+        self.better = dict(better)
+
+    def __reduce__(self):  # saved (torch.save, pickle) as an OrderedDict, which torch.load
+        return collections.OrderedDict, (list(self.items()),)  # takes with weights_only
+
+    def __deepcopy__(self, memo):
+        return _History(copy.deepcopy(dict(self), memo), self.better)
 
 
-def _user_value(fn, p, y):
-    v = fn(p, y)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        v = torch.tensor(float(v))
-    if not torch.is_tensor(v) or v.numel() != 1:
-        got = f"shape {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
-        raise ValueError(f"returned {got}; expected a scalar tensor, the batch's mean")
-    return v.detach().double().reshape(())
+def _directions(stats, monitor, mode):
+    """{history key: "min" or "max"} for each value whose direction is known: the loss,
+    the built-in metrics (their val_ values too) and the monitor, by fit's mode."""
+    better = {"loss": "min", **{k: st.better for k, st in stats.items() if st.better}}
+    better.update({"val_" + k: d for k, d in better.items()})
+    better[monitor] = better[monitor.removeprefix("val_")] = mode  # the same value's
+    return better                                                  # training side too
 
 
-# --- building a run: what fit runs on -------------------------------------------
+def _describe_run(directory, record):
+    """run.json: the monitor, its mode and which direction is better for each value."""
+    about = {"monitor": record.monitor, "mode": record.mode, "better": record.better}
+    _atomic_write(os.path.join(directory, "run.json"),
+                  lambda f: f.write(json.dumps(about).encode()))
 
-class _Plan(NamedTuple):
-    """What fit runs on, built from its checked arguments."""
-    device: torch.device
-    world: object        # _OneProcess, or the distributed block's _Ranks
-    stats: dict          # metric name -> _Stat, for validation (and training, but with
-    train_stats: dict    # train_step, which gives no outputs)
-    train: object        # a _TensorSource or _LoaderSource
-    val: object          # the same, or None
-    keys: list           # the history's keys known now, in order (train_step and val_fn
-    monitor: str         # add theirs when they first return)
-    mode: str            # "min" or "max"
-    percent: set         # keys shown as percentages
-    settings: dict       # how the run trains (batch size, ...): saved, compared on resume
-    better: dict         # each value's better direction, where known (for plots)
-
-
-def _plan(model, train, loss_fn, optimizer, *, epochs, val, batch_size, val_batch_size,
-          metrics, monitor, mode, patience, min_delta, restore_best, scheduler,
-          scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end, checkpoint, resume,
-          save_every,
-          drop_last, precision, accumulate, shuffle, seed, forward, train_step, val_fn,
-          on_batch_end):
-    """Check every argument of fit, then build what it runs on: the world, the metric
-    table, the data sources (whose data is checked as they are built), the history's
-    keys, the monitor and its direction; last, the first validation batch is tried."""
-    device, world = _check_fit(
-        model, loss_fn, optimizer, epochs=epochs, patience=patience, min_delta=min_delta,
-        restore_best=restore_best, scheduler=scheduler, scheduler_interval=scheduler_interval,
-        verbose=verbose,
-        clip_grad_norm=clip_grad_norm, device=device, on_epoch_end=on_epoch_end,
-        checkpoint=checkpoint, resume=resume, save_every=save_every, precision=precision,
-        accumulate=accumulate, shuffle=shuffle, seed=seed, train=train, forward=forward,
-        train_step=train_step, val_fn=val_fn, on_batch_end=on_batch_end)
-    stats = _metric_table(metrics, loss_fn)
-    train_data = _source(train, what="train", batch_size=batch_size, device=device,
-                         reused=epochs > 1, world=world, drop_last=drop_last,
-                         accumulate=accumulate,
-                         pairs=forward is None and train_step is None)
-    if val_batch_size is None:  # no graph is kept in evaluation: larger batches cost little
-        val_batch_size = max(batch_size, 256)
-    val_data = None if val is None else _source(
-        val, what="val", batch_size=val_batch_size, device=device, reused=epochs > 1,
-        world=world, split_rows=True, pairs=forward is None)
-    keys = ["epoch"] + ([] if train_step else ["loss", *stats])
-    if val_data is not None:
-        keys += ["val_loss"] * (loss_fn is not None) + ["val_" + k for k in stats]
-    keys += [*_rates(optimizer), "time", "best_epoch"]
-    monitor = _check_monitor(monitor, keys, has_val=val_data is not None and loss_fn is not None,
-                             later=train_step is not None or val_fn is not None)
-    percent = {k for k, st in stats.items() if st.percent}
-    percent |= {"val_" + k for k in percent}
-    _try_first_val_batch(model, val_data, _seam(loss_fn, _autocast(precision, device), forward),
-                         stats)
-    settings = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
-                "accumulate": accumulate, "precision": precision, "rows": _rows(train),
-                "batches": train_data.steps}  # saved in last.pt; compared on resume
-    mode = _check_mode(mode, monitor, stats)
-    return _Plan(device, world, stats, {} if train_step else stats, train_data, val_data, keys,
-                 monitor, mode, percent, settings, _directions(stats, monitor, mode))
-
-
-def _source(data, *, what, batch_size, device, reused, world=None, split_rows=False,
-            drop_last=False, pairs=True, accumulate=1):
-    """``data`` as a batch source, checked: tensors or a loader. With several ranks,
-    training tensors are cut per global batch, validation's (``split_rows``) by rows."""
-    world = world or _ONE_PROCESS
-    rank, ranks = world.rank, world.size
-    _check_batch_size(batch_size)
-    if not isinstance(drop_last, bool):
-        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        _check_tensors(*data, what)
-        X, y = data
-        if drop_last and len(X) < ranks * batch_size * accumulate:
-            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
-                             f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
-                                                else "") + " leaves no batch; expected at "
-                             f"least {ranks * batch_size * accumulate} rows")
-        if split_rows and ranks > 1:
-            return world.val_rows(X, y, batch_size, device, what)
-        return _TensorSource(X, y, batch_size=batch_size, device=device, rank=rank,
-                             ranks=ranks, sharded=ranks > 1, drop_last=drop_last,
-                             accumulate=accumulate)
-    _check_loader(data, what, reused=reused, drop_last=drop_last)
-    source = _LoaderSource(data, device=device, what=what, pairs=pairs)
-    if source.steps == 0:
-        raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
-    source.sharded = world.sharded_loader(data, what)
-    return source
-
-
-def _check_mode(mode, monitor, stats):
-    """The monitor's direction: ``mode`` itself, or for "auto" the known direction of the
-    loss and of the built-in metrics; refused where it is not known (never a guess)."""
-    if mode in ("min", "max"):
-        return mode
-    if mode != "auto":
-        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-    base = monitor.removeprefix("val_")
-    better = "min" if base == "loss" else getattr(stats.get(base), "better", None)
-    if better is None:
-        raise ValueError(f"mode='auto' does not know whether a higher or a lower {monitor!r} "
-                         "is better (it is not the loss or a built-in metric): pass mode='max' "
-                         "or mode='min'")
-    return better
-
-
-# --- optional blocks: how the rest of the file asks for them ---------------------
-# Each optional block below may be deleted from a copy of this file. The core
-# reaches into a block only through _block (and a missing public name through
-# __getattr__), so a copy without it fails with a message that names the block.
-
-_BLOCK_OF = dict(lr_find="lr_find", setup_distributed="distributed", consolidate="distributed")
-
-
-def __getattr__(name):  # asked only for a name this module lacks
-    if name in _BLOCK_OF:
-        raise AttributeError(f"loops.{name} is part of the optional block "
-                             f"'{_BLOCK_OF[name]}', which this copy of loops.py does not have; "
-                             f"copy that block back in from loops.py to use it")
-    raise AttributeError(f"module 'loops' has no attribute {name!r}")
-
-
-def _block(name, definition, asked):
-    """``definition`` of the optional block ``name``; a ValueError saying what was
-    ``asked`` and which block it needs when this copy of loops.py was made without it."""
-    found = globals().get(definition)
-    if found is None:
-        raise ValueError(f"{asked} needs the optional block '{name}' of loops.py, which this "
-                         f"copy does not have: copy the lines from '# --- optional: {name}' to "
-                         f"'# --- end of {name}' back in from loops.py to use it")
-    return found
-
-
-def _autocast(precision, device):
-    """A factory of the context that forward and loss run under: None for fp32 (no
-    context at all), else autocast to the precision's dtype (the mixed precision block)."""
-    if precision is None:
-        return None
-    return _block("mixed precision", "_autocast_to", f"precision={precision!r}")(
-        precision, device)
-
-
-def _grad_scaler(precision, device):
-    """fp16's GradScaler (the mixed precision block), or None."""
-    if precision != "fp16":
-        return None
-    return _block("mixed precision", "_Scaler", "precision='fp16'")(device.type)
+# --- end of plot hints --------------------------------------------------------
 
 
 # --- optional: mixed precision ------------------------------------------------
@@ -2362,7 +2085,8 @@ def _check_mixed_precision(precision, device):
 # the world of one process); a sharded model's checkpoints, full or sharded, and
 # consolidate. Without this block, a process group of several ranks is refused.
 
-import ctypes  # noqa: E402  (the block's own imports: they go with it)
+import atexit  # noqa: E402  (the block's own imports: they go with it)
+import ctypes  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import weakref  # noqa: E402
@@ -2487,7 +2211,7 @@ def _save_sharded(path, model, optimizer, state):
         ckpt["optimizer"], ckpt["optimizer_type"] = (
             (optims[""], type(optimizer).__name__) if "" in optims else
             (optims, {k: type(o).__name__ for k, o in optimizer.items()}))
-    _check_plain(ckpt, "checkpoint")
+    _maybe("_check_plain", ckpt, "checkpoint")
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
     if not whole:
         _drop_old_shards(path, ckpt)
@@ -2502,7 +2226,7 @@ def _load_sharded(ck, path, model, optimizer):
                          f"it a plain one with loops.consolidate({os.path.dirname(path)!r})")
     from torch.distributed.checkpoint import state_dict as sd
     if optimizer is not None:
-        _check_optimizer_fits(optimizer, ck, path)
+        _maybe("_check_optimizer_fits", optimizer, ck, path)
     opts, options = _named(optimizer), sd.StateDictOptions(full_state_dict="shards" not in ck)
     if "shards" in ck:
         where = os.path.join(os.path.dirname(path), ck["shards"])
@@ -2514,7 +2238,7 @@ def _load_sharded(ck, path, model, optimizer):
         torch.distributed.checkpoint.load(state, checkpoint_id=where)
         weights, optims = state["model"], {k: state[_opt_key(k)] for k in opts}
     else:
-        _check_fits(model, ck["model"], path)
+        _maybe("_check_model_fits", model, ck["model"], path)
         names = {id(p): n for n, p in model.named_parameters()}
         weights, optims = ck["model"], {}
         for k, o in opts.items():  # torch.optim's numbers back to the parameters' names
@@ -2542,7 +2266,7 @@ def consolidate(run_dir):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir!r} is not a directory; expected a run's checkpoint directory")
-    lock = _DirLock(run_dir)
+    lock = _maybe("_lock_dir", run_dir)  # no run may use it meanwhile (checkpoint guards)
     try:
         for name in ("best.pt", "last.pt"):
             path = os.path.join(run_dir, name)
@@ -2561,7 +2285,8 @@ def consolidate(run_dir):
             if os.path.exists(path):
                 _drop_old_shards(path, {})
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _leave_group():
@@ -2726,6 +2451,8 @@ def _check_sharded(model, optimizer, clip_grad_norm, precision):
 # The learning-rate range test. Without this block, loops.lr_find is an
 # AttributeError that names it.
 
+import copy  # noqa: E402  (the block's own imports: they go with it)
+
 __all__ += ["lr_find"]
 
 _LR_BETA = 0.98    # the smoothing of the loss curve (an exponential moving average)
@@ -2742,9 +2469,9 @@ def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps
     finite or 4 times its best. The suggestion: the rate tried nearest a tenth of the
     lowest point's (fastai's lr_min). The model, optimizer and random states are left
     exactly as they were."""
-    device = _check_lr_find(model, loss_fn, optimizer, start_lr=start_lr, end_lr=end_lr,
-                            steps=steps, device=device, precision=precision, forward=forward)
-    source = _source(train, what="train", batch_size=batch_size, device=device, reused=True,
+    _maybe("_check_lr_find", **locals())
+    device = model_device(model)
+    source = _source(train, what="train", batch_size=batch_size, device=device,
                      pairs=forward is None)
     stepper = _Stepper(optimizer, precision=precision, device=device, loss_fn=loss_fn,
                        forward=forward)
@@ -2763,7 +2490,7 @@ def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
         for group in stepper.optimizer.param_groups:
             group["lr"] = lr
-        loss, _, _ = stepper.step(model, next(batches))
+        (loss, _, _), = stepper.step(model, [next(batches)])
         value = loss.item()  # a host read per step: the test is short and needs each loss
         avg = _LR_BETA * avg + (1 - _LR_BETA) * value
         smooth = avg / (1 - _LR_BETA ** (i + 1))
@@ -2845,26 +2572,164 @@ class _Before:
         _set_rng_state(self.rng, None, self.loaders)
 
 
-def _check_lr_find(model, loss_fn, optimizer, *, start_lr, end_lr, steps, device, precision,
-                   forward):
-    """lr_find's arguments, checked before any step; returns the device."""
-    device = _check_training(model, loss_fn, optimizer, device=device, precision=precision)
-    _check_callables(forward=forward)
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
-    if end_lr <= start_lr:
-        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
-    _check_int("steps", steps, 2)
-    return device
-
 # --- end of lr_find -----------------------------------------------------------
 
 
-# --- optional: checkpoint guards ---------------------------------------------
-# The directory's lock (one run at a time), the diagnosis of a damaged last.pt and
-# the checks that a checkpoint fits the model and optimizer it is loaded into.
+# --- optional: checkpoint guards ----------------------------------------------
+# What guards a run's directory and files beyond atomic writes: one run at a time (the
+# directory's lock), the diagnosis of a damaged or foreign last.pt before anything is
+# loaded from it, the checks that a checkpoint fits the model and optimizer it goes
+# into (torch's load_state_dict would half-load them), and the settings compared on
+# resume. Without this block a good run resumes the same; a damaged one meets torch.
+
+import re  # noqa: E402  (the block's own imports: they go with it)
+import socket  # noqa: E402
+import stat  # noqa: E402
+
+
+def _lock_dir(directory):
+    """Take the directory's lock, then remove the temp files a killed run left there."""
+    lock = _DirLock(directory)
+    _remove_own_temps(directory)  # only now: another run's would be in flight
+    return lock
+
+
+def _refuse_nonfinite(store, where):
+    """FloatingPointError, before anything is written, if a weight is NaN or inf: a
+    gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
+    such weights must never replace a good checkpoint. One host read."""
+    bad = _nonfinite_weights(store.model)
+    bad = list(dict.fromkeys(n for names in store.world.gather(bad) or [bad] for n in names))
+    if bad:
+        raise FloatingPointError(
+            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
+            f"was not finite. Nothing was written from them ({store.kept()}); look for an "
+            "operation whose gradient is undefined where it is used (sqrt or log at 0, a "
+            "norm of zeros)")
+
+
+def _nonfinite_weights(model):
+    """The names of the parameters holding NaN or inf; one host read when there are none."""
+    params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a sharded model's: this
+              for n, p in _unwrap(model).named_parameters()]      # rank's shard (DTensor)
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return []
+    return [name for name, p in params if not bool(torch.isfinite(p).all())]
+
+
+def _raise_os_error(e):
+    """Raise the OSError that ``e`` wraps (torch's zip writer turns a full disk's into a
+    RuntimeError), where it is not one itself."""
+    cause, seen = e, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause is not e:
+        raise cause from e
+
+
+def _refuse_unreadable(path, e):
+    """A checkpoint torch.load could not read: missing, or not a plain checkpoint."""
+    if isinstance(e, FileNotFoundError):
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    raise ValueError(f"{path} is not a plain checkpoint: it holds something other than "
+                     "tensors and plain values (refused: unpickling it could run code), "
+                     f"or it is damaged. torch said: "
+                     f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
+def _check_checkpoint(ckpt, path):
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
+
+
+def _check_fits(ckpt, path, model, optimizer):
+    """ValueError, before anything is loaded, where the checkpoint's weights or optimizer
+    state do not fit ``model`` and ``optimizer``."""
+    if model is not None:
+        _check_model_fits(_unwrap(model), ckpt["model"], path)
+    if optimizer is not None:
+        _check_optimizer_fits(optimizer, ckpt, path)
+
+
+def _check_resumable(store, ck, record, epochs, steps=None):
+    """Everything that would make last.pt's dict ``ck`` a wrong place to go on from, refused
+    before anything is loaded; returns the lines that say what this run changes."""
+    path = store.last_path
+    if ck.get("format") != store.FORMAT:
+        raise ValueError(f"{path} was not written by fit (no 'format': '{store.FORMAT}'); "
+                         "cannot resume")
+    wrong = _damage(ck, steps) or _optimizer_damage(ck, store.optimizer)
+    if wrong:
+        raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
+                         "from a copy, or move it away to start afresh")
+    saved, keys = list(ck["history"]), list(record.history)
+    if saved != keys and not (record.later and [k for k in saved if k in keys] == keys):
+        older = "best_epoch" not in saved  # written before that column was kept
+        raise ValueError(f"{path} recorded {saved}, this run records {keys}; " + (
+            "it was written by an older loops.py: finish it with that one" if older
+            else "resume with the same metrics, val, train_step and val_fn"))
+    if (ck["monitor"], ck["mode"]) != (record.monitor, record.mode):
+        raise ValueError(f"{path} monitored {ck['monitor']!r} (mode {ck['mode']!r}); this "
+                         f"run asks for {record.monitor!r} ({record.mode!r}), and its best "
+                         "so far would mean nothing for that: resume with the same monitor")
+    done = ck["epoch"] + (1 if ck["step"] else 0)
+    if epochs < done:
+        raise ValueError(f"{path} already trained {ck['epoch']} epochs"
+                         + (f" and part of epoch {done}" if ck["step"] else "")
+                         + f"; epochs={epochs} is the total, counting those: pass epochs >= "
+                           f"{done}")
+    if (ck["scheduler"] is None) != (store.scheduler is None):
+        raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
+                         "scheduler; resume with the same setup")
+    if (ck.get("scaler") is None) != (store.scaler is None):
+        raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
+                         "precision='fp16' (its GradScaler); resume with the same precision")
+    notes = [line for line in [_changed_settings(store, ck)] if line]
+    with contextlib.suppress(KeyError, TypeError):  # optimizers that do not fit: refused next
+        given = _group_rates(store.optimizer)
+        saved = _group_rates(store.optimizer, ck["optimizer"])
+        notes += [f"the optimizer was given {k} {a:g}; last.pt's {saved[k]:g} is used, so that "
+                  "the run goes on as it was" for k, a in given.items() if saved[k] != a]
+    ranks = len(ck["rng_ranks"] or [ck["rng"]])
+    if ranks != store.world.size:  # each rank's rows and random state differ
+        notes.append(f"last.pt was written by {ranks} processes, this run has "
+                     f"{store.world.size}: it goes on, but no longer bit for bit")
+    return notes
+
+
+def _group_rates(optimizer, states=None):
+    """{"lr": r} of every parameter group of every optimizer, or of their saved ``states``,
+    named as the line that reports one changed needs ("lr", "lr of group 1", "lr_gen")."""
+    rates = {}
+    for k, opt in _named(optimizer).items():
+        groups = opt.param_groups if states is None else (states[k] if k else states)[
+            "param_groups"]
+        for i, g in enumerate(groups):
+            rates[(f"lr_{k}" if k else "lr") + (f" of group {i}" if i else "")] = float(g["lr"])
+    return rates
+
+
+def _changed_settings(store, ck):
+    """A line on the settings this run changes from last.pt's, or None. Inside an
+    epoch (a snapshot) none may change: the rows already trained, the order and the
+    partial sums are those of the saved settings, so it is refused, naming each."""
+    saved, given = ck.get("settings"), store.settings
+    if not isinstance(saved, dict) or given is None:  # written before settings were kept
+        return None
+    changed = [f"{k} {given[k]!r} (last.pt: {saved[k]!r})" for k in given
+               if k in saved and saved[k] != given[k]]
+    if not changed:
+        return None
+    if ck["step"]:
+        raise ValueError(f"{store.last_path} stopped inside epoch {ck['epoch'] + 1}, at batch "
+                         f"{ck['step']}, and this run changes {', '.join(changed)}: the epoch "
+                         "cannot go on with other rows or another order. Resume with the saved "
+                         "settings (change them at an epoch's end)")
+    return (f"resuming after epoch {ck['epoch']} with {', '.join(changed)}: the epochs "
+            "from here train so")
+
 
 _NUMBER, _NONE = (int, float), type(None)
 # What save_last writes, by key: the types a resume can work with.
@@ -2937,16 +2802,6 @@ def _damage(ck, steps=None):
     return None
 
 
-def _rows(data):
-    """The rows of training data: of (X, y) tensors, or of a DataLoader's dataset if sized."""
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        return len(data[0])
-    try:
-        return len(data.dataset)
-    except (AttributeError, TypeError):
-        return None
-
-
 def _rng_damage(rng):
     """What keeps ``rng`` (a saved random state) from loading, tried on throwaway
     generators so that nothing of this process changes; None when it loads."""
@@ -2994,7 +2849,7 @@ def _optimizer_damage(ck, optimizer):
     return None
 
 
-def _check_fits(model, state, path):
+def _check_model_fits(model, state, path):
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -3158,99 +3013,23 @@ def _try_lock(f):
 # --- end of checkpoint guards ------------------------------------------------
 
 
-# --- optional: argument checks -----------------------------------------------
-# Everything an entry point is given is checked before the first step and before
-# any file is written, with errors that say what came and what was expected: each
-# entry point's checks first, then the checks they share.
+# --- optional: argument checks ------------------------------------------------
+# Everything an entry point is given is checked before the first step and before any
+# file is written, with errors that say what came and what was expected; a pass's first
+# batch is checked as it comes (outputs a loss would broadcast, a metric that fails, a
+# model that returns a tuple), and what your seams return. Without this block good
+# input runs the same, and bad input meets torch's own errors. Each entry point's
+# checks first, then what they share.
 
-def _pair(out):
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"forward returned {_describe(out)}; expected a pair (y_pred, y): "
-                        "the outputs, and the targets the loss and metrics compare them with")
-    return out
-
-
-def _refuse_output(y_pred, forward, cause=None):
-    """A TypeError for a model that returns something other than a tensor (a tuple of
-    logits and extras, a dict) where loops needs its outputs: it names forward=."""
-    if forward is None and not torch.is_tensor(y_pred):
-        raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
-                        "outputs for the loss and the metrics: pass forward=, e.g. forward="
-                        "lambda model, batch: (model(batch[0])[0], batch[1]) to take the "
-                        "first (README, 'Make it yours')") from cause
+import tempfile  # noqa: E402  (the block's own imports: they go with it)
+import warnings  # noqa: E402
 
 
-_SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
-
-
-def _check_same_shape(loss_fn, out, y):
-    """A ValueError where ``loss_fn`` would broadcast outputs and targets of different
-    shapes ((N, 1) against (N,) gives an (N, N) mean: a wrong loss, with only torch's
-    warning)."""
-    if out.shape != y.shape:
-        raise ValueError(f"{type(loss_fn).__name__} got outputs of shape {tuple(out.shape)} "
-                         f"and targets of shape {tuple(y.shape)}: torch would broadcast them "
-                         "against each other and the loss would be wrong; give both the same "
-                         "shape (targets y.reshape(-1, 1), or outputs out.squeeze(-1))")
-
-
-def _refuse_loss(loss):
-    if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
-                        "(a Python number has no gradient: compute the loss with torch "
-                        "operations, e.g. torch.nn.functional.mse_loss)")
-    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
-                     "a scalar (use reduction='mean', the default of torch.nn losses)")
-
-
-_PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
-
-
-def _check_plain(value, where):
-    if torch.is_tensor(value) or isinstance(value, _PLAIN):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_plain(k, f"{where} key {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
-    else:
-        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
-                        "only tensors and plain Python values, so that load_checkpoint can load "
-                        "them with weights_only=True")
-
-
-def _try_first_val_batch(model, val, seam, stats):
-    """The first batch of validation tensors through the (plain) model, loss and metrics
-    before training, so that data of the wrong shape fails now, not after an epoch (a
-    DataLoader is not drawn from early: that would start its workers)."""
-    if not isinstance(val, _TensorSource):
-        return
-    first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
-                          batch_size=val.batch_size, device=val.device)
-    try:
-        _read([_evaluate_pass(_unwrap(model), first, seam, stats)])
-    except FloatingPointError:
-        return  # a NaN is the epoch's validation pass to report, with its batch
-    except Exception as e:
-        message = (f"val: the first validation batch, run through the model before training "
-                   f"as a check, failed: {e}")
-        try:
-            error = type(e)(message)
-        except Exception:  # an exception type that takes other arguments
-            error = ValueError(message)
-        raise error from e
-
-def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, restore_best,
-               scheduler, scheduler_interval, clip_grad_norm, device, verbose, on_epoch_end,
-               checkpoint, resume, save_every, precision, accumulate, shuffle, seed, train,
-               forward, train_step, val_fn, on_batch_end):
-    """fit's arguments but the data, metrics and monitor (checked as _plan builds them);
-    returns the device and the world."""
-    world = _world()
-    world.check(model, optimizer, save_every, clip_grad_norm, precision)
+def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, metrics, monitor,
+               mode, checkpoint, resume, patience, min_delta, restore_best, scheduler,
+               scheduler_interval, clip_grad_norm, device, seed, verbose, on_epoch_end,
+               save_every, drop_last, precision, accumulate, on_batch_end, forward, train_step,
+               val_fn, shuffle, **_):
     if train_step is not None:  # the user's own step: loops' step options have no place
         _check_callables(train_step=train_step)
         given = [f"{k}={v!r}" for k, v, unset in (
@@ -3261,124 +3040,17 @@ def _check_fit(model, loss_fn, optimizer, *, epochs, patience, min_delta, restor
             raise ValueError(f"{given[0]} is an option of loops' own step, and train_step makes "
                              "its own: do that inside train_step (autocast, several batches a "
                              "step, clip_grad_norm_, the scheduler's step)")
-    device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
-                             scheduler_interval=scheduler_interval, precision=precision,
-                             clip_grad_norm=clip_grad_norm, accumulate=accumulate,
-                             own_step=train_step is not None)
+    _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
+                    scheduler_interval=scheduler_interval, precision=precision,
+                    clip_grad_norm=clip_grad_norm, accumulate=accumulate,
+                    own_step=train_step is not None)
     _check_int("epochs", epochs, 0)
     for name, value in (("shuffle", shuffle), ("resume", resume),
                         ("restore_best", restore_best)):
         _check_bool(name, value)  # resume="no" is true, and would resume
-    _check_seed(seed)
-    _check_options(patience=patience, min_delta=min_delta, verbose=verbose,
-                   save_every=save_every)
-    _check_callables(on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, forward=forward,
-                     val_fn=val_fn)
-    _check_checkpoint(checkpoint, resume=resume, save_every=save_every)
-    _check_savable_scheduler(scheduler, checkpoint)
-    _warn_unsaved_workers(train, checkpoint)
-    if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            and scheduler_interval == "step"):
-        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
-                         "'epoch'")
-    return device, world
-
-
-def _check_train_epoch(model, loss_fn, optimizer, *, device, scheduler, scheduler_interval,
-                       shuffle, clip_grad_norm, precision, accumulate, progress, forward):
-    """train_epoch's arguments but the data and metrics; returns the device."""
-    device = _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
-                             scheduler_interval=scheduler_interval, precision=precision,
-                             clip_grad_norm=clip_grad_norm, accumulate=accumulate)
-    _check_bool("shuffle", shuffle)
-    _check_callables(progress=progress, forward=forward)
-    return device
-
-
-def _check_evaluate(model, loss_fn, *, device, precision, forward):
-    """evaluate's arguments but the data and metrics; returns the device."""
-    device = _check_model(model, device)
-    _check_precision(precision, device)
-    _check_callables(loss_fn=loss_fn, forward=forward)
-    return device
-
-
-def _check_predict(model, data, *, batch_size, device, precision, forward):
-    """predict's arguments; returns the device."""
-    device = _check_model(model, device)
-    _check_precision(precision, device)
-    _check_batch_size(batch_size)
-    _check_callables(forward=forward)
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        if forward:
-            _check_tensors(*data, "predict")
-        data = data[0]
-    if torch.is_tensor(data):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
-                             f"{tuple(data.shape)}")
-    elif not hasattr(data, "__iter__"):
-        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
-                        f"batches, got {type(data).__name__}")
-    return device
-
-
-# fit's own
-
-def _check_checkpoint(directory, *, resume, save_every):
-    """Refuse what would lose or mix up a run, before anything is written."""
-    if (resume or save_every is not None) and directory is None:
-        raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
-                         "last.pt is")
-    last = None if directory is None else os.path.join(os.fspath(directory), "last.pt")
-    if last is not None and not resume and os.path.exists(last):  # and again under the lock
-        _refuse_a_held_run(directory, last)
-
-
-def _refuse_a_held_run(directory, last):
-    raise ValueError(f"{directory!r} already holds a run ({last}); pass resume=True "
-                     "to continue it, or choose another directory (nothing is overwritten)")
-
-
-def _check_monitor(monitor, keys, *, has_val, later):
-    """The monitored key: val_loss with validation, else loss, or the one asked for. One
-    that train_step or val_fn may yet return (``later``) is checked when they first do."""
-    monitor = monitor or ("val_loss" if has_val else "loss")
-    if not isinstance(monitor, str) or monitor in _NOT_VALUES or monitor.startswith("lr_") or (
-            monitor not in keys and not later):
-        raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
-                         f"{', '.join(k for k in keys if k not in _NOT_VALUES)}"
-                         + ("" if has_val or not str(monitor).startswith("val_")
-                            else " (val_ values need val=)"))
-    return monitor
-
-
-def _check_step_values(values):
-    """train_step's first return: its value names (batch means, scalar tensors)."""
-    if not isinstance(values, dict) or not values:
-        raise TypeError(f"train_step returned {_describe(values)}; expected a dict "
-                        "{name: scalar tensor} of the batch's means, e.g. {'loss': loss}")
-    for k, v in values.items():
-        if not isinstance(k, str) or k in _NOT_VALUES or k.startswith(("val_", "lr_")):
-            raise ValueError(f"train_step returned the name {k!r}; use names that are not "
-                             f"{', '.join(_NOT_VALUES)} and start neither with 'val_' nor 'lr_'")
-        if not (torch.is_tensor(v) and v.numel() == 1):
-            raise ValueError(f"train_step returned {k!r}: {_describe(v)}; expected a scalar "
-                             "tensor, the batch's mean (loss.detach() is fine)")
-    return list(values)
-
-
-def _check_val_values(values):
-    """val_fn's return: {name: number}."""
-    if not isinstance(values, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-            for k, v in values.items()):
-        raise TypeError(f"val_fn returned {values!r:.80}; expected a dict {{name: float}} "
-                        "(a tensor's value with .item())")
-    return values
-
-
-def _check_options(*, patience, min_delta, verbose, save_every):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
     if patience is not None:
         _check_int("patience", patience, 1)
     if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
@@ -3390,6 +3062,166 @@ def _check_options(*, patience, min_delta, verbose, save_every):
             isinstance(save_every, (int, float)) and save_every >= 0)):
         raise ValueError(f"save_every must be a number of seconds >= 0 or None, got "
                          f"{save_every!r}")
+    _check_callables(on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, forward=forward,
+                     val_fn=val_fn)
+    if (resume or save_every is not None) and checkpoint is None:
+        raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
+                         "last.pt is")
+    _check_savable_scheduler(scheduler, checkpoint)
+    _warn_unsaved_workers(train, checkpoint)
+    if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            and scheduler_interval == "step"):
+        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
+                         "'epoch'")
+    _check_metrics(metrics)
+    ranks = _world().size
+    _check_data(train, "train", batch_size, reused=epochs > 1, drop_last=drop_last,
+                accumulate=accumulate, ranks=ranks, alone=train_step is not None)
+    if val is not None:
+        _check_data(val, "val", batch_size, reused=epochs > 1)
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+
+
+def _check_train_epoch(model, data, loss_fn, optimizer, *, metrics, batch_size, shuffle, device,
+                       scheduler, scheduler_interval, clip_grad_norm, progress, drop_last,
+                       precision, accumulate, forward, **_):
+    _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
+                    scheduler_interval=scheduler_interval, precision=precision,
+                    clip_grad_norm=clip_grad_norm, accumulate=accumulate)
+    _check_bool("shuffle", shuffle)
+    _check_callables(progress=progress, forward=forward)
+    _check_metrics(metrics)
+    _check_data(data, "data", batch_size, drop_last=drop_last, accumulate=accumulate)
+
+
+def _check_evaluate(model, data, loss_fn, *, metrics, batch_size, device, precision, forward):
+    _check_model(model, device)
+    _check_precision(precision, model_device(model))
+    _check_callables(loss_fn=loss_fn, forward=forward)
+    _check_metrics(metrics)
+    _check_data(data, "data", batch_size)
+
+
+def _check_predict(model, X_or_data, *, batch_size, device, precision, forward):
+    _check_model(model, device)
+    _check_precision(precision, model_device(model))
+    _check_batch_size(batch_size)
+    _check_callables(forward=forward)
+    data = X_or_data
+    if _is_pair(data):
+        if forward:
+            _check_tensors(*data, "predict")
+        data = data[0]
+    if torch.is_tensor(data):
+        if data.dim() == 0 or len(data) == 0:
+            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
+                             f"{tuple(data.shape)}")
+    elif not hasattr(data, "__iter__"):
+        raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
+                        f"batches, got {type(data).__name__}")
+
+
+def _check_lr_find(model, train, loss_fn, optimizer, *, start_lr, end_lr, steps, batch_size,
+                   device, precision, forward):
+    _check_training(model, loss_fn, optimizer, device=device, precision=precision)
+    _check_callables(forward=forward)
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
+    if end_lr <= start_lr:
+        raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
+    _check_int("steps", steps, 2)
+    _check_data(train, "train", batch_size, reused=True)
+
+
+# what an entry point is given
+
+def _check_metrics(metrics):
+    """{"name": fn or built-in name}: TypeError/ValueError naming the key."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict {{'name': fn or 'accuracy', ...}}, got "
+                        f"{type(metrics).__name__}")
+    known = _stats(0.5)
+    for key, fn in metrics.items():
+        if not isinstance(key, str) or not key or key.startswith("val_") or key in (
+                "loss", *_NOT_VALUES):
+            raise ValueError(f"metrics: key {key!r} is not allowed; use a name that is not "
+                             f"'loss', {', '.join(map(repr, _NOT_VALUES))} and does not start "
+                             "with 'val_'")
+        if isinstance(fn, str) and fn not in known and fn not in _BLOCK_OF:
+            raise ValueError(f"metrics[{key!r}]: unknown metric {fn!r}; expected one of "
+                             f"{', '.join(known)} or a function (y_pred, y) -> tensor")
+        if not (isinstance(fn, (str, _WholeSet)) or callable(fn)):
+            raise TypeError(f"metrics[{key!r}]: expected a function (y_pred, y) -> tensor or "
+                            f"the name of a built-in metric, got {type(fn).__name__}")
+
+
+def _check_whole_set(fn):
+    if not callable(fn):
+        raise TypeError(f"whole_set takes a function (y_pred, y) -> scalar, got "
+                        f"{type(fn).__name__}")
+
+
+def _check_data(data, what, batch_size, *, reused=False, drop_last=False, accumulate=1,
+                ranks=1, alone=False):
+    """Data to batch: (X, y) tensors (or X alone, where ``alone``), or an iterable of
+    batches that a second epoch can iterate again (when ``reused``)."""
+    _check_batch_size(batch_size)
+    _check_bool("drop_last", drop_last)
+    if _is_pair(data) or alone and torch.is_tensor(data):
+        X, y = data if _is_pair(data) else (data, data)
+        _check_tensors(X, y, what)
+        if drop_last and len(X) < ranks * batch_size * accumulate:
+            raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
+                             f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
+                                                else "") + " leaves no batch; expected at "
+                             f"least {ranks * batch_size * accumulate} rows")
+        return
+    if torch.is_tensor(data) or isinstance(data, tuple):
+        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
+                        f"(xb, yb) batches, got {_describe(data)}")
+    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
+                        "(X, y) (a list is read as a list of (xb, yb) batches)")
+    if drop_last:
+        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
+                         "its short last batch with DataLoader(..., drop_last=True)")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
+                        f"(a list, a DataLoader), got {type(data).__name__}")
+    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
+        # start a DataLoader's workers and draw its seed from the random state)
+        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
+                        "be empty after the first epoch; pass a list or a DataLoader instead")
+    with contextlib.suppress(TypeError):  # an IterableDataset has no length
+        if len(data) == 0:
+            raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
+
+
+def _check_tensors(X, y, what):
+    if not (torch.is_tensor(X) and torch.is_tensor(y)):
+        raise TypeError(f"{what}: expected two tensors (X, y), got "
+                        f"({type(X).__name__}, {type(y).__name__})")
+    if X.dim() == 0 or y.dim() == 0 or len(X) != len(y):
+        raise ValueError(f"{what}: X and y must have the same first dimension, got shapes "
+                         f"{tuple(X.shape)} and {tuple(y.shape)}")
+    if len(X) == 0:
+        raise ValueError(f"{what}: the dataset is empty (0 rows); expected at least one row")
+
+
+def _check_monitor(monitor, keys, *, has_val, later):
+    """The monitored key names a value of the history; one that train_step or val_fn may
+    yet return (``later``) is checked when they first do."""
+    if not isinstance(monitor, str) or monitor in _NOT_VALUES or monitor.startswith("lr_") or (
+            monitor not in keys and not later):
+        raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
+                         f"{', '.join(k for k in keys if k not in _NOT_VALUES)}"
+                         + ("" if has_val or not str(monitor).startswith("val_")
+                            else " (val_ values need val=)"))
 
 
 def _check_savable_scheduler(scheduler, checkpoint):
@@ -3418,15 +3250,174 @@ def _warn_unsaved_workers(train, checkpoint):
                       RuntimeWarning, stacklevel=5)
 
 
-# shared by the entry points
+def _check_writable(path):
+    """Create the checkpoint directory and prove it writable with a probe file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"checkpoint directory {path!r} cannot be written: {e.strerror or e}; "
+                         "expected a writable directory path") from None
+
+
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(value, where):
+    if torch.is_tensor(value) or isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    else:
+        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
+                        "only tensors and plain Python values, so that load_checkpoint can load "
+                        "them with weights_only=True")
+
+
+# what comes back from the model, the loss and the seams
+
+_SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
+
+
+def _try_first_val_batch(model, val, seam, stats):
+    """The first batch of validation tensors through the (plain) model, loss and metrics
+    before training, so that data of the wrong shape fails now, not after an epoch (a
+    DataLoader is not drawn from early: that would start its workers)."""
+    if not isinstance(val, _TensorSource):
+        return
+    first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
+                          batch_size=val.batch_size, device=val.device)
+    try:
+        _read([_evaluate_pass(_unwrap(model), first, seam, stats)])
+    except FloatingPointError:
+        return  # a NaN is the epoch's validation pass to report, with its batch
+    except Exception as e:
+        message = (f"val: the first validation batch, run through the model before training "
+                   f"as a check, failed: {e}")
+        try:
+            error = type(e)(message)
+        except Exception:  # an exception type that takes other arguments
+            error = ValueError(message)
+        raise error from e
+
+
+def _check_first_batch(meter, out, y):
+    """A pass's first batch: outputs and targets that MSELoss and the like would broadcast
+    against each other ((N, 1) against (N,) gives an (N, N) mean: a wrong loss, with only
+    torch's warning) are refused; each metric is tried on it, once a run, so that one that
+    fails names itself now."""
+    if isinstance(meter.loss_fn, _SAME_SHAPE_LOSSES) and out.shape != y.shape:
+        raise ValueError(f"{type(meter.loss_fn).__name__} got outputs of shape "
+                         f"{tuple(out.shape)} and targets of shape {tuple(y.shape)}: torch "
+                         "would broadcast them against each other and the loss would be "
+                         "wrong; give both the same shape (targets y.reshape(-1, 1), or "
+                         "outputs out.squeeze(-1))")
+    for k, st in meter.stats.items() if not meter.tried else ():
+        try:
+            _metric_sums({k: st}, [out], [y], meter.dtype)
+        except Exception as e:
+            raise ValueError(f"metric {k!r} failed on a batch (outputs: {_describe(out)}; "
+                             f"targets: {_describe(y)}): {e}") from e
+
+
+def _refuse_metric_value(v):
+    raise ValueError(f"returned shape {tuple(v.shape)}; expected a scalar tensor, the batch's "
+                     "mean")
+
+
+def _check_pair(out):
+    raise TypeError(f"forward returned {_describe(out)}; expected a pair (y_pred, y): "
+                    "the outputs, and the targets the loss and metrics compare them with")
+
+
+def _check_output(y_pred, forward, cause=None):
+    """A TypeError for a model that returns something other than a tensor (a tuple of
+    logits and extras, a dict) where loops needs its outputs: it names forward=."""
+    if forward is None and not torch.is_tensor(y_pred):
+        raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
+                        "outputs for the loss and the metrics: pass forward=, e.g. forward="
+                        "lambda model, batch: (model(batch[0])[0], batch[1]) to take the "
+                        "first (README, 'Make it yours')") from cause
+
+
+def _check_predicted(outs, forward):
+    if not outs:
+        raise ValueError("predict: the data yielded no batches; expected at least one")
+    _check_output(outs[0], forward)
+
+
+def _refuse_loss(loss):
+    if not torch.is_tensor(loss):
+        raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
+                        "(a Python number has no gradient: compute the loss with torch "
+                        "operations, e.g. torch.nn.functional.mse_loss)")
+    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; expected "
+                     "a scalar (use reduction='mean', the default of torch.nn losses)")
+
+
+def _refuse_batch(batch, what):
+    """A TypeError naming ``what`` at a batch that is not an (xb, yb) pair (a dict from a
+    Dataset returning {"x": ..., "y": ...} would unpack to its keys)."""
+    kind = (f"a dict with keys {list(batch)[:4]}" if isinstance(batch, dict)
+            else f"{_describe(batch)}" if torch.is_tensor(batch)
+            else f"a {type(batch).__name__}"
+            + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    raise TypeError(f"{what}: a batch is {kind}; expected an (inputs, targets) pair. Pass "
+                    "forward=, which reads a batch of any shape (forward=lambda model, batch: "
+                    "(model(batch['x']), batch['y']); README, 'Make it yours'), or return "
+                    "(x, y) from the Dataset's __getitem__")
+
+
+def _check_step_values(values, meter=None):
+    """train_step's values: a dict {name: scalar tensor}, the same names at every step
+    (checked at the first step and where a step's differ, naming the step)."""
+    if not isinstance(values, dict) or not values:
+        raise TypeError(f"train_step returned {_describe(values)}; expected a dict "
+                        "{name: scalar tensor} of the batch's means, e.g. {'loss': loss}")
+    for k, v in values.items():
+        if not isinstance(k, str) or k in _NOT_VALUES or k.startswith(("val_", "lr_")):
+            raise ValueError(f"train_step returned the name {k!r}; use names that are not "
+                             f"{', '.join(_NOT_VALUES)} and start neither with 'val_' nor 'lr_'")
+        if not (torch.is_tensor(v) and v.numel() == 1):
+            raise ValueError(f"train_step returned {k!r}: {_describe(v)}; expected a scalar "
+                             "tensor, the batch's mean (loss.detach() is fine)")
+
+
+def _check_val_values(values, logs):
+    """val_fn's return: {name: number}."""
+    if not isinstance(values, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in values.items()):
+        raise TypeError(f"val_fn returned {values!r:.80}; expected a dict {{name: float}} "
+                        "(a tensor's value with .item())")
+
+
+def _check_logs(logs, record):
+    """An epoch's values have the names of the run's history, the monitor among them."""
+    if list(logs) != list(record.history) or record.monitor not in logs:
+        raise ValueError(f"epoch {logs['epoch']} has the values {list(logs)}; the run "
+                         f"records {list(record.history)} and monitors {record.monitor!r}: "
+                         "train_step and val_fn return the same names each time, and "
+                         "monitor= names one of them")
+
+
+# what the entry points share
 
 def _check_model(model, device):
-    """The device to train on; ValueError if the model's parameters live elsewhere."""
+    """ValueError if the model's parameters live elsewhere than ``device`` (the model's
+    device is the one fit trains on)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     here = model_device(model)
     if device is None:
-        return here
+        return
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -3447,16 +3438,15 @@ def _check_model(model, device):
         raise ValueError(f"the model's parameters are on {here} but device={str(device)!r}; "
                          f"move the model first (model.to({str(device)!r})) and create the "
                          "optimizer after")
-    return here if device.index is None else device
 
 
 def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                     scheduler_interval="epoch", clip_grad_norm=None, precision=None,
                     accumulate=1, own_step=False):
-    """What every entry point that trains is given: the model and its device (returned),
-    the loss, the optimizer (made for this model; with the user's ``own_step``, also a
-    dict of them, and the loss may be None), the step's options."""
-    device = _check_model(model, device)
+    """What every entry point that trains is given: the model on ``device``, the loss, the
+    optimizer (made for this model; with the user's ``own_step``, also a dict of them,
+    and the loss may be None), the step's options."""
+    _check_model(model, device)
     if not (callable(loss_fn) or own_step and loss_fn is None):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     optimizers = (optimizer if own_step and isinstance(optimizer, dict) else None) or {
@@ -3478,9 +3468,8 @@ def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
             isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0)):  # nan too
         raise ValueError(f"clip_grad_norm must be a positive number or None, got "
                          f"{clip_grad_norm!r}")
-    _check_precision(precision, device)
+    _check_precision(precision, model_device(model))
     _check_int("accumulate", accumulate, 1)
-    return device
 
 
 def _check_optimizer_params(model, optimizer, loss_fn):
@@ -3513,37 +3502,6 @@ def _check_precision(precision, device):
         precision, device)
 
 
-def _check_loader(data, what, *, reused, drop_last):
-    """Data that is not (X, y) tensors: an iterable of batches, not a one-shot iterator."""
-    if torch.is_tensor(data) or isinstance(data, tuple):
-        raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
-                        f"(xb, yb) batches, got {_describe(data)}")
-    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
-                        "(X, y) (a list is read as a list of (xb, yb) batches)")
-    if drop_last:
-        raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
-                         "its short last batch with DataLoader(..., drop_last=True)")
-    if not hasattr(data, "__iter__"):
-        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
-                        f"(a list, a DataLoader), got {type(data).__name__}")
-    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
-        # start a DataLoader's workers and draw its seed from the random state)
-        raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
-                        "be empty after the first epoch; pass a list or a DataLoader instead")
-
-
-def _check_tensors(X, y, what):
-    if not (torch.is_tensor(X) and torch.is_tensor(y)):
-        raise TypeError(f"{what}: expected two tensors (X, y), got "
-                        f"({type(X).__name__}, {type(y).__name__})")
-    if X.dim() == 0 or y.dim() == 0 or len(X) != len(y):
-        raise ValueError(f"{what}: X and y must have the same first dimension, got shapes "
-                         f"{tuple(X.shape)} and {tuple(y.shape)}")
-    if len(X) == 0:
-        raise ValueError(f"{what}: the dataset is empty (0 rows); expected at least one row")
-
-
 def _check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -3554,14 +3512,14 @@ def _check_bool(name, value):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_seed(seed):
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
-
-
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
-# --- end of argument checks --------------------------------------------------
+
+def _describe(x):
+    return f"a tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else (
+        f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
+        if isinstance(x, tuple) else type(x).__name__)
+
+# --- end of argument checks ---------------------------------------------------

@@ -1,9 +1,10 @@
-"""loops.py with its optional blocks deleted: each block alone, and all three.
+"""loops.py with its optional blocks deleted: each block alone, and all of them.
 
 Each copy is written to a temporary directory and run in a fresh interpreter beside
 the full loops.py: the core (fit with metrics, checkpoints, resume, patience and
 restore_best; evaluate; predict) must give the full file's numbers bit for bit, and
-asking the copy for a deleted feature must be an error that names its block.
+asking the copy for a deleted feature must be an error that names its block (by
+argument, attribute or `from loops import`).
 """
 import os
 import re
@@ -13,7 +14,8 @@ import tempfile
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BLOCKS = ("mixed precision", "distributed", "lr_find")
+BLOCKS = ("mid-epoch snapshots", "more metrics", "plot hints", "mixed precision", "distributed",
+          "lr_find", "checkpoint guards", "argument checks")
 
 
 def without(source, names):
@@ -51,14 +53,27 @@ def data(n, seed):
 
 train, val = data(120, 1), data(50, 2)
 
+def share(p, y):  # a metric of the user's: a per-sample mean
+    return ((p > 0) == (y > 0.5)).float().mean()
+
+def spread(p, y):  # a metric of the whole set
+    return p.std()
+
+METRICS = {"acc": "binary_accuracy", "mae": "mae", "mine": share, "spread": None}
+if "more metrics" not in DELETED:
+    METRICS["f1"] = "f1"
+
 def run(module, directory, epochs, **kw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0.1),
                                 torch.nn.Linear(8, 1))
-    h = module.fit(model, train, torch.nn.BCEWithLogitsLoss(),
-                   torch.optim.Adam(model.parameters(), 1e-2), epochs=epochs, val=val,
-                   batch_size=16, metrics={"acc": "binary_accuracy", "f1": module.f1},
-                   checkpoint=directory, patience=3, restore_best=True, seed=0, verbose=0, **kw)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    metrics = kw.pop("metrics", {**METRICS, "spread": module.whole_set(spread)})
+    h = module.fit(model, train, torch.nn.BCEWithLogitsLoss(), opt, epochs=epochs, val=val,
+                   batch_size=16, metrics=metrics,
+                   checkpoint=directory, patience=3, restore_best=True, seed=0, verbose=0,
+                   scheduler=torch.optim.lr_scheduler.StepLR(opt, 2, 0.5), clip_grad_norm=1.0,
+                   **kw)
     return h, model
 
 def same(a, b):
@@ -69,6 +84,7 @@ h_full, m_full = run(full, os.path.join(tmp, "full"), 8)
 h_copy, m_copy = run(loops, os.path.join(tmp, "copy"), 8)
 drop = lambda h: {k: v for k, v in h.items() if k != "time"}
 assert drop(h_copy) == drop(h_full), (h_copy, h_full)
+assert len(h_full["epoch"]) > 3 and h_full["lr"][0] != h_full["lr"][-1]  # trained, stepped
 assert same(m_copy, m_full), "restore_best gave other weights"
 # resume: 3 epochs, then the same call continued to 8, as one uninterrupted run
 run(loops, os.path.join(tmp, "resumed"), 3)
@@ -90,13 +106,63 @@ def refused(call, error, block):
         return
     raise AssertionError(f"no {error.__name__} naming {block!r}")
 
+def imported(name, block):  # `from loops import name` names the block too
+    try:
+        exec(f"from loops import {name}", {})
+    except ImportError as e:
+        assert f"'{block}'" in str(e), str(e)
+        return
+    raise AssertionError(f"from loops import {name} was not refused")
+
 if "mixed precision" in DELETED:
     refused(lambda: run(loops, None, 1, precision="bf16"), ValueError, "mixed precision")
     refused(lambda: loops.evaluate(m_copy, val, loss_fn, precision="fp16"), ValueError,
             "mixed precision")
 if "lr_find" in DELETED:
     refused(lambda: loops.lr_find, AttributeError, "lr_find")
-    assert "lr_find" not in loops.__all__
+    imported("lr_find", "lr_find")
+    assert "lr_find" not in loops.__all__ and not hasattr(loops, "lr_find")
+if "more metrics" in DELETED:
+    refused(lambda: loops.f1, AttributeError, "more metrics")
+    imported("confusion_matrix", "more metrics")
+    refused(lambda: run(loops, None, 1, metrics={"f1": "f1"}), ValueError, "more metrics")
+if "mid-epoch snapshots" in DELETED:
+    refused(lambda: run(loops, os.path.join(tmp, "snap"), 1, save_every=0), ValueError,
+            "mid-epoch snapshots")
+    class Stop(Exception):
+        pass
+    def stop(step, loss):
+        if step == 10:
+            raise Stop
+    try:  # the full file leaves last.pt inside epoch 2; the copy says what it needs
+        with unittest.mock.patch.object(full, "_TICK_SECONDS", 0):
+            run(full, os.path.join(tmp, "mid"), 3, save_every=0, on_batch_end=stop)
+    except Stop:
+        pass
+    assert full.load_checkpoint(os.path.join(tmp, "mid", "last.pt"))["step"] > 0
+    refused(lambda: run(loops, os.path.join(tmp, "mid"), 3, resume=True), ValueError,
+            "mid-epoch snapshots")
+if "plot hints" in DELETED:
+    assert type(h_copy) is dict and not hasattr(h_copy, "better")
+    assert "run.json" not in os.listdir(os.path.join(tmp, "copy"))
+else:
+    assert h_copy.better == h_full.better and h_copy.better["val_acc"] == "max"
+if "checkpoint guards" in DELETED:
+    assert ".lock" not in os.listdir(os.path.join(tmp, "copy"))
+    try:  # the core still never trains over a saved run
+        run(loops, os.path.join(tmp, "copy"), 9)
+    except ValueError as e:
+        assert "already holds a run" in str(e), e
+    else:
+        raise AssertionError("a fresh run trained over a saved one")
+if "argument checks" in DELETED:  # bad input meets torch's (or Python's) own errors
+    for bad in ({"batch_size": 0}, {"metrics": {"acc": "accuracyy"}}):
+        try:
+            run(loops, None, 1, **bad)
+        except Exception as e:
+            assert "must be an int >= 1" not in str(e) and "unknown metric" not in str(e), e
+        else:
+            raise AssertionError(f"{bad} trained")
 if "distributed" in DELETED:
     refused(lambda: loops.setup_distributed, AttributeError, "distributed")
     with unittest.mock.patch("torch.distributed.is_initialized", return_value=True), \
@@ -109,7 +175,7 @@ print("core ok without", DELETED)
 
 
 class DeletedBlocksTest(unittest.TestCase):
-    def test_the_core_works_without_each_block_and_without_all_three(self):
+    def test_the_core_works_without_each_block_and_without_all_of_them(self):
         with open(os.path.join(HERE, "loops.py")) as f:
             source = f.read()
         for name in BLOCKS:
@@ -132,6 +198,13 @@ class DeletedBlocksTest(unittest.TestCase):
         for names, _, p, out, err in done:
             self.assertEqual(p.returncode, 0, f"without {names}:\n{err[-3000:]}")
             self.assertIn("core ok", out)
+
+    def test_the_core_is_what_the_budget_says(self):
+        with open(os.path.join(HERE, "loops.py")) as f:
+            source = f.read()
+        core = without(source, BLOCKS)
+        self.assertLessEqual(len(core.splitlines()), 1800)
+        self.assertEqual(source.count(".backward("), 1)  # one step path for every kind of step
 
     def test_without_removes_exactly_the_block(self):
         text = ("a\n# --- optional: x ---\nb\n# --- end of x ---\nc\n"

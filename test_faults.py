@@ -763,7 +763,7 @@ class DamagedLastTest(Quiet):
             "text in history": (changed(history={**ck["history"], "loss": ["a", "b"]}),
                                 "other than numbers"),
             "foreign optimizer": (changed(optimizer={"lr": 1}), "not an optimizer's"),
-            "mid-epoch without its meter": (changed(step=3), "'meter' is a NoneType"),
+            "mid-epoch without its meter": (changed(step=3), "'meter' is missing"),
         }
         fresh = mlp(seed=4)
         opt = torch.optim.Adam(fresh.parameters())
@@ -1282,7 +1282,8 @@ class FailFastTest(Quiet):
                 return {"x": X[i], "y": y[i]}
         model = Untouchable()
         with self.assertRaisesRegex(TypeError, r"train: a batch is a dict with keys \['x', 'y'\]; "
-                                               r"expected an \(inputs, targets\) pair"):
+                                               r"expected an \(inputs, targets\) pair. Pass "
+                                               r"forward=, which reads a batch of any shape"):
             self.fit(model, torch.utils.data.DataLoader(Rows(), batch_size=8), torch.nn.BCELoss(),
                      torch.optim.SGD(model.parameters(), 0.1), epochs=1)
         self.assertEqual(model.calls, 0)  # the model never saw the string "x"

@@ -667,6 +667,45 @@ class AccumulateTest(Quiet):
         self.assertTrue(same_weights(model, ref))
         self.assertEqual(sched.last_epoch, steps)  # the scheduler counts optimizer steps: 10
 
+    def test_an_edit_to_the_one_backward_reaches_plain_and_accumulated_steps(self):
+        # An L2 penalty written into _Stepper._backward, the one place every kind of step
+        # goes through: fit at batch 12 equals a hand loop with the same penalty bit for
+        # bit, and fit at batch 4 x accumulate 3 follows it (one L2 term per step: the
+        # shares of a group add up to one).
+        X, y = regression_data(96)
+        loss_fn, l2 = torch.nn.MSELoss(), 0.05
+
+        def penalty(model):
+            return l2 * sum(p.square().sum() for p in model.parameters())
+
+        def backward_with_l2(self, model, batch, share=None):
+            loss, y_pred, yb = self.seam(model, batch)
+            loss = loss + penalty(model)
+            (loss if share is None else loss * share).backward()
+            return loss.detach(), y_pred.detach(), yb
+        hand = mlp(sigmoid=False)
+        opt = torch.optim.SGD(hand.parameters(), 0.05)
+        for _ in range(2):
+            for xb, yb in slices(X, y, 12):
+                opt.zero_grad()
+                (loss_fn(hand(xb), yb) + penalty(hand)).backward()
+                opt.step()
+        runs = {}
+        for name, batch_size, accumulate, patched in (("plain", 12, 1, True),
+                                                      ("accumulated", 4, 3, True),
+                                                      ("unpatched", 4, 3, False)):
+            model = mlp(sigmoid=False)
+            with mock.patch.object(loops._Stepper, "_backward",
+                                   backward_with_l2 if patched else loops._Stepper._backward):
+                self.fit(model, (X, y), loss_fn, torch.optim.SGD(model.parameters(), 0.05),
+                         epochs=2, batch_size=batch_size, accumulate=accumulate, shuffle=False)
+            runs[name] = model
+        self.assertTrue(same_weights(runs["plain"], hand))
+        for a, b, c in zip(runs["accumulated"].parameters(), hand.parameters(),
+                           runs["unpatched"].parameters()):
+            self.assertTrue(torch.allclose(a, b, atol=1e-6), (a - b).abs().max())
+            self.assertGreater((c - b).abs().max().item(), 1e-3)  # the edit did something
+
     def test_progress_counts_batches_and_the_history_stays_per_epoch(self):
         X, y = binary_data(100)
         model = mlp()
