@@ -2225,8 +2225,7 @@ def _load_sharded(ck, path, model, optimizer):
                          "one file per rank): load it into a model sharded as it was, or make "
                          f"it a plain one with loops.consolidate({os.path.dirname(path)!r})")
     from torch.distributed.checkpoint import state_dict as sd
-    if optimizer is not None:
-        _maybe("_check_optimizer_fits", optimizer, ck, path)
+    _maybe("_check_fits", ck, path, None if "shards" in ck else model, optimizer)
     opts, options = _named(optimizer), sd.StateDictOptions(full_state_dict="shards" not in ck)
     if "shards" in ck:
         where = os.path.join(os.path.dirname(path), ck["shards"])
@@ -2238,7 +2237,6 @@ def _load_sharded(ck, path, model, optimizer):
         torch.distributed.checkpoint.load(state, checkpoint_id=where)
         weights, optims = state["model"], {k: state[_opt_key(k)] for k in opts}
     else:
-        _maybe("_check_model_fits", model, ck["model"], path)
         names = {id(p): n for n, p in model.named_parameters()}
         weights, optims = ck["model"], {}
         for k, o in opts.items():  # torch.optim's numbers back to the parameters' names
@@ -2647,8 +2645,17 @@ def _check_checkpoint(ckpt, path):
 def _check_fits(ckpt, path, model, optimizer):
     """ValueError, before anything is loaded, where the checkpoint's weights or optimizer
     state do not fit ``model`` and ``optimizer``."""
-    if model is not None:
-        _check_model_fits(_unwrap(model), ckpt["model"], path)
+    own, state = ({} if model is None else _unwrap(model).state_dict()), ckpt["model"]
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own] if model is not None else []
+    shapes = [f"{k}: {tuple(state[k].shape)} saved vs {tuple(v.shape)} here"
+              for k, v in own.items() if k in state and torch.is_tensor(state[k])
+              and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "",
+                 f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
+        raise ValueError(f"{path} was saved from a different model architecture: "
+                         + "; ".join(p for p in parts if p))
     if optimizer is not None:
         _check_optimizer_fits(optimizer, ckpt, path)
 
@@ -2849,20 +2856,6 @@ def _optimizer_damage(ck, optimizer):
     return None
 
 
-def _check_model_fits(model, state, path):
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} saved vs {tuple(v.shape)} here"
-              for k, v in own.items() if k in state and torch.is_tensor(state[k])
-              and state[k].shape != v.shape]
-    if missing or extra or shapes:
-        parts = [f"missing {missing[:3]}" if missing else "",
-                 f"unexpected {extra[:3]}" if extra else "", "; ".join(shapes[:3])]
-        raise ValueError(f"{path} was saved from a different model architecture: "
-                         + "; ".join(p for p in parts if p))
-
-
 def _check_optimizer_fits(optimizer, ckpt, path):
     if "optimizer" not in ckpt:
         raise ValueError(f"{path} holds no optimizer state")
@@ -3015,23 +3008,20 @@ def _try_lock(f):
 
 # --- optional: argument checks ------------------------------------------------
 # Everything an entry point is given is checked before the first step and before any
-# file is written, with errors that say what came and what was expected; a pass's first
-# batch is checked as it comes (outputs a loss would broadcast, a metric that fails, a
-# model that returns a tuple), and what your seams return. Without this block good
-# input runs the same, and bad input meets torch's own errors. Each entry point's
-# checks first, then what they share.
+# file is written, with errors that say what came and what was expected; so are a
+# pass's first batch and what the seams return. Without this block good input runs
+# the same, and bad input meets torch's (or Python's) own errors.
 
 import tempfile  # noqa: E402  (the block's own imports: they go with it)
 import warnings  # noqa: E402
 
 
-def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, metrics, monitor,
-               mode, checkpoint, resume, patience, min_delta, restore_best, scheduler,
+def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, metrics, mode,
+               checkpoint, resume, patience, min_delta, restore_best, scheduler,
                scheduler_interval, clip_grad_norm, device, seed, verbose, on_epoch_end,
                save_every, drop_last, precision, accumulate, on_batch_end, forward, train_step,
                val_fn, shuffle, **_):
     if train_step is not None:  # the user's own step: loops' step options have no place
-        _check_callables(train_step=train_step)
         given = [f"{k}={v!r}" for k, v, unset in (
             ("precision", precision, None), ("accumulate", accumulate, 1),
             ("clip_grad_norm", clip_grad_norm, None),
@@ -3044,43 +3034,50 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
                     scheduler_interval=scheduler_interval, precision=precision,
                     clip_grad_norm=clip_grad_norm, accumulate=accumulate,
                     own_step=train_step is not None)
-    _check_int("epochs", epochs, 0)
-    for name, value in (("shuffle", shuffle), ("resume", resume),
-                        ("restore_best", restore_best)):
-        _check_bool(name, value)  # resume="no" is true, and would resume
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
-    if patience is not None:
-        _check_int("patience", patience, 1)
-    if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
-            or not math.isfinite(min_delta) or min_delta < 0):
-        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    if save_every is not None and (isinstance(save_every, bool) or not (
-            isinstance(save_every, (int, float)) and save_every >= 0)):
-        raise ValueError(f"save_every must be a number of seconds >= 0 or None, got "
-                         f"{save_every!r}")
-    _check_callables(on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, forward=forward,
-                     val_fn=val_fn)
+    for name, value in (("shuffle", shuffle), ("resume", resume), ("restore_best", restore_best)):
+        _must(name, value, isinstance(value, bool), "True or False", TypeError)  # "no" is true
+    for name, value, ok, expected in (
+            ("epochs", epochs, _is_int(epochs), "an int >= 0"),
+            ("seed", seed, seed is None or _is_int(seed) and seed < 2**63,
+             "None or an int from 0 to 2**63 - 1"),
+            ("patience", patience, patience is None or _is_int(patience, 1), "an int >= 1"),
+            ("min_delta", min_delta, _is_number(min_delta) and 0 <= min_delta < math.inf,
+             "a finite number >= 0"),
+            ("verbose", verbose, _is_int(verbose) and verbose <= 2, "0, 1 or 2"),
+            ("save_every", save_every, save_every is None or _is_number(save_every)
+             and save_every >= 0, "a number of seconds >= 0 or None")):
+        _must(name, value, ok, expected)
+    _check_callables(train_step=train_step, on_epoch_end=on_epoch_end,
+                     on_batch_end=on_batch_end, forward=forward, val_fn=val_fn)
     if (resume or save_every is not None) and checkpoint is None:
         raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
                          "last.pt is")
-    _check_savable_scheduler(scheduler, checkpoint)
-    _warn_unsaved_workers(train, checkpoint)
-    if (isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            and scheduler_interval == "step"):
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and (
+            scheduler_interval == "step"):
         raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
                          "'epoch'")
+    if scheduler is not None and checkpoint is not None and hasattr(scheduler, "state_dict"):
+        try:  # now, not after an epoch, when last.pt could not hold the scheduler's state
+            _check_plain(scheduler.state_dict(), "the scheduler's state_dict()")
+        except TypeError as e:
+            raise TypeError(f"{str(e).removeprefix('save_checkpoint: ')}. last.pt could not "
+                            "hold it, so this run could not be resumed: keep functions and "
+                            "objects out of the scheduler's attributes, or train without "
+                            "checkpoint=") from None
+    if checkpoint is not None and getattr(train, "persistent_workers", False) and getattr(
+            train, "num_workers", 0) > 0:  # their random state lives in their processes
+        warnings.warn("the training DataLoader has persistent_workers=True: its workers' "
+                      "random state lives in their processes and cannot go into last.pt, so "
+                      "a resumed run draws other augmentations than the first run would have. "
+                      "For an exact resume, use persistent_workers=False (the workers' seeds "
+                      "are then drawn each epoch from state that is saved)",
+                      RuntimeWarning, stacklevel=4)
     _check_metrics(metrics)
-    ranks = _world().size
     _check_data(train, "train", batch_size, reused=epochs > 1, drop_last=drop_last,
-                accumulate=accumulate, ranks=ranks, alone=train_step is not None)
+                accumulate=accumulate, ranks=_world().size, alone=train_step is not None)
     if val is not None:
         _check_data(val, "val", batch_size, reused=epochs > 1)
-    if mode not in ("auto", "min", "max"):
-        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    _must("mode", mode, mode in ("auto", "min", "max"), "'auto', 'min' or 'max'")
 
 
 def _check_train_epoch(model, data, loss_fn, optimizer, *, metrics, batch_size, shuffle, device,
@@ -3089,35 +3086,32 @@ def _check_train_epoch(model, data, loss_fn, optimizer, *, metrics, batch_size, 
     _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                     scheduler_interval=scheduler_interval, precision=precision,
                     clip_grad_norm=clip_grad_norm, accumulate=accumulate)
-    _check_bool("shuffle", shuffle)
+    _must("shuffle", shuffle, isinstance(shuffle, bool), "True or False", TypeError)
     _check_callables(progress=progress, forward=forward)
     _check_metrics(metrics)
     _check_data(data, "data", batch_size, drop_last=drop_last, accumulate=accumulate)
 
 
 def _check_evaluate(model, data, loss_fn, *, metrics, batch_size, device, precision, forward):
-    _check_model(model, device)
-    _check_precision(precision, model_device(model))
+    _check_model(model, device, precision)
     _check_callables(loss_fn=loss_fn, forward=forward)
     _check_metrics(metrics)
     _check_data(data, "data", batch_size)
 
 
 def _check_predict(model, X_or_data, *, batch_size, device, precision, forward):
-    _check_model(model, device)
-    _check_precision(precision, model_device(model))
-    _check_batch_size(batch_size)
+    _check_model(model, device, precision)
     _check_callables(forward=forward)
+    _must("batch_size", batch_size, _is_int(batch_size, 1), "an int >= 1")
     data = X_or_data
     if _is_pair(data):
         if forward:
             _check_tensors(*data, "predict")
         data = data[0]
-    if torch.is_tensor(data):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
-                             f"{tuple(data.shape)}")
-    elif not hasattr(data, "__iter__"):
+    if torch.is_tensor(data) and (data.dim() == 0 or len(data) == 0):
+        raise ValueError(f"predict: expected a non-empty tensor of inputs, got shape "
+                         f"{tuple(data.shape)}")
+    if not hasattr(data, "__iter__"):
         raise TypeError(f"predict: expected a tensor X, a tuple (X, y) or an iterable of "
                         f"batches, got {type(data).__name__}")
 
@@ -3127,16 +3121,82 @@ def _check_lr_find(model, train, loss_fn, optimizer, *, start_lr, end_lr, steps,
     _check_training(model, loss_fn, optimizer, device=device, precision=precision)
     _check_callables(forward=forward)
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"lr_find: {name} must be a positive number, got {value!r}")
+        _must(f"lr_find: {name}", value, _is_number(value) and 0 < value < math.inf,
+              "a positive number")
     if end_lr <= start_lr:
         raise ValueError(f"lr_find: end_lr ({end_lr:g}) must be above start_lr ({start_lr:g})")
-    _check_int("steps", steps, 2)
+    _must("steps", steps, _is_int(steps, 2), "an int >= 2")
     _check_data(train, "train", batch_size, reused=True)
 
 
 # what an entry point is given
+
+def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
+                    scheduler_interval="epoch", clip_grad_norm=None, precision=None,
+                    accumulate=1, own_step=False):
+    """What every entry point that trains is given; with the user's ``own_step`` the loss
+    may be None and the optimizer a dict of them."""
+    _check_model(model, device, precision)
+    if not (callable(loss_fn) or own_step and loss_fn is None):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(optimizer, dict) and not own_step:
+        raise TypeError("optimizer is a dict: several optimizers need your own step, "
+                        "fit(..., train_step=...), which steps each of them")
+    for name, opt in (optimizer if isinstance(optimizer, dict) and optimizer else {
+            "": optimizer}).items():
+        if not isinstance(opt, torch.optim.Optimizer) or not isinstance(name, str):
+            raise TypeError(f"optimizer{f'[{name!r}]' if name else ''} must be a "
+                            f"torch.optim.Optimizer, got {type(opt).__name__}")
+        own = {id(p) for m in (model, loss_fn) if isinstance(m, torch.nn.Module)
+               for p in m.parameters()}
+        given = [p for g in opt.param_groups for p in g["params"]]
+        if own and given and not any(id(p) in own for p in given):  # it would change nothing
+            raise ValueError(f"the optimizer holds {len(given)} parameter tensors, none of "
+                             f"them the model's ({type(_unwrap(model)).__name__}): it was made "
+                             "for another model. Create it from this one: optimizer = "
+                             f"torch.optim.{type(opt).__name__}(model.parameters(), ...)")
+    _must("scheduler_interval", scheduler_interval, scheduler_interval in ("epoch", "step"),
+          "'epoch' or 'step'")
+    if scheduler is not None and not hasattr(scheduler, "step"):
+        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+    _must("clip_grad_norm", clip_grad_norm, clip_grad_norm is None or _is_number(
+        clip_grad_norm) and clip_grad_norm > 0, "a positive number or None")  # nan too
+    _must("accumulate", accumulate, _is_int(accumulate, 1), "an int >= 1")
+
+
+def _check_model(model, device, precision=None):
+    """A module whose parameters are on ``device`` (the model's device is the one that
+    trains: nothing is moved), and a precision that device can run."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    here = model_device(model)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or "
+                             "'cuda'") from None
+        name = str(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}, but this torch sees no CUDA GPU (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                             "device='cpu'")
+        if device.type == "cpu" and device.index not in (None, 0):  # torch would ignore it
+            raise ValueError(f"device={name!r}: the CPU is one device, 'cpu'")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}, but this torch sees "
+                             f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+        if here.type != device.type or None not in (device.index, here.index) and (
+                here.index != device.index):
+            raise ValueError(f"the model's parameters are on {here} but device={name!r}; move "
+                             f"the model first (model.to({name!r})) and create the optimizer "
+                             "after")
+    if precision is not None:
+        _must("precision", precision, precision in ("bf16", "fp16"), "None (fp32), 'bf16' or "
+              "'fp16'")
+        _block("mixed precision", "_check_mixed_precision", f"precision={precision!r}")(
+            precision, here)
+
 
 def _check_metrics(metrics):
     """{"name": fn or built-in name}: TypeError/ValueError naming the key."""
@@ -3168,10 +3228,10 @@ def _check_whole_set(fn):
 
 def _check_data(data, what, batch_size, *, reused=False, drop_last=False, accumulate=1,
                 ranks=1, alone=False):
-    """Data to batch: (X, y) tensors (or X alone, where ``alone``), or an iterable of
-    batches that a second epoch can iterate again (when ``reused``)."""
-    _check_batch_size(batch_size)
-    _check_bool("drop_last", drop_last)
+    """(X, y) tensors (X alone, where ``alone``), or batches a second epoch can iterate
+    again (where ``reused``)."""
+    _must("batch_size", batch_size, _is_int(batch_size, 1), "an int >= 1")
+    _must("drop_last", drop_last, isinstance(drop_last, bool), "True or False", TypeError)
     if _is_pair(data) or alone and torch.is_tensor(data):
         X, y = data if _is_pair(data) else (data, data)
         _check_tensors(X, y, what)
@@ -3180,26 +3240,24 @@ def _check_data(data, what, batch_size, *, reused=False, drop_last=False, accumu
                              f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
                                                 else "") + " leaves no batch; expected at "
                              f"least {ranks * batch_size * accumulate} rows")
-        return
-    if torch.is_tensor(data) or isinstance(data, tuple):
+    elif torch.is_tensor(data) or isinstance(data, tuple) or not hasattr(data, "__iter__"):
         raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
-                        f"(xb, yb) batches, got {_describe(data)}")
-    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+                        f"(xb, yb) batches (a list, a DataLoader), got {_describe(data)}")
+    elif isinstance(data, list) and len(data) == 2 and all(map(torch.is_tensor, data)):
         raise TypeError(f"{what}: got a list of two tensors; pass the tensors as a tuple "
                         "(X, y) (a list is read as a list of (xb, yb) batches)")
-    if drop_last:
+    elif drop_last:
         raise ValueError(f"{what}: drop_last=True is for (X, y) tensors; a DataLoader drops "
                          "its short last batch with DataLoader(..., drop_last=True)")
-    if not hasattr(data, "__iter__"):
-        raise TypeError(f"{what}: expected (X, y) tensors or an iterable of (xb, yb) batches "
-                        f"(a list, a DataLoader), got {type(data).__name__}")
-    if reused and hasattr(data, "__next__"):  # an iterator (not iter(data), which would
-        # start a DataLoader's workers and draw its seed from the random state)
+    elif reused and hasattr(data, "__next__"):  # not iter(data): it would start the
+        # DataLoader's workers and draw its seed from the random state
         raise TypeError(f"{what}: got a one-shot iterator ({type(data).__name__}), which would "
                         "be empty after the first epoch; pass a list or a DataLoader instead")
-    with contextlib.suppress(TypeError):  # an IterableDataset has no length
-        if len(data) == 0:
-            raise ValueError(f"{what}: the dataset is empty (0 batches); expected at least one")
+    else:
+        with contextlib.suppress(TypeError):  # an IterableDataset has no length
+            if len(data) == 0:
+                raise ValueError(f"{what}: the dataset is empty (0 batches); expected at "
+                                 "least one")
 
 
 def _check_tensors(X, y, what):
@@ -3214,40 +3272,14 @@ def _check_tensors(X, y, what):
 
 
 def _check_monitor(monitor, keys, *, has_val, later):
-    """The monitored key names a value of the history; one that train_step or val_fn may
-    yet return (``later``) is checked when they first do."""
+    """The monitor names a value of the history (one that train_step or val_fn may yet
+    return, ``later``, is checked when they first do)."""
     if not isinstance(monitor, str) or monitor in _NOT_VALUES or monitor.startswith("lr_") or (
             monitor not in keys and not later):
         raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
                          f"{', '.join(k for k in keys if k not in _NOT_VALUES)}"
                          + ("" if has_val or not str(monitor).startswith("val_")
                             else " (val_ values need val=)"))
-
-
-def _check_savable_scheduler(scheduler, checkpoint):
-    """TypeError now, not after an epoch, when last.pt could not hold the scheduler's state."""
-    if scheduler is None or checkpoint is None or not hasattr(scheduler, "state_dict"):
-        return
-    try:
-        _check_plain(scheduler.state_dict(), "the scheduler's state_dict()")
-    except TypeError as e:
-        raise TypeError(f"{str(e).removeprefix('save_checkpoint: ')}. last.pt could not hold "
-                        "it, so this run could not be resumed: keep functions and objects out "
-                        "of the scheduler's attributes, or train without checkpoint=") from None
-
-
-def _warn_unsaved_workers(train, checkpoint):
-    """A RuntimeWarning when a resume could not be exact: persistent DataLoader workers
-    keep random state (augmentations) across epochs in their own processes, where no
-    checkpoint can reach it."""
-    if (checkpoint is not None and getattr(train, "persistent_workers", False)
-            and getattr(train, "num_workers", 0) > 0):
-        warnings.warn("the training DataLoader has persistent_workers=True: its workers' "
-                      "random state lives in their processes and cannot go into last.pt, so "
-                      "a resumed run draws other augmentations than the first run would have. "
-                      "For an exact resume, use persistent_workers=False (the workers' seeds "
-                      "are then drawn each epoch from state that is saved)",
-                      RuntimeWarning, stacklevel=5)
 
 
 def _check_writable(path):
@@ -3266,8 +3298,6 @@ _PLAIN = (bool, int, float, str, bytes, type(None), torch.Size, torch.dtype, tor
 
 
 def _check_plain(value, where):
-    if torch.is_tensor(value) or isinstance(value, _PLAIN):
-        return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
@@ -3275,7 +3305,7 @@ def _check_plain(value, where):
         for k, v in value.items():
             _check_plain(k, f"{where} key {k!r}")
             _check_plain(v, f"{where}[{k!r}]")
-    else:
+    elif not (torch.is_tensor(value) or isinstance(value, _PLAIN)):
         raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
                         "only tensors and plain Python values, so that load_checkpoint can load "
                         "them with weights_only=True")
@@ -3287,9 +3317,9 @@ _SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, 
 
 
 def _try_first_val_batch(model, val, seam, stats):
-    """The first batch of validation tensors through the (plain) model, loss and metrics
-    before training, so that data of the wrong shape fails now, not after an epoch (a
-    DataLoader is not drawn from early: that would start its workers)."""
+    """The first batch of validation tensors through the model, loss and metrics before
+    training: data of the wrong shape fails now, not after an epoch (a DataLoader is not
+    drawn from early: that would start its workers)."""
     if not isinstance(val, _TensorSource):
         return
     first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
@@ -3310,9 +3340,8 @@ def _try_first_val_batch(model, val, seam, stats):
 
 def _check_first_batch(meter, out, y):
     """A pass's first batch: outputs and targets that MSELoss and the like would broadcast
-    against each other ((N, 1) against (N,) gives an (N, N) mean: a wrong loss, with only
-    torch's warning) are refused; each metric is tried on it, once a run, so that one that
-    fails names itself now."""
+    ((N, 1) against (N,): an (N, N) mean, with only torch's warning) are refused, and each
+    metric is tried on it (once a run), so that one that fails names itself now."""
     if isinstance(meter.loss_fn, _SAME_SHAPE_LOSSES) and out.shape != y.shape:
         raise ValueError(f"{type(meter.loss_fn).__name__} got outputs of shape "
                          f"{tuple(out.shape)} and targets of shape {tuple(y.shape)}: torch "
@@ -3338,8 +3367,8 @@ def _check_pair(out):
 
 
 def _check_output(y_pred, forward, cause=None):
-    """A TypeError for a model that returns something other than a tensor (a tuple of
-    logits and extras, a dict) where loops needs its outputs: it names forward=."""
+    """A model that returns something other than a tensor (a tuple of logits and extras,
+    a dict) where loops needs its outputs: the error names forward=."""
     if forward is None and not torch.is_tensor(y_pred):
         raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
                         "outputs for the loss and the metrics: pass forward=, e.g. forward="
@@ -3363,8 +3392,8 @@ def _refuse_loss(loss):
 
 
 def _refuse_batch(batch, what):
-    """A TypeError naming ``what`` at a batch that is not an (xb, yb) pair (a dict from a
-    Dataset returning {"x": ..., "y": ...} would unpack to its keys)."""
+    """A batch that is not an (xb, yb) pair (a dict from a Dataset returning {"x": ...,
+    "y": ...} would unpack to its keys)."""
     kind = (f"a dict with keys {list(batch)[:4]}" if isinstance(batch, dict)
             else f"{_describe(batch)}" if torch.is_tensor(batch)
             else f"a {type(batch).__name__}"
@@ -3375,9 +3404,8 @@ def _refuse_batch(batch, what):
                     "(x, y) from the Dataset's __getitem__")
 
 
-def _check_step_values(values, meter=None):
-    """train_step's values: a dict {name: scalar tensor}, the same names at every step
-    (checked at the first step and where a step's differ, naming the step)."""
+def _check_step_values(values):
+    """train_step's values: a dict {name: scalar tensor}."""
     if not isinstance(values, dict) or not values:
         raise TypeError(f"train_step returned {_describe(values)}; expected a dict "
                         "{name: scalar tensor} of the batch's means, e.g. {'loss': loss}")
@@ -3393,8 +3421,7 @@ def _check_step_values(values, meter=None):
 def _check_val_values(values, logs):
     """val_fn's return: {name: number}."""
     if not isinstance(values, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-            for k, v in values.items()):
+            isinstance(k, str) and _is_number(v) for k, v in values.items()):
         raise TypeError(f"val_fn returned {values!r:.80}; expected a dict {{name: float}} "
                         "(a tensor's value with .item())")
 
@@ -3408,113 +3435,25 @@ def _check_logs(logs, record):
                          "monitor= names one of them")
 
 
-# what the entry points share
+# what the checks share
 
-def _check_model(model, device):
-    """ValueError if the model's parameters live elsewhere than ``device`` (the model's
-    device is the one fit trains on)."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    here = model_device(model)
-    if device is None:
-        return
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device; expected e.g. 'cpu' or 'cuda'") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
-                         "use device='cpu'")
-    if device.type == "cpu" and device.index not in (None, 0):  # torch would ignore it
-        raise ValueError(f"device={str(device)!r}: the CPU is one device, 'cpu'")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={str(device)!r}, but this torch sees "
-                         f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    same = here.type == device.type and (device.index is None or here.index is None
-                                         or here.index == device.index)
-    if not same:
-        raise ValueError(f"the model's parameters are on {here} but device={str(device)!r}; "
-                         f"move the model first (model.to({str(device)!r})) and create the "
-                         "optimizer after")
+def _must(name, value, ok, expected, error=ValueError):
+    if not ok:
+        raise error(f"{name} must be {expected}, got {value!r}")
 
 
-def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
-                    scheduler_interval="epoch", clip_grad_norm=None, precision=None,
-                    accumulate=1, own_step=False):
-    """What every entry point that trains is given: the model on ``device``, the loss, the
-    optimizer (made for this model; with the user's ``own_step``, also a dict of them,
-    and the loss may be None), the step's options."""
-    _check_model(model, device)
-    if not (callable(loss_fn) or own_step and loss_fn is None):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    optimizers = (optimizer if own_step and isinstance(optimizer, dict) else None) or {
-        "": optimizer}
-    if isinstance(optimizer, dict) and not own_step:
-        raise TypeError("optimizer is a dict: several optimizers need your own step, "
-                        "fit(..., train_step=...), which steps each of them")
-    for name, opt in optimizers.items():
-        if not isinstance(opt, torch.optim.Optimizer) or not isinstance(name, str):
-            raise TypeError(f"optimizer{f'[{name!r}]' if name else ''} must be a "
-                            f"torch.optim.Optimizer, got {type(opt).__name__}")
-        _check_optimizer_params(model, opt, loss_fn)
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got "
-                         f"{scheduler_interval!r}")
-    if scheduler is not None and not hasattr(scheduler, "step"):
-        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not (
-            isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0)):  # nan too
-        raise ValueError(f"clip_grad_norm must be a positive number or None, got "
-                         f"{clip_grad_norm!r}")
-    _check_precision(precision, model_device(model))
-    _check_int("accumulate", accumulate, 1)
+def _is_int(value, low=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _check_optimizer_params(model, optimizer, loss_fn):
-    """ValueError when the optimizer updates none of the model's parameters (it was
-    made for another model): training would change nothing, silently."""
-    own = {id(p) for p in model.parameters()}
-    own |= {id(p) for p in (loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module)
-                            else ())}
-    given = [p for g in optimizer.param_groups for p in g["params"]]
-    if own and given and not any(id(p) in own for p in given):
-        raise ValueError(f"the optimizer holds {len(given)} parameter tensors, none of them the "
-                         f"model's ({type(_unwrap(model)).__name__}): it was made for another "
-                         "model. Create it from this one: optimizer = "
-                         f"torch.optim.{type(optimizer).__name__}(model.parameters(), ...)")
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_callables(**named):
     for name, fn in named.items():
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-
-
-def _check_precision(precision, device):
-    """ValueError for a precision fit cannot use on this device (None is fp32)."""
-    if precision is None:
-        return
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"precision must be None (fp32), 'bf16' or 'fp16', got {precision!r}")
-    _block("mixed precision", "_check_mixed_precision", f"precision={precision!r}")(
-        precision, device)
-
-
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _describe(x):
