@@ -14,22 +14,21 @@ Copy this file into your project; it needs only the standard library and torch.
     >>> history["loss"][-1] < 1e-3
     True
 
-Data is a tuple ``(X, y)`` of tensors, batched here by slicing (moved to the device
-once, shuffled by a seeded ``torch.Generator``), or any re-iterable of batches such as
-a ``DataLoader``, used as it is. Epoch values are exact: sums and counts over the
-rows, never a mean of batch means (for the training set, over the epoch's steps as
-the model changed). They stay on the device and are read back once an epoch and at
-each throttled progress refresh, so a GPU never waits inside an epoch but for that.
-``fit(..., checkpoint=DIR)`` writes best.pt, last.pt and history.csv, each atomically;
-``resume=True`` continues from last.pt bit for bit.
+Data is a tuple ``(X, y)`` of tensors, batched here (moved to the device once, shuffled
+by a seeded generator), or any re-iterable of batches, such as a ``DataLoader``. Epoch
+values are exact (sums and counts, never a mean of batch means), kept on the device and
+read back once an epoch and at each throttled progress refresh. ``checkpoint=DIR``
+writes best.pt, last.pt and history.csv atomically; ``resume=True`` goes on bit for bit.
 
 The map, top-down. To change the loop, copy ``fit``: it plans the run, then per epoch
 trains, evaluates, records, saves, reports and decides whether to stop.
 
     entry points     fit, train_epoch, evaluate, predict, batches, save/load_checkpoint
     the step         _Stepper: ``step`` and ``_backward``, the one backward of every kind
-                     of step; _forward_loss, where a batch meets the model and the loss
-    one epoch        _train_loop (a step per batch), _epoch_logs, _evaluate_pass, _Watch
+                     of step (an edit there, an L2 term, reaches them all); _forward_loss,
+                     where a batch meets the model and the loss
+    one epoch        _train_loop (a step per batch: no ``.item()`` there), _epoch_logs,
+                     _evaluate_pass, _Watch (a look now and then)
     exact sums       _Meter: the loss and the metrics' statistics, summed on the device
     the run's record _Record: history, best value, patience, why it stopped
     checkpoints      _Store: best.pt and last.pt (saved and resumed side by side)
@@ -37,19 +36,12 @@ trains, evaluates, records, saves, reports and decides whether to stop.
     progress         pure formatters, and the _Printer that writes them
     metrics          accuracy, binary_accuracy, mse, rmse, mae, whole_set
     building a run   _plan: what fit runs on
-    optional blocks  argument checks, checkpoint guards, mid-epoch snapshots, more
-                     metrics, mixed precision, distributed, lr_find
-
-A line for every batch goes in ``_train_loop``'s loop (no ``.item()`` there: on a GPU it
-waits); a change to the step (a penalty on the loss, label smoothing) in
-``_Stepper._backward``, which every kind of step goes through; another way to feed the
-model in ``_forward_loss`` (or pass ``forward=``).
-
-Each optional block lies between a line ``# --- optional: NAME`` and a line
-``# --- end of NAME``. Delete any of them, or all, and the rest gives the same numbers.
-Asking such a copy for a deleted feature (``precision=``, ``save_every=``, ``loops.f1``)
-is an error that names the block; without ``argument checks`` bad input meets torch's
-own errors, and without ``checkpoint guards`` a damaged last.pt is not diagnosed.
+    optional blocks  argument checks, checkpoint guards, mid-epoch snapshots, more metrics,
+                     plot hints, mixed precision, distributed, lr_find: each from
+                     ``# --- optional: NAME`` to ``# --- end of NAME``. Delete any, or all,
+                     and the rest gives the same numbers; a deleted feature asked for is an
+                     error naming its block (bad input, without the argument checks,
+                     meets torch's own errors).
 """
 import builtins
 import contextlib
@@ -85,10 +77,8 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1,
         on_batch_end=None, forward=None, train_step=None, val_fn=None):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
-
-    README "Make it yours" for ``forward``, ``train_step``, ``val_fn``, ``on_batch_end``;
-    ``on_epoch_end(epoch, logs)`` runs once the epoch's files are written (True stops),
-    and again for epoch N when a run resumes from its end (it may have died inside it)."""
+    The seams (``forward``, ``train_step``, ``val_fn``, ``on_batch_end``, ``on_epoch_end``):
+    README, "Make it yours"."""
     args = locals()  # fit's arguments, once: to the checks, then to the plan
     world = _world()  # one process, or under torchrun the distributed block's _Ranks
     world.check(model, optimizer, save_every, clip_grad_norm, precision)
@@ -111,7 +101,10 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
                    scaler=stepper.scaler, loaders=plan.train.generators,
                    settings=plan.settings)
     printer = _Printer(verbose if world.writer else 0, epochs, plan.percent)  # one rank speaks
-    look_seconds = _look_seconds(printer.live, save_every, device)
+    # How often to look inside an epoch: ten times a second for a live line or snapshots;
+    # once a second on a silent CPU run (to stop at a NaN); never on a GPU (a read waits).
+    look_seconds = _TICK_SECONDS if printer.live or save_every is not None else (
+        _CPU_CHECK_SECONDS if device.type == "cpu" else None)
 
     epoch = 1
     try:
@@ -122,7 +115,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
             # then a step on each batch, looked at now and then.
             meter = _Meter(plan.train_stats, device, None if train_step else loss_fn,
                            sharded=plan.train.sharded, tried=epoch > first,
-                           first_step=record.steps)
+                           first_step=record.steps, monitor=None if val_fn else plan.monitor)
             start, batches = _begin_epoch(epoch, plan, gen, _rates(optimizer), meter,
                                           shuffle=shuffle, snapshot=snapshot)
             snapshot = None  # only the first epoch of a resumed run continues a snapshot
@@ -226,12 +219,11 @@ def save_checkpoint(path, model, optimizer=None, **state):
         return _block("distributed", "_save_sharded", "sharding")(path, model, optimizer, state)
     ckpt = {"model": _unwrap(model).state_dict(), **state}
     if optimizer is not None:  # a dict of optimizers is saved as a dict of their states
-        one = not isinstance(optimizer, dict)
-        states = {k: (o.state_dict(), type(o).__name__) for k, o in _named(optimizer).items()}
-        ckpt["optimizer"], ckpt["optimizer_type"] = (
-            states[""] if one else ({k: v[0] for k, v in states.items()},
-                                    {k: v[1] for k, v in states.items()}))
+        ckpt["optimizer"] = _state_of(optimizer)
+        ckpt["optimizer_type"] = ({k: type(o).__name__ for k, o in optimizer.items()}
+                                  if isinstance(optimizer, dict) else type(optimizer).__name__)
     _maybe("_check_plain", ckpt, "checkpoint")
+    _maybe("_seal", ckpt)  # its checksum, verified as it is read (checkpoint guards)
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
 
 
@@ -259,9 +251,10 @@ class _Stepper:
     def __init__(self, optimizer, *, scheduler=None, interval="epoch", clip_grad_norm=None,
                  precision=None, accumulate=1, device=None, loss_fn=None, world=None,
                  forward=None, train_step=None):
-        self.optimizer, self.scheduler, self.interval = optimizer, scheduler, interval
+        self.optimizer, self.interval = optimizer, interval
         self.clip_grad_norm, self.accumulate = clip_grad_norm, accumulate
-        self.per_step = scheduler if interval == "step" else None
+        self.schedulers = _named(scheduler)  # one, or a dict keyed like the optimizers
+        self.per_step = list(self.schedulers.values()) if interval == "step" else []
         self.seam = _seam(loss_fn, forward, precision, device)
         self.scaler = None if precision != "fp16" else _block(  # fp16's GradScaler
             "mixed precision", "_Scaler", "precision='fp16'")(device.type)
@@ -298,6 +291,8 @@ class _Stepper:
         batch means that the meter sums in place of the loss."""
         batch, = group
         values = self.train_step(model, batch, self.optimizer)
+        for scheduler in self.per_step:
+            scheduler.step()
         try:
             values = {k: v.detach() for k, v in values.items()}
         except AttributeError:  # not a dict of tensors
@@ -346,8 +341,8 @@ class _Stepper:
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
             self.optimizer.step()
-        if self.per_step is not None:
-            self.per_step.step()
+        for scheduler in self.per_step:
+            scheduler.step()
 
     def check_epoch(self):
         """At the end of an epoch: fp16 that skipped every step says so (see _Scaler)."""
@@ -356,12 +351,11 @@ class _Stepper:
 
     def end_epoch(self, value):
         """The once-an-epoch scheduler step; ReduceLROnPlateau receives ``value``."""
-        if self.scheduler is None or self.interval != "epoch":
-            return
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(value)
-        else:
-            self.scheduler.step()
+        for scheduler in self.schedulers.values() if self.interval == "epoch" else ():
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(value)
+            else:
+                scheduler.step()
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entered at every step that syncs
@@ -540,14 +534,6 @@ class _Watch:
         return step + max(1, int(rate * (self.seconds - (now - self.last))))
 
 
-def _look_seconds(live, save_every, device):
-    """How often fit looks inside an epoch: often for a live line or snapshots; once a second
-    on a silent CPU run (a NaN stops early); never on a silent GPU run (a read waits)."""
-    if live or save_every is not None:
-        return _TICK_SECONDS
-    return _CPU_CHECK_SECONDS if device.type == "cpu" else None
-
-
 # --- exact sums ---------------------------------------------------------------
 
 class _Totals(NamedTuple):
@@ -566,7 +552,7 @@ class _Meter:
     _PENDING = 1 << 22
 
     def __init__(self, stats, device, loss_fn=None, *, sharded=False, evaluating=False,
-                 tried=False, first_step=0):
+                 tried=False, first_step=0, monitor=None):
         self.stats, self.device, self.sharded = stats, device, sharded
         # Losses are batch means (torch's default); a reduction="sum" loss is already a sum.
         self.loss_is_sum = getattr(loss_fn, "reduction", "mean") == "sum"
@@ -583,18 +569,21 @@ class _Meter:
         self._losses, self._outs, self._ys, self._numel = [], [], [], 0
         self.own = False  # summing train_step's values, not a loss
         self.tried = tried  # the metrics ran on a batch of this run already (an epoch ago)
-        self.first_step = first_step  # the run's steps before this pass (on_batch_end's count)
+        self.first, self.monitor = first_step, monitor  # for train_step's values: the run's
+        # steps before this pass (on_batch_end counts them) and the monitor they must hold
         self.kept = [[], []] if any(st.whole for st in stats.values()) else None  # all y_pred, y
 
     def add(self, loss, out, y, values=None):
         """A batch's loss (its mean), outputs and targets, detached: kept until a fold; with
         train_step its ``values`` instead, and the batch as ``y``."""
-        if values is not None:
+        if values is not None:  # train_step's: the first step's names, each a scalar
             if not self.steps:  # the first step: the names, in train_step's order
+                _maybe("_check_step_values", values, monitor=self.monitor)
                 self.stats, self.own = _value_stats(values), True
                 self.sums, self.counts = dict.fromkeys(values), dict.fromkeys(values, 0)
-                _maybe("_check_step_values", values)
-            out = torch.stack([values[k] for k in self.stats]).reshape(1, -1)
+            if values.keys() != self.stats.keys() or any(v.numel() != 1 for v in values.values()):
+                _maybe("_check_step_values", values, list(self.stats), self.first + self.steps + 1)
+            out = torch.cat([values[k].reshape(1) for k in self.stats]).reshape(1, -1)
             loss, y = out.sum(), _batch_rows(y)
         self._losses.append(loss)
         self._ys.append(y)  # its rows, and for the metrics and weights its values
@@ -971,20 +960,25 @@ class _Store:
             self.lock = None
 
     def save_epoch(self, record, improved):
-        """After an epoch: best.pt if it improved, then last.pt and history.csv."""
+        """After an epoch: last.pt, then best.pt if it improved (never ahead of last.pt: see
+        resume), then history.csv."""
         if self.dir is None:
             return
         _maybe("_refuse_nonfinite", self, f"epoch {record.epoch}: ")
         with _ctrl_c_after():  # a Ctrl-C waits for the epoch's files and what they hold
-            if improved and (self.writer or _is_sharded(self.model)):  # every rank gathers
-                save_checkpoint(self.best_path, self.model, format=self.FORMAT,
-                                epoch=record.epoch, monitor=record.monitor, value=record.best)
             self.save_last(record)
+            if improved:
+                self.save_best(record)
             if self.writer:
                 _write_csv(self.csv_path, record.history)
             if self.writer and not self.described:  # which way is better, for plots
                 _maybe("_describe_run", self.dir, record)
                 self.described = True
+
+    def save_best(self, record):
+        if self.writer or _is_sharded(self.model):  # every rank gathers a sharded model
+            save_checkpoint(self.best_path, self.model, format=self.FORMAT, epoch=record.epoch,
+                            monitor=record.monitor, value=record.best)
 
     def save_last(self, record, step=0, **inside):
         """last.pt: at the end of an epoch, or at batch ``step`` inside it with what a
@@ -998,7 +992,7 @@ class _Store:
                 save_checkpoint(
                     self.last_path, self.model, self.optimizer, format=self.FORMAT,
                     **record.state(),
-                    scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                    scheduler=None if self.scheduler is None else _state_of(self.scheduler),
                     scaler=None if self.scaler is None else self.scaler.state_dict(),
                     rng=rng, rng_ranks=ranks, step=step, settings=self.settings, **inside)
             self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
@@ -1013,13 +1007,13 @@ class _Store:
         _load_into(ck, self.last_path, self.model, self.optimizer)
         where = f"epoch {ck['epoch'] + 1}" + (f", batch {ck['step'] + 1}," if ck["step"] else "")
         self.notes.insert(0, f"resuming {self.dir} at {where} of {epochs} from last.pt")
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(ck["scheduler"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(ck["scaler"])
+        _load_state(self.scheduler, ck["scheduler"])
+        _load_state(self.scaler, ck.get("scaler"))
         record.load(ck)
         if self.writer:  # a kill between last.pt and history.csv left the CSV behind: catch up
             _write_csv(self.csv_path, record.history)
+        if record.best_epoch == record.epoch and not ck["step"]:  # and best.pt: its weights
+            self.save_best(record)                                # are the ones just loaded
         ranks = ck.get("rng_ranks") or [ck["rng"]]  # each rank's own, on as many ranks
         _set_rng_state(ranks[self.world.rank] if len(ranks) == self.world.size
                        else ck["rng"], self.gen, self.loaders)
@@ -1102,14 +1096,25 @@ def _load_into(ckpt, path, model, optimizer):
     _maybe("_check_fits", ckpt, path, model, optimizer)
     if model is not None:
         _unwrap(model).load_state_dict(ckpt["model"])
-    for name, opt in _named(optimizer).items():
-        opt.load_state_dict(ckpt["optimizer"][name] if name else ckpt["optimizer"])
+    _load_state(optimizer, ckpt.get("optimizer"))
 
 
-def _named(optimizer):
-    """{name: optimizer}: a dict of them as it is, one as {"": it}, None as {}."""
-    return optimizer if isinstance(optimizer, dict) else {} if optimizer is None else {
-        "": optimizer}
+def _named(objects):
+    """{name: object}: a dict of optimizers (or schedulers) as it is, one as {"": it}, None
+    as {}."""
+    return objects if isinstance(objects, dict) else {} if objects is None else {"": objects}
+
+
+def _state_of(objects):
+    """The state_dict of one optimizer (scheduler), or a dict of them for a dict of them."""
+    if isinstance(objects, dict):
+        return {k: o.state_dict() for k, o in objects.items()}
+    return objects.state_dict()
+
+
+def _load_state(objects, state):
+    for name, o in _named(objects).items():
+        o.load_state_dict(state[name] if name else state)
 
 
 def _is_sharded(model):  # by FSDP2's fully_shard (setup_distributed(shard=True))
@@ -1678,12 +1683,9 @@ def _plan(world, model, train, loss_fn, optimizer, *, val, batch_size, val_batch
     _maybe("_check_monitor", monitor, keys, has_val=has_val_loss,
            later=train_step is not None or val_fn is not None)
     mode = _direction(monitor, mode, stats)
-    _maybe("_try_first_val_batch", model, val_data,
-           _seam(loss_fn, forward, precision, device), stats)
-    settings = {"batch_size": getattr(train, "batch_size", batch_size), "shuffle": shuffle,
-                "drop_last": drop_last, "accumulate": accumulate, "precision": precision,
-                "rows": _rows(train),
-                "batches": train_data.steps}  # saved in last.pt; compared on resume
+    _maybe("_try_first_val_batch", model, val_data, _seam(loss_fn, forward, precision, device),
+           {k: st for k, st in stats.items() if st.whole is None})  # not on one batch: AUC
+    settings = _maybe("_settings", **locals())  # saved in last.pt, compared on resume
     percent = {k for k, st in stats.items() if st.percent}
     snapshots = None if save_every is None else functools.partial(
         _block("mid-epoch snapshots", "_Snapshots", "save_every="), save_every)
@@ -1707,13 +1709,6 @@ def _source(data, *, what, batch_size, device, world=None, pairs=True, drop_last
     source = _LoaderSource(data, device=device, what=what, pairs=pairs)
     source.sharded = world.sharded_loader(data, what)
     return source
-
-
-def _rows(data):
-    """The rows of the training data, where they can be counted (compared on resume)."""
-    with contextlib.suppress(TypeError, AttributeError):
-        return len(data[0] if _is_pair(data) else data if torch.is_tensor(data) else data.dataset)
-    return None
 
 
 def _direction(monitor, mode, stats):
@@ -1753,8 +1748,7 @@ def __getattr__(name):  # asked only for a name this module lacks
 
 
 def _block(name, definition, asked):
-    """``definition`` of the optional block ``name``; a ValueError saying what was
-    ``asked`` and which block it needs when this copy of loops.py was made without it."""
+    """``definition`` of the optional block ``name``, or a ValueError naming the block."""
     found = globals().get(definition)
     if found is None:
         raise ValueError(f"{asked} needs the optional block '{name}' of loops.py, which this "
@@ -1764,8 +1758,7 @@ def _block(name, definition, asked):
 
 
 def _maybe(definition, *args, **kw):
-    """Call ``definition`` of an optional block (a check, a guard, more metrics) if this
-    copy of loops.py has it; without the block, nothing (None): good input runs the same."""
+    """Call ``definition`` of an optional block if this copy has it; else None (nothing)."""
     found = globals().get(definition)
     return None if found is None else found(*args, **kw)
 
@@ -2023,6 +2016,8 @@ def _describe_run(directory, record):
 # the weights, gradients and optimizer in fp32; fp16 steps through a GradScaler.
 # Without this block, fit, train_epoch, evaluate and predict run in fp32 only.
 
+import warnings  # noqa: E402  (the block's own imports: they go with it)
+
 _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -2086,9 +2081,12 @@ def _check_mixed_precision(precision, device):
 # consolidate. Without this block, a process group of several ranks is refused.
 
 import atexit  # noqa: E402  (the block's own imports: they go with it)
+import collections  # noqa: E402
 import ctypes  # noqa: E402
+import datetime  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import weakref  # noqa: E402
 
 __all__ += ["setup_distributed", "consolidate"]
@@ -2134,13 +2132,60 @@ def setup_distributed(model, *, backend=None, shard=False, precision=None, check
             ctypes.CDLL(None).mallopt(-3, 1 << 20)
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if precision \
         else MixedPrecisionPolicy()
-    for m in reversed(list(model.modules())[1:]):  # the innermost first, the root last
-        if isinstance(m, tuple(shard)) if shard is not True else any(
-                True for _ in m.parameters(recurse=False)):
-            fully_shard(m, mp_policy=policy)
+    for m in _shard_units(model, shard):  # the innermost first; the root last, with the rest
+        fully_shard(m, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    model.register_forward_pre_hook(_every_rank_here, prepend=True)  # before FSDP's gathers
     _SHARDED[model] = checkpoints
     return model, device
+
+
+def _shard_units(model, shard):
+    """The modules fully_shard shards on their own, innermost first: with ``shard=True`` each
+    that holds parameters of its own, or the instances of the classes ``shard`` names. A
+    tied weight (a tensor two modules share) goes whole into one unit: with ``shard=True``
+    the innermost that holds all of its owners, or the root."""
+    if type(model).forward is torch.nn.Module.forward:
+        raise ValueError(f"setup_distributed(shard=...): the model is a {type(model).__name__}, "
+                         "which has no forward, and FSDP shards a model through its root's "
+                         "forward: put its parts in a module whose forward runs them")
+    every = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    units = []
+    for m in list(model.modules())[1:]:
+        if not (isinstance(m, tuple(shard)) if shard is not True else any(
+                True for _ in m.parameters(recurse=False))):
+            continue
+        mine = collections.Counter(id(p) for _, p in m.named_parameters(remove_duplicate=False))
+        apart = [n for n, p in m.named_parameters() if mine[id(p)] != every[id(p)]]
+        if apart and shard is not True:
+            raise ValueError(f"setup_distributed(shard={shard!r}): the {type(m).__name__}'s "
+                             f"{apart[:2]} are tied to weights outside it, and would be sharded "
+                             "apart from them: shard a class that holds both, or shard=True "
+                             "(which keeps tied weights together)")
+        if not apart:
+            units.append(m)
+    return reversed(units)
+
+
+_RANKS_WAIT = 50  # seconds an evaluation forward of a sharded model waits for every rank
+
+
+def _every_rank_here(model, args):
+    """Every rank runs each evaluation forward of a sharded model (evaluate, predict, fit's
+    validation: each gathers the weights from all ranks); one rank alone (``if rank == 0:
+    evaluate(...)``) gets this error within a minute, not gloo's 30-minute wait."""
+    if model.training:
+        return
+    t = torch.ones(1, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    try:
+        torch.distributed.all_reduce(t, async_op=True).wait(
+            timeout=datetime.timedelta(seconds=_RANKS_WAIT))
+    except RuntimeError:
+        raise RuntimeError(
+            f"rank {torch.distributed.get_rank()}: the other ranks did not come within "
+            f"{_RANKS_WAIT} s. evaluate, predict and any forward of a sharded model in eval "
+            "mode must run on every rank together (each forward gathers the weights from all "
+            "ranks): call it on every rank, and print on rank 0") from None
 
 
 def _check_sharding(shard, precision, checkpoints):
@@ -2211,7 +2256,10 @@ def _save_sharded(path, model, optimizer, state):
         ckpt["optimizer"], ckpt["optimizer_type"] = (
             (optims[""], type(optimizer).__name__) if "" in optims else
             (optims, {k: type(o).__name__ for k, o in optimizer.items()}))
+    if not whole:  # every shard file's checksum, in the file that commits them
+        ckpt["shard_sums"] = _maybe("_seal_shards", os.path.join(os.path.dirname(path), name))
     _maybe("_check_plain", ckpt, "checkpoint")
+    _maybe("_seal", ckpt)
     _atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
     if not whole:
         _drop_old_shards(path, ckpt)
@@ -2232,6 +2280,7 @@ def _load_sharded(ck, path, model, optimizer):
         if not os.path.isdir(where):
             raise ValueError(f"{path} names the shard directory {ck['shards']}, which is not "
                              "there; nothing was loaded")
+        _maybe("_check_shards", where, ck.get("shard_sums"), path)
         state = {"model": sd.get_model_state_dict(model), **{
             _opt_key(k): sd.get_optimizer_state_dict(model, o) for k, o in opts.items()}}
         torch.distributed.checkpoint.load(state, checkpoint_id=where)
@@ -2270,15 +2319,17 @@ def consolidate(run_dir):
             path = os.path.join(run_dir, name)
             ck = _read_checkpoint(path) if os.path.exists(path) else {}
             if "shards" in ck:
+                folder = os.path.join(run_dir, ck.pop("shards"))
+                _maybe("_check_shards", folder, ck.pop("shard_sums", None), path)
                 with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
-                    dcp_to_torch_save(os.path.join(run_dir, ck.pop("shards")),
-                                      os.path.join(tmp, "whole.pt"))
+                    dcp_to_torch_save(folder, os.path.join(tmp, "whole.pt"))
                     whole = torch.load(os.path.join(tmp, "whole.pt"), weights_only=True)
                 ck["model"] = whole["model"]
                 if "optimizer" in ck:
                     one = "param_groups" in ck["optimizer"]
                     ck["optimizer"] = _indexed(whole["optimizer"]) if one else {
                         k: _indexed(whole[_opt_key(k)]) for k in ck["optimizer"]}
+                _maybe("_seal", ck)
                 _atomic_write(path, lambda f: torch.save(ck, f))
             if os.path.exists(path):
                 _drop_old_shards(path, {})
@@ -2375,6 +2426,12 @@ class _Ranks:
             raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
                              "DistributedSampler, or every rank trains on every batch; pass "
                              "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
+        if what == "val" and sharded and len(sampler.dataset) % self.size:
+            raise ValueError(f"val: a DistributedSampler makes {len(sampler.dataset)} rows even "
+                             f"over {self.size} ranks by repeating (or dropping) some, which "
+                             "would count twice (or not at all) in the validation values: pass "
+                             "them as tensors, val=(X, y), which loops splits over the ranks "
+                             "counting each row once")
         return sharded
 
     def check(self, model, optimizer, save_every, clip_grad_norm, precision):
@@ -2580,9 +2637,11 @@ class _Before:
 # into (torch's load_state_dict would half-load them), and the settings compared on
 # resume. Without this block a good run resumes the same; a damaged one meets torch.
 
-import re  # noqa: E402  (the block's own imports: they go with it)
+import ctypes  # noqa: E402  (the block's own imports: they go with it)
+import re  # noqa: E402
 import socket  # noqa: E402
 import stat  # noqa: E402
+import zlib  # noqa: E402
 
 
 def _lock_dir(directory):
@@ -2638,8 +2697,64 @@ def _refuse_unreadable(path, e):
 
 
 def _check_checkpoint(ckpt, path):
+    """A loops checkpoint, as it was written: its checksum (if it has one) still matches."""
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
+    if "checksum" in ckpt and ckpt["checksum"] != _crc32(ckpt):
+        raise ValueError(f"{path} is damaged: what it holds no longer matches the checksum "
+                         "written with it (a disk or a copy changed it); nothing was loaded "
+                         "from it. Resume from a copy, or move it away to start afresh")
+
+
+def _seal(ckpt):
+    """A checksum of all a checkpoint holds, so that one damaged on disk or in a copy (a
+    flipped bit in a weight) is refused as it is read, not trained from."""
+    ckpt["checksum"] = _crc32(ckpt)
+
+
+def _crc32(value, crc=0, top=True):
+    """CRC-32 of the tensors' bytes (read in place) and of the plain values, in order."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not (top and k == "checksum"):
+                crc = _crc32(v, _crc32(k, crc, False), False)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            crc = _crc32(v, crc, False)
+    elif torch.is_tensor(value):
+        t = value.detach().cpu().contiguous()
+        crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32((ctypes.c_char * (t.numel() * t.element_size())).from_address(
+                t.data_ptr()), crc)
+    else:
+        crc = zlib.crc32(repr(value).encode(), crc)
+    return f"crc32:{crc:08x}" if top else crc
+
+
+def _seal_shards(folder):
+    """The checksum of each file of a sharded checkpoint's directory, as written."""
+    return {name: _file_crc32(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+def _check_shards(folder, sums, path):
+    """Each file of a sharded checkpoint's directory is there, and as written."""
+    for name, crc in (sums or {}).items():
+        where = os.path.join(folder, name)
+        wrong = "missing" if not os.path.isfile(where) else (
+            "changed" if _file_crc32(where) != crc else None)
+        if wrong:
+            raise ValueError(f"{path} is damaged: the shard file {name} it names in "
+                             f"{os.path.basename(folder)} is {wrong}; nothing was loaded from "
+                             "it. Resume from a copy, or move it away to start afresh")
+
+
+def _file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _check_fits(ckpt, path, model, optimizer):
@@ -2687,12 +2802,21 @@ def _check_resumable(store, ck, record, epochs, steps=None):
                          + (f" and part of epoch {done}" if ck["step"] else "")
                          + f"; epochs={epochs} is the total, counting those: pass epochs >= "
                            f"{done}")
-    if (ck["scheduler"] is None) != (store.scheduler is None):
+    if (ck["scheduler"] is None) != (store.scheduler is None) or isinstance(
+            store.scheduler, dict) and set(ck["scheduler"]) != set(store.scheduler):
         raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
-                         "scheduler; resume with the same setup")
+                         "scheduler (or with others); resume with the same setup")
     if (ck.get("scaler") is None) != (store.scaler is None):
         raise ValueError(f"{path} was saved {'with' if ck.get('scaler') else 'without'} "
                          "precision='fp16' (its GradScaler); resume with the same precision")
+    saved = (ck.get("settings") or {}).get("columns") or {}
+    given = (store.settings or {}).get("columns") or {}
+    other = [f"{k} {given.get(k)} (last.pt: {saved.get(k)})" for k in {**saved, **given}
+             if saved and given and saved.get(k) != given.get(k)]
+    if other:
+        raise ValueError(f"{path} has other values in its history's columns: {'; '.join(other)}"
+                         ": the history would mix two quantities in one column; resume with the "
+                         "same metrics, loss_fn and validation set, or start a new directory")
     notes = [line for line in [_changed_settings(store, ck)] if line]
     with contextlib.suppress(KeyError, TypeError):  # optimizers that do not fit: refused next
         given = _group_rates(store.optimizer)
@@ -2704,6 +2828,34 @@ def _check_resumable(store, ck, record, epochs, steps=None):
         notes.append(f"last.pt was written by {ranks} processes, this run has "
                      f"{store.world.size}: it goes on, but no longer bit for bit")
     return notes
+
+
+def _settings(train, train_data, batch_size, shuffle, drop_last, accumulate, precision,
+              metrics, loss_fn, val, **_):
+    """How the run trains (a DataLoader's own batch size), and what each column of its
+    history is: saved in last.pt, compared on resume."""
+    return {"batch_size": getattr(train, "batch_size", batch_size), "shuffle": shuffle,
+            "drop_last": drop_last, "accumulate": accumulate, "precision": precision,
+            "rows": _rows(train), "batches": train_data.steps,
+            "columns": _columns(metrics, loss_fn, val)}
+
+
+def _rows(data):
+    """The rows of the training data, where they can be counted."""
+    with contextlib.suppress(TypeError, AttributeError):
+        return len(data[0] if _is_pair(data) else data if torch.is_tensor(data) else data.dataset)
+    return None
+
+
+def _columns(metrics, loss_fn, val):
+    """What each column of the history is (compared on resume): each metric's function,
+    the loss's type, the validation set's rows."""
+    def name(fn):
+        fn = getattr(fn, "fn", fn)  # a whole_set metric's function
+        return getattr(fn, "builtin", None) or getattr(fn, "__qualname__", type(fn).__name__)
+    return {"loss": name(type(loss_fn) if isinstance(loss_fn, torch.nn.Module) else loss_fn),
+            **{k: name(fn) if not isinstance(fn, str) else fn for k, fn in (metrics or {}).items()},
+            **({} if val is None else {"val rows": _rows(val)})}
 
 
 def _group_rates(optimizer, states=None):
@@ -2726,7 +2878,7 @@ def _changed_settings(store, ck):
     if not isinstance(saved, dict) or given is None:  # written before settings were kept
         return None
     changed = [f"{k} {given[k]!r} (last.pt: {saved[k]!r})" for k in given
-               if k in saved and saved[k] != given[k]]
+               if k in saved and saved[k] != given[k] and k != "columns"]
     if not changed:
         return None
     if ck["step"]:
@@ -3024,12 +3176,15 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
     if train_step is not None:  # the user's own step: loops' step options have no place
         given = [f"{k}={v!r}" for k, v, unset in (
             ("precision", precision, None), ("accumulate", accumulate, 1),
-            ("clip_grad_norm", clip_grad_norm, None),
-            ("scheduler_interval", scheduler_interval, "epoch")) if v != unset]
+            ("clip_grad_norm", clip_grad_norm, None)) if v != unset]
         if given:
             raise ValueError(f"{given[0]} is an option of loops' own step, and train_step makes "
                              "its own: do that inside train_step (autocast, several batches a "
-                             "step, clip_grad_norm_, the scheduler's step)")
+                             "step, clip_grad_norm_)")
+        if metrics and val is None:
+            raise ValueError("metrics= with train_step are computed in validation only (the "
+                             "training values are those train_step returns): give val= too, "
+                             "or return them from train_step")
     _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                     scheduler_interval=scheduler_interval, precision=precision,
                     clip_grad_norm=clip_grad_norm, accumulate=accumulate,
@@ -3052,13 +3207,14 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
     if (resume or save_every is not None) and checkpoint is None:
         raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
                          "last.pt is")
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and (
-            scheduler_interval == "step"):
+    if scheduler_interval == "step" and any(isinstance(
+            s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in _named(scheduler).values()):
         raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
                          "'epoch'")
-    if scheduler is not None and checkpoint is not None and hasattr(scheduler, "state_dict"):
+    if scheduler is not None and checkpoint is not None and all(
+            hasattr(s, "state_dict") for s in _named(scheduler).values()):
         try:  # now, not after an epoch, when last.pt could not hold the scheduler's state
-            _check_plain(scheduler.state_dict(), "the scheduler's state_dict()")
+            _check_plain(_state_of(scheduler), "the scheduler's state_dict()")
         except TypeError as e:
             raise TypeError(f"{str(e).removeprefix('save_checkpoint: ')}. last.pt could not "
                             "hold it, so this run could not be resumed: keep functions and "
@@ -3157,8 +3313,13 @@ def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                              f"torch.optim.{type(opt).__name__}(model.parameters(), ...)")
     _must("scheduler_interval", scheduler_interval, scheduler_interval in ("epoch", "step"),
           "'epoch' or 'step'")
-    if scheduler is not None and not hasattr(scheduler, "step"):
-        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+    if isinstance(scheduler, dict) and set(scheduler) != set(_named(optimizer)):
+        raise ValueError(f"scheduler is a dict with the keys {sorted(scheduler)}; expected one "
+                         f"scheduler per optimizer, keyed like them: {sorted(_named(optimizer))}")
+    for name, sched in _named(scheduler).items():
+        if not hasattr(sched, "step"):
+            raise TypeError(f"scheduler{f'[{name!r}]' if name else ''} must have a step() "
+                            f"method, got {type(sched).__name__}")
     _must("clip_grad_norm", clip_grad_norm, clip_grad_norm is None or _is_number(
         clip_grad_norm) and clip_grad_norm > 0, "a positive number or None")  # nan too
     _must("accumulate", accumulate, _is_int(accumulate, 1), "an int >= 1")
@@ -3277,7 +3438,7 @@ def _check_monitor(monitor, keys, *, has_val, later):
     if not isinstance(monitor, str) or monitor in _NOT_VALUES or monitor.startswith("lr_") or (
             monitor not in keys and not later):
         raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
-                         f"{', '.join(k for k in keys if k not in _NOT_VALUES)}"
+                         f"{', '.join(k for k in keys if k not in _NOT_VALUES and k[:3] != 'lr_')}"
                          + ("" if has_val or not str(monitor).startswith("val_")
                             else " (val_ values need val=)"))
 
@@ -3404,35 +3565,51 @@ def _refuse_batch(batch, what):
                     "(x, y) from the Dataset's __getitem__")
 
 
-def _check_step_values(values):
-    """train_step's values: a dict {name: scalar tensor}."""
+def _check_step_values(values, names=None, step=None, *, monitor=None):
+    """train_step's values: a dict {name: scalar tensor}; at later steps the first step's
+    ``names``; at the first, the ``monitor`` among them when only train_step can give it."""
+    at = "" if step is None else f" at step {step} (as on_batch_end counts)"
     if not isinstance(values, dict) or not values:
-        raise TypeError(f"train_step returned {_describe(values)}; expected a dict "
+        raise TypeError(f"train_step returned {_describe(values)}{at}; expected a dict "
                         "{name: scalar tensor} of the batch's means, e.g. {'loss': loss}")
+    if names is not None and values.keys() != set(names):
+        raise ValueError(f"train_step returned {list(values)}{at}; its first step returned "
+                         f"{names}: return the same names at every step")
     for k, v in values.items():
         if not isinstance(k, str) or k in _NOT_VALUES or k.startswith(("val_", "lr_")):
             raise ValueError(f"train_step returned the name {k!r}; use names that are not "
                              f"{', '.join(_NOT_VALUES)} and start neither with 'val_' nor 'lr_'")
         if not (torch.is_tensor(v) and v.numel() == 1):
-            raise ValueError(f"train_step returned {k!r}: {_describe(v)}; expected a scalar "
-                             "tensor, the batch's mean (loss.detach() is fine)")
+            raise ValueError(f"train_step returned {k!r}: {_describe(v)}{at}; expected a "
+                             "scalar tensor, the batch's mean (loss.detach() is fine)")
+    if monitor is not None and not monitor.startswith("val_") and monitor not in values:
+        raise ValueError(f"train_step returned {list(values)}, not {monitor!r}, the monitor: "
+                         "return it too, or pass monitor= one of those (and mode=)")
 
 
 def _check_val_values(values, logs):
-    """val_fn's return: {name: number}."""
+    """val_fn's return: {name: number}, none of the names the epoch's logs have already."""
     if not isinstance(values, dict) or not all(
             isinstance(k, str) and _is_number(v) for k, v in values.items()):
         raise TypeError(f"val_fn returned {values!r:.80}; expected a dict {{name: float}} "
                         "(a tensor's value with .item())")
+    taken = [k for k in values if k in logs or k in _NOT_VALUES or k.startswith("lr_")]
+    if taken:
+        raise ValueError(f"val_fn returned {taken[0]!r}, a name the epoch's values have "
+                         f"already ({', '.join(logs)}, lr, time, best_epoch): it would "
+                         "overwrite that column; name yours otherwise")
 
 
 def _check_logs(logs, record):
     """An epoch's values have the names of the run's history, the monitor among them."""
-    if list(logs) != list(record.history) or record.monitor not in logs:
+    if list(logs) != list(record.history):
         raise ValueError(f"epoch {logs['epoch']} has the values {list(logs)}; the run "
-                         f"records {list(record.history)} and monitors {record.monitor!r}: "
-                         "train_step and val_fn return the same names each time, and "
-                         "monitor= names one of them")
+                         f"records {list(record.history)}: train_step and val_fn return the "
+                         "same names each time")
+    if record.monitor not in logs:
+        raise ValueError(f"the monitor {record.monitor!r} is none of the epoch's values "
+                         f"({', '.join(k for k in logs if k not in _NOT_VALUES)}): pass "
+                         "monitor= one of them")
 
 
 # what the checks share

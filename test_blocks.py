@@ -6,9 +6,12 @@ restore_best; evaluate; predict) must give the full file's numbers bit for bit, 
 asking the copy for a deleted feature must be an error that names its block (by
 argument, attribute or `from loops import`).
 """
+import ast
+import builtins
 import os
 import re
 import subprocess
+import symtable
 import sys
 import tempfile
 import unittest
@@ -205,6 +208,36 @@ class DeletedBlocksTest(unittest.TestCase):
         core = without(source, BLOCKS)
         self.assertLessEqual(len(core.splitlines()), 1800)
         self.assertEqual(source.count(".backward("), 1)  # one step path for every kind of step
+
+    def test_every_name_a_copy_uses_is_defined_in_it(self):
+        # A block that uses a module or a helper of another block (warnings, say) would fail
+        # in a copy without that block, on a path the runs above may not take: every global
+        # name each function reads must be defined in the copy (or be a builtin).
+        with open(os.path.join(HERE, "loops.py")) as f:
+            source = f.read()
+        for names in [()] + [(name,) for name in BLOCKS] + [BLOCKS]:
+            copy = without(source, names)
+            tree = ast.parse(copy)
+            defined = set(dir(builtins)) | {"__file__", "__name__"}
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            for node in tree.body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    defined.add(node.name)
+                for t in ast.walk(node) if isinstance(node, (ast.Assign, ast.AugAssign)) else ():
+                    if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store):
+                        defined.add(t.id)
+            used = set()
+
+            def visit(table):
+                for sym in table.get_symbols():
+                    if sym.is_global() and sym.is_referenced():
+                        used.add(sym.get_name())
+                for child in table.get_children():
+                    visit(child)
+            visit(symtable.symtable(copy, "loops.py", "exec"))
+            self.assertEqual(sorted(used - defined), [], f"undefined without {names}")
 
     def test_without_removes_exactly_the_block(self):
         text = ("a\n# --- optional: x ---\nb\n# --- end of x ---\nc\n"

@@ -2,6 +2,7 @@
 import atexit
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,14 @@ if mode == "all":  # DDP: faults, accumulation, a fit, the DDP chain's reference
                   epochs=1, verbose=0)
     except ValueError as e:
         report["sampler"] = str(e)
+    from torch.utils.data.distributed import DistributedSampler
+    val_set = torch.utils.data.TensorDataset(*val)  # 37 rows: the sampler repeats one
+    try:
+        loops.fit(model, train, torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                  epochs=1, verbose=0, val=torch.utils.data.DataLoader(
+                      val_set, batch_size=8, sampler=DistributedSampler(val_set, shuffle=False)))
+    except ValueError as e:
+        report["val sampler"] = str(e)
     X, y = train
     if rank == 1:  # a NaN in rank 1's half of the second global batch (rows 24-31)
         X = X.clone()
@@ -189,6 +198,27 @@ if mode == "all":  # FSDP2: a sharded fit as "fit" does, then the rest on the sa
                   on_batch_end=poison)
     except FloatingPointError as e:
         report["poisoned"] = str(e)
+    class Tied(torch.nn.Module):  # an embedding and a head that share one weight
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(self.emb(x))))
+    torch.manual_seed(0)
+    model, _ = loops.setup_distributed(Tied(), shard=True)
+    tokens = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(3))
+    report["tied"] = loops.fit(model, (tokens, tokens), torch.nn.CrossEntropyLoss(),
+                               torch.optim.Adam(model.parameters(), 0.05), epochs=3,
+                               batch_size=8, val=(tokens, tokens), seed=0, verbose=0)
+    for name, make in (("tied class", lambda: loops.setup_distributed(
+            Tied(), shard=(torch.nn.Embedding,))), ("module dict", lambda: loops.setup_distributed(
+            torch.nn.ModuleDict({"G": torch.nn.Linear(2, 2)}), shard=True))):
+        try:
+            make()
+        except ValueError as e:
+            errors[name] = str(e)
     torch.save(report, f"{out}/shard{rank}.pt")
     # then the kill chains' reference: their run, uninterrupted
     mode, ck, epochs, saved = "shard-resume-sharded", ck + "-shard-reference", 5, "shard-reference"
@@ -215,6 +245,20 @@ if mode.startswith("shard-resume"):  # "shard-resume-full" / "-sharded"; DIE=k: 
 
 if mode == "resume":  # the DDP chain's launches
     ddp_run("resume", ck, epochs, "rank")
+
+if mode == "alone":  # a sharded model's evaluate called on rank 0 only
+    model, _ = loops.setup_distributed(Net(0), shard=True)
+    loops._RANKS_WAIT, said, t0 = 3, "", time.time()
+    if rank == 0:
+        try:
+            loops.evaluate(model, val, torch.nn.BCELoss())
+        except RuntimeError as e:
+            said = str(e)
+    else:
+        time.sleep(8)  # the other rank is elsewhere, and calls no collective
+    with open(f"{out}/alone{rank}.json", "w") as f:
+        json.dump({"said": said, "seconds": time.time() - t0}, f)
+    os._exit(0)  # the group has a collective that timed out: leave without its teardown
 """
 
 
@@ -320,8 +364,8 @@ def start_jobs():
     os.mkdir(out)                                    # sharded reference run on 3 ranks
     os.mkdir(out + "3")
     JOBS["all"] = (Chain((("all", out, ck, 3, 8), {}, 2), (
-        ("shard-resume-sharded", out + "3", ck + "-shard-reference", 6, 8), {}, 3)),
-        out, ck, where)
+        ("shard-resume-sharded", out + "3", ck + "-shard-reference", 6, 8), {}, 3),
+        (("alone", out, ck + "-alone", 1, 8), {}, 2)), out, ck, where)
     where = tempfile.TemporaryDirectory()  # DDP: a kill -9 of rank 0 in epoch 2, then on
     out, ck = os.path.join(where.name, "out"), os.path.join(where.name, "run")
     os.mkdir(out)
@@ -475,6 +519,11 @@ class DistributedTest(JobTest):
         self.assertIn("not wrapped in DistributedDataParallel", reports[0]["unwrapped"])
         self.assertIn("needs a DistributedSampler", reports[0]["sampler"])
         self.assertRegex(reports[0]["nan"], r"^epoch 1: loss is nan at step 2 on rank 1")
+        # a DistributedSampler pads validation (37 rows over 2 ranks: one counted twice,
+        # 23/38 where the set gives 23/37): refused, saying what to pass instead
+        self.assertIn("a DistributedSampler makes 37 rows even over 2 ranks",
+                      reports[0]["val sampler"])
+        self.assertIn("val=(X, y)", reports[0]["val sampler"])
 
 
 def plain_net():
@@ -580,6 +629,57 @@ class ShardedTest(JobTest):
         self.assertIn("setup_distributed(model, shard=True, precision='bf16')",
                       errors["precision"])
         self.assertIn("['net.0.weight'] are plain tensors", errors["mixed"])
+
+    def test_tied_weights_shard_whole_and_what_cannot_work_is_refused_at_setup(self):
+        # Tied weights failed in validation with advice setup_distributed could not follow; a
+        # ModuleDict root failed inside FSDP ("containers that do not implement forward").
+        (r0, r1), _ = self.shard_report()
+        self.assertEqual(without_time(r0["tied"]), without_time(r1["tied"]))
+        self.assertLess(r0["tied"]["val_loss"][-1], r0["tied"]["val_loss"][0])
+        self.assertRegex(r0["errors"]["tied class"], r"the Embedding's \['weight'\] are tied to "
+                                                     r"weights outside it.*shard=True")
+        self.assertIn("is a ModuleDict, which has no forward", r0["errors"]["module dict"])
+
+    def test_evaluate_on_one_rank_alone_says_every_rank_must_call_it(self):
+        # It waited for gloo's 30-minute timeout (the common `if rank == 0:` pattern)
+        rc, _, err, out, _ = job("all")
+        alone = JOBS["all"][0].results[2]
+        self.assertEqual(alone[0], 0, alone[2][-3000:])
+        with open(os.path.join(out, "alone0.json")) as f:
+            said = json.load(f)
+        self.assertIn("must run on every rank together", said["said"])
+        self.assertLess(said["seconds"], 60)
+
+    def test_a_damaged_shard_directory_is_refused_naming_the_file(self):
+        # 8 flipped bytes in a shard file resumed without complaint; a deleted one, or its
+        # .metadata, gave raw tracebacks. consolidate reads them as a resume does.
+        import shutil
+        job("all")
+        ck = JOBS["all"][2] + "-shard-reference"
+        last = loops.load_checkpoint(os.path.join(ck, "last.pt"))
+        shards = os.path.join(ck, last["shards"])
+        files = sorted(os.listdir(shards))
+        self.assertEqual(sorted(last["shard_sums"]), files)
+        data_file = next(n for n in files if n.endswith(".distcp"))
+        for name, damage in (("flipped", lambda p: self.flip(p)), ("deleted", os.remove),
+                             (".metadata", None)):
+            with self.subTest(name):
+                copy = tempfile.mkdtemp()
+                shutil.copytree(ck, copy, dirs_exist_ok=True)
+                target = os.path.join(copy, last["shards"],
+                                      ".metadata" if damage is None else data_file)
+                (damage or os.remove)(target)
+                with self.assertRaisesRegex(ValueError, "last.pt is damaged: the shard file "
+                                                        f"{re.escape(os.path.basename(target))} "
+                                                        "it names .* is (changed|missing)"):
+                    loops.consolidate(copy)
+
+    def flip(self, path):
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(8)
+            f.seek(-8, 1)
+            f.write(bytes(x ^ 0xFF for x in b))
 
     def test_a_nan_on_one_rank_or_in_one_ranks_shard_stops_every_rank(self):
         (r0, r1), ck = self.shard_report()

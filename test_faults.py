@@ -745,8 +745,9 @@ class DamagedLastTest(Quiet):
             good = f.read()
         ck = torch.load(path, weights_only=True)
 
-        def changed(**kw):
-            return {k: v for k, v in {**ck, **kw}.items() if v is not DROP}
+        def changed(**kw):  # without the checksum: these are what a file that has none
+            return {k: v for k, v in {**ck, **kw}.items()  # (an older one) is checked for
+                    if v is not DROP and k != "checksum"}
         DROP = object()
         cases = {
             "zero bytes": (b"", "is not a plain checkpoint"),
@@ -813,8 +814,8 @@ class DamagedLastTest(Quiet):
         with open(path, "rb") as f:
             good = f.read()
 
-        def changed(**kw):
-            return {**ck, **kw}
+        def changed(**kw):  # without the checksum: these are what a file that has none
+            return {k: v for k, v in {**ck, **kw}.items() if k != "checksum"}  # is checked for
         rng, opt_state = ck["rng"], ck["optimizer"]
         first = next(iter(opt_state["state"]))
         cases = {
@@ -1320,6 +1321,155 @@ class FailFastTest(Quiet):
         with self.assertRaisesRegex(ValueError, r"shape \(32, 1\); expected a scalar"):
             self.fit(model, (X, y), torch.nn.BCELoss(reduction="none"),
                      torch.optim.SGD(model.parameters(), 0.1), epochs=1)
+
+
+class RoundFourTest(Quiet):
+    """What an adversarial test found at the seams and on resume (issue 37)."""
+
+    def test_best_pt_is_never_ahead_of_last_pt_after_a_crash_between_them(self):
+        # best.pt was written before last.pt: a crash between the two left best.pt holding
+        # epoch 3 and last.pt epoch 2; a resumed epoch 3 that did not improve (here val_fn
+        # says so; a changed batch size or GPU nondeterminism would do it) kept that best.pt,
+        # and restore_best loaded weights of no epoch in the history.
+        X, y = binary_data(64)
+        d = self.tmpdir()
+        scores = iter([1.0, 2.0, 3.0])
+
+        def val_fn(model):
+            return {"score": next(scores, 0.0)}
+
+        def run(epochs):
+            model = mlp()
+            return model, self.fit(model, (X, y), torch.nn.BCELoss(),
+                                   torch.optim.Adam(model.parameters(), 1e-2), epochs=epochs,
+                                   batch_size=16, checkpoint=d, resume=True, val_fn=val_fn,
+                                   monitor="score", mode="max", restore_best=True, seed=0)
+        real, written = loops.save_checkpoint, []
+
+        def crash_between_the_epoch_3_files(path, model, optimizer=None, **state):
+            if state.get("epoch") == 3:
+                written.append(os.path.basename(path))
+                if len(written) == 2:
+                    raise Interrupt  # the second of epoch 3's files never comes
+            return real(path, model, optimizer, **state)
+        with mock.patch.object(loops, "save_checkpoint", crash_between_the_epoch_3_files), \
+                self.assertRaises(Interrupt):
+            run(3)
+        model, h = run(4)  # the resumed epochs do not improve: epoch 3 stays the best
+        best = loops.load_checkpoint(os.path.join(d, "best.pt"))
+        self.assertEqual(best["epoch"], h["best_epoch"][-1])
+        self.assertEqual(best["value"], h["score"][best["epoch"] - 1])
+        self.assertTrue(all(torch.equal(v, best["model"][k])
+                            for k, v in model.state_dict().items()))  # restore_best's weights
+
+    def test_val_fn_names_that_are_taken_are_refused(self):
+        # They overwrote the column silently; {"epoch": 123} even left a run that could not
+        # be resumed ("damaged ... for epoch 123").
+        X, y = binary_data(40)
+        for name in ("val_loss", "loss", "acc", "epoch", "lr", "best_epoch", "d_loss"):
+            with self.subTest(name):
+                model = mlp()
+                d = self.tmpdir()
+
+                def step(model, batch, opt):
+                    opt.zero_grad()
+                    loss = torch.nn.functional.binary_cross_entropy(model(batch[0]), batch[1])
+                    loss.backward()
+                    opt.step()
+                    return {"d_loss": loss}
+                own = {"train_step": step} if name == "d_loss" else {}
+                with self.assertRaisesRegex(ValueError, rf"val_fn returned '{name}', a name "
+                                                        "the epoch's values have already"):
+                    self.fit(model, (X, y), torch.nn.BCELoss(),
+                             torch.optim.SGD(model.parameters(), 0.1), epochs=2, val=(X, y),
+                             metrics={"acc": "binary_accuracy"}, checkpoint=d,
+                             val_fn=lambda m: {name: 123.0}, **own)
+                self.assertFalse(os.path.exists(os.path.join(d, "last.pt")))
+
+    def test_a_resume_that_would_mix_two_quantities_in_a_column_is_refused(self):
+        # mae -> rmse under one name, another loss, another validation set: all continued
+        # silently, and the README said other metrics were refused.
+        X, y = binary_data(60)
+
+        def run(d, loss_fn=torch.nn.BCELoss(), metric="mae", val=(X[:30], y[:30]), **kw):
+            model = mlp()
+            return self.fit(model, (X, y), loss_fn, torch.optim.SGD(model.parameters(), 0.1),
+                            epochs=kw.pop("epochs", 2), val=val, metrics={"m": metric},
+                            checkpoint=d, resume=True, **kw)
+        d = self.tmpdir()
+        run(d)
+        for change, says in ((dict(metric="rmse"), "m rmse \\(last.pt: mae\\)"),
+                             (dict(metric=lambda p, y: (p - y).abs().mean()),
+                              "m .*<lambda> \\(last.pt: mae\\)"),
+                             (dict(loss_fn=torch.nn.MSELoss()), "loss MSELoss \\(last.pt: BCELoss\\)"),
+                             (dict(val=(X[:20], y[:20])), "val rows 20 \\(last.pt: 30\\)")):
+            with self.subTest(says):
+                with self.assertRaisesRegex(ValueError, "other values in its history's columns: "
+                                                        + says):
+                    run(d, epochs=3, **change)
+        self.assertEqual(run(d, epochs=3)["epoch"], [1, 2, 3])  # the same setup goes on
+
+    def test_a_dataloaders_batch_size_changed_inside_an_epoch_is_refused(self):
+        # fit's unused batch_size=32 was recorded for a DataLoader: a resume with another
+        # loader batch size (the same number of batches) skipped the wrong rows.
+        X, y = binary_data(60)
+        d = self.tmpdir()
+
+        def loader(b):  # 60 rows in batches of 10 or of 11: 6 batches either way
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), b)
+
+        def stop(step, loss):
+            if step == 9:
+                raise Interrupt
+        with mock.patch.object(loops, "_TICK_SECONDS", 0), self.assertRaises(Interrupt):
+            model = mlp()
+            self.fit(model, loader(10), torch.nn.BCELoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=3, checkpoint=d,
+                     save_every=0, on_batch_end=stop)
+        self.assertEqual(loops.load_checkpoint(os.path.join(d, "last.pt"))["step"], 2)
+        model = mlp()
+        with self.assertRaisesRegex(ValueError, "stopped inside epoch 2, at batch 2, and this "
+                                                "run changes batch_size 11 \\(last.pt: 10\\)"):
+            self.fit(model, loader(11), torch.nn.BCELoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=3, checkpoint=d,
+                     resume=True, save_every=0)
+
+    def test_a_checkpoint_damaged_on_disk_is_refused_by_its_checksum(self):
+        # 8 flipped bytes of a weight in last.pt resumed without complaint (the loss went to
+        # 2.6e25): each file carries a checksum of what it holds, verified as it is read.
+        X, y = binary_data(60)
+        d = self.tmpdir()
+
+        def run(model, **kw):
+            return self.fit(model, (X, y), torch.nn.BCELoss(),
+                            torch.optim.Adam(model.parameters(), 1e-2), epochs=3, batch_size=16,
+                            checkpoint=d, **kw)
+        model = mlp()
+        run(model, resume=True)
+        weight = model.state_dict()["0.weight"]
+        for name in ("last.pt", "best.pt"):
+            with self.subTest(name):
+                path = os.path.join(d, name)
+                with open(path, "rb") as f:
+                    good = f.read()
+                at = good.index(weight.numpy().tobytes())  # the weight's bytes, stored as is
+                bad = bytearray(good)
+                bad[at:at + 8] = bytes(b ^ 0xFF for b in bad[at:at + 8])
+                with open(path, "wb") as f:
+                    f.write(bad)
+                fresh = mlp(seed=5)
+                before = {k: v.clone() for k, v in fresh.state_dict().items()}
+                with self.assertRaisesRegex(ValueError, f"{re.escape(path)} is damaged: what it "
+                                                        "holds no longer matches the checksum"):
+                    if name == "last.pt":
+                        run(fresh, resume=True)
+                    else:
+                        loops.load_checkpoint(path, fresh)
+                self.assertTrue(all(torch.equal(v, fresh.state_dict()[k])
+                                    for k, v in before.items()))  # nothing was loaded
+                with open(path, "wb") as f:
+                    f.write(good)
+                loops.load_checkpoint(path, fresh)  # the file as written loads
 
 
 if __name__ == "__main__":
