@@ -267,24 +267,25 @@ class _Stepper:
 
     def step(self, model, group):
         """One optimizer step on a group of batches (one, or ``accumulate``), its gradients
-        all-reduced once (DDP: on the last batch); [(loss, y_pred, y)] of each batch."""
+        all-reduced once (DDP: on the last batch); [(loss, y_pred, y)] of each, detached."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.shares = self._shares(group) if len(group) > 1 else [None]
-        no_sync = self.world.no_sync(model) if len(group) > 1 else None
-        done = []
-        for i, (batch, share) in enumerate(zip(group, self.shares)):
-            with no_sync() if no_sync is not None and i < len(group) - 1 else _NO_CONTEXT:
-                done.append(self._backward(model, batch, share))
-        self._update(model)
-        return done
+        if len(group) == 1:
+            self.shares, done = (None,), [self._backward(model, group[0])]
+        else:
+            self.shares, no_sync, done = self._shares(group), self.world.no_sync(model), []
+            for i, (batch, share) in enumerate(zip(group, self.shares)):
+                with no_sync() if no_sync is not None and i < len(group) - 1 else _NO_CONTEXT:
+                    done.append(self._backward(model, batch, share))
+        self._update(model)  # detached only now: fewer handoffs of the GIL as the graph goes
+        return [(loss.detach(), y_pred.detach(), y) for loss, y_pred, y in done]
 
     def _backward(self, model, batch, share=None):
         """Forward, loss, and the backward of the loss times its ``share`` of the group (None:
-        all of it). A function of its own, so that the graph dies before the next batch."""
+        all of it): the file's one backward, which frees the graph before the next batch."""
         loss, y_pred, y = self.seam(model, batch)
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-        return loss.detach(), y_pred.detach(), y
+        return loss, y_pred, y
 
     def _own_step(self, model, group):
         """train_step's step: [(None, None, batch, its values detached)], the values being
@@ -317,7 +318,7 @@ class _Stepper:
         """The batches in groups of ``accumulate`` (the last may be shorter), one step
         each; a group never spans two epochs."""
         if self.accumulate == 1:
-            return ([b] for b in batches)
+            return zip(batches)  # (batch,) tuples
         it = iter(batches)
         return iter(lambda: list(itertools.islice(it, self.accumulate)), [])
 
