@@ -57,6 +57,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
 import torch
@@ -182,10 +183,7 @@ def evaluate(model, data, loss_fn=None, *, metrics=None, batch_size=256, device=
     source = _source(data, what="data", batch_size=batch_size, device=device,
                      pairs=forward is None)
     seam = _seam(loss_fn, forward, precision, device)
-    logs = _read([_evaluate_pass(model, source, seam, _metric_table(metrics, loss_fn))])[0]
-    if loss_fn is None:
-        del logs["loss"]
-    return logs
+    return _read([_evaluate_pass(model, source, seam, _metric_table(metrics, loss_fn))])[0]
 
 
 def predict(model, X_or_data, *, batch_size=256, device=None, precision=None, forward=None):
@@ -283,6 +281,8 @@ class _Stepper:
         """Forward, loss, and the backward of the loss times its ``share`` of the group (None:
         all of it): the file's one backward, which frees the graph before the next batch."""
         loss, y_pred, y = self.seam(model, batch)
+        if loss is None:  # no loss_fn, and forward returned no loss of the model's own
+            _maybe("_refuse_loss", loss)
         scaled = loss if share is None else loss * share
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss, y_pred, y
@@ -364,26 +364,27 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: entered at every step that s
 
 def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
     """``(loss, y_pred, y)`` of a batch, under ``cast()`` (autocast) if given: the one place
-    where a batch meets the model and the loss, for training, evaluation and predict."""
+    where a batch meets the model and the loss, for training, evaluation and predict. The
+    loss is the model's own, if ``forward`` returns it third, else ``loss_fn``'s (or None)."""
     if cast is not None:
         with cast():
             return _forward_loss(model, batch, loss_fn, None, forward)
+    loss = None
     if forward is None:
         xb, y = batch
         y_pred = model(xb)
     else:
         out = forward(model, batch)
-        if type(out) not in (tuple, list) or len(out) != 2:
+        if type(out) not in (tuple, list) or len(out) not in (2, 3):
             _maybe("_check_pair", out)
-        y_pred, y = out
-    if loss_fn is None:
-        return None, y_pred, y
-    try:
-        loss = loss_fn(y_pred, y)
-    except Exception as e:  # costs nothing until it raises
-        _maybe("_check_output", y_pred, forward, e)
-        raise
-    if not isinstance(loss, torch.Tensor) or loss.ndim:  # every step, but no host read
+        y_pred, y, loss = out if len(out) == 3 else (*out, None)
+    if loss is None and loss_fn is not None:
+        try:
+            loss = loss_fn(y_pred, y)
+        except Exception as e:  # costs nothing until it raises
+            _maybe("_check_output", y_pred, forward, batch, e)
+            raise
+    if loss is not None and (not isinstance(loss, torch.Tensor) or loss.ndim):  # no host read
         _maybe("_refuse_loss", loss)
     return loss, y_pred, y
 
@@ -474,7 +475,7 @@ def _epoch_logs(meter, model, plan, seam, val_fn=None):
         _evaluate_pass(model, plan.val, seam, plan.stats, meter.tried)]
     logs, *val_logs = _read([meter, *val], plan.world)
     for k, v in val_logs[0].items() if val_logs else ():
-        if k != "loss" or seam.keywords["loss_fn"] is not None:
+        if k != "loss" or "val_loss" in plan.keys:
             logs["val_" + k] = v
     if val_fn is not None:
         with _eval_mode(model):
@@ -501,11 +502,12 @@ def _evaluate_pass(model, source, seam, stats, tried=False):
     loss_fn = seam.keywords["loss_fn"]
     meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded, evaluating=True,
                    tried=tried)
-    zero = torch.zeros((), device=source.device)  # each batch's loss, without a loss_fn
+    zero = torch.zeros((), device=source.device)  # each batch's loss, without a loss
     with _eval_mode(model):
         for batch in source.epoch():
             loss, out, yb = seam(model, batch)
             meter.add(zero if loss is None else loss, out, yb)
+            meter.lossless = loss is None
     if meter.steps == 0 and not source.sharded:  # a rank's share of a small set may be empty
         raise ValueError("the evaluation data yielded no batches; expected at least one")
     return meter
@@ -568,7 +570,7 @@ class _Meter:
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
         self._losses, self._outs, self._ys, self._numel = [], [], [], 0
-        self.own = False  # summing train_step's values, not a loss
+        self.own = self.lossless = False  # summing train_step's values; no loss at all
         self.tried = tried  # the metrics ran on a batch of this run already (an epoch ago)
         self.first, self.monitor = first_step, monitor  # for train_step's values: the run's
         # steps before this pass (on_batch_end counts them) and the monitor they must hold
@@ -740,7 +742,7 @@ def _read(meters, world=None, final=True):
         v, i = vals[i:i + len(flat)], i + len(flat)                # stops before validation
         counts = v[len(t.flat):] if r else t.counts  # the ranks' counts follow their sums
         m.check(v[0], world if r else None if m.sharded else _ONE_PROCESS)
-        logs = {} if m.own else {"loss": v[0] / v[1] if v[1] else math.nan}
+        logs = {} if m.own or m.lossless else {"loss": v[0] / v[1] if v[1] else math.nan}
         j = 2
         for (k, st), count, size in zip(m.stats.items(), counts, t.sizes):
             if final or st.whole is None:
@@ -1238,7 +1240,8 @@ def _slices(X, y, batch_size, order, *, start=0, rows=None, rank=0, ranks=1):
         if local:
             lo = full * step + rank * local
             idx.append(order[lo:lo + local])
-        cut = [map(t.index_select, itertools.repeat(0), idx) for t in (X, y) if t is not None]
+        cut = [map(t.index_select, itertools.repeat(0), idx) if t.is_contiguous() else
+               map(t.__getitem__, idx) for t in (X, y) if t is not None]  # keeps channels_last
     return itertools.islice(zip(*cut) if len(cut) == 2 else cut[0], start, None)
 
 
@@ -1316,21 +1319,24 @@ def _to(x, device):
         return x.to(device, non_blocking=True)
     if isinstance(x, (list, tuple)):
         return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, Mapping):  # a dict, or a UserDict (Hugging Face's BatchEncoding)
+        moved = {k: _to(v, device) for k, v in x.items()}
+        with contextlib.suppress(TypeError):  # its own type, where it takes a dict
+            return type(x)(moved)
+        return moved
     return x
 
 
 def _batch_rows(x):
-    """The rows of a batch or of its targets: a tensor's first dimension; for a dict, a
-    tuple or a list of tensors, its first entry's; else len()."""
+    """The rows of a batch or of its targets: a tensor's first dimension; for a mapping (a
+    dict, a BatchEncoding), a tuple or a list of tensors, its first entry's; else len()."""
     if isinstance(x, torch.Tensor):  # not torch.is_tensor: a Python call per batch
         return x.shape[0]
     if isinstance(x, int):  # already a count (train_step's batches)
         return x
-    first = next(iter(x.values()), None) if isinstance(x, dict) else (
+    first = next(iter(x.values()), None) if isinstance(x, Mapping) else (
         x[0] if isinstance(x, (tuple, list)) and x else None)
-    return _batch_rows(first) if isinstance(first, (torch.Tensor, dict, tuple, list)) else len(x)
+    return _batch_rows(first) if isinstance(first, (torch.Tensor, Mapping, tuple, list)) else len(x)
 
 
 def _is_pair(data):
@@ -1675,11 +1681,12 @@ def _plan(world, model, train, loss_fn, optimizer, *, val, batch_size, val_batch
     val_data = None if val is None else _source(  # no graph in evaluation: larger batches
         val, what="val", batch_size=val_batch_size or max(batch_size, 256), device=device,
         world=world, split_rows=True, pairs=forward is None)
+    has_val_loss = val_data is not None and (  # a loss_fn's, or the model's own
+        loss_fn is not None or forward is not None and train_step is None)
     keys = ["epoch"] + ([] if train_step else ["loss", *stats])
     if val_data is not None:
-        keys += ["val_loss"] * (loss_fn is not None) + ["val_" + k for k in stats]
+        keys += ["val_loss"] * has_val_loss + ["val_" + k for k in stats]
     keys += [*_rates(optimizer), "time", "best_epoch"]
-    has_val_loss = val_data is not None and loss_fn is not None
     monitor = monitor or ("val_loss" if has_val_loss else "loss")
     _maybe("_check_monitor", monitor, keys, has_val=has_val_loss,
            later=train_step is not None or val_fn is not None)
@@ -3189,7 +3196,7 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
     _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                     scheduler_interval=scheduler_interval, precision=precision,
                     clip_grad_norm=clip_grad_norm, accumulate=accumulate,
-                    own_step=train_step is not None)
+                    own_step=train_step is not None, own_loss=forward is not None)
     for name, value in (("shuffle", shuffle), ("resume", resume), ("restore_best", restore_best)):
         _must(name, value, isinstance(value, bool), "True or False", TypeError)  # "no" is true
     for name, value, ok, expected in (
@@ -3232,6 +3239,7 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
     _check_metrics(metrics)
     _check_data(train, "train", batch_size, reused=epochs > 1, drop_last=drop_last,
                 accumulate=accumulate, ranks=_world().size, alone=train_step is not None)
+    _check_last_batch(model, train, batch_size, drop_last, _world().size)
     if val is not None:
         _check_data(val, "val", batch_size, reused=epochs > 1)
     _must("mode", mode, mode in ("auto", "min", "max"), "'auto', 'min' or 'max'")
@@ -3242,7 +3250,8 @@ def _check_train_epoch(model, data, loss_fn, optimizer, *, metrics, batch_size, 
                        precision, accumulate, forward, **_):
     _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                     scheduler_interval=scheduler_interval, precision=precision,
-                    clip_grad_norm=clip_grad_norm, accumulate=accumulate)
+                    clip_grad_norm=clip_grad_norm, accumulate=accumulate,
+                    own_loss=forward is not None)
     _must("shuffle", shuffle, isinstance(shuffle, bool), "True or False", TypeError)
     _check_callables(progress=progress, forward=forward)
     _check_metrics(metrics)
@@ -3275,7 +3284,8 @@ def _check_predict(model, X_or_data, *, batch_size, device, precision, forward):
 
 def _check_lr_find(model, train, loss_fn, optimizer, *, start_lr, end_lr, steps, batch_size,
                    device, precision, forward):
-    _check_training(model, loss_fn, optimizer, device=device, precision=precision)
+    _check_training(model, loss_fn, optimizer, device=device, precision=precision,
+                    own_loss=forward is not None)
     _check_callables(forward=forward)
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
         _must(f"lr_find: {name}", value, _is_number(value) and 0 < value < math.inf,
@@ -3290,12 +3300,14 @@ def _check_lr_find(model, train, loss_fn, optimizer, *, start_lr, end_lr, steps,
 
 def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                     scheduler_interval="epoch", clip_grad_norm=None, precision=None,
-                    accumulate=1, own_step=False):
+                    accumulate=1, own_step=False, own_loss=False):
     """What every entry point that trains is given; with the user's ``own_step`` the loss
-    may be None and the optimizer a dict of them."""
+    may be None and the optimizer a dict of them; with ``own_loss`` (a forward that may
+    return the model's loss) the loss may be None."""
     _check_model(model, device, precision)
-    if not (callable(loss_fn) or own_step and loss_fn is None):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not (callable(loss_fn) or loss_fn is None and (own_step or own_loss)):
+        raise TypeError(f"loss_fn must be callable (or None, with a forward that returns the "
+                        f"model's own loss), got {type(loss_fn).__name__}")
     if isinstance(optimizer, dict) and not own_step:
         raise TypeError("optimizer is a dict: several optimizers need your own step, "
                         "fit(..., train_step=...), which steps each of them")
@@ -3422,6 +3434,24 @@ def _check_data(data, what, batch_size, *, reused=False, drop_last=False, accumu
                                  "least one")
 
 
+def _check_last_batch(model, train, batch_size, drop_last, ranks):
+    """BatchNorm cannot train on a batch of one row (torch: "Expected more than 1 value per
+    channel", after a whole epoch's work): refused now, where the data's last batch has one."""
+    norms = [type(m).__name__ for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    rows = size = 0
+    if _is_pair(train):
+        rows, size = len(train[0]), ranks * batch_size
+    elif ranks == 1 and not getattr(train, "drop_last", True):  # a DataLoader that keeps it
+        with contextlib.suppress(TypeError, AttributeError):
+            rows, size = len(train.dataset), train.batch_size or 0
+    if norms and not drop_last and size and rows % size // ranks == 1:
+        raise ValueError(f"the last training batch would hold 1 row ({rows} rows in batches of "
+                         f"{size}), and {norms[0]} cannot train on one row: pass drop_last=True "
+                         "(DataLoader(..., drop_last=True) for a loader), or a batch size that "
+                         "leaves more rows over")
+
+
 def _check_tensors(X, y, what):
     if not (torch.is_tensor(X) and torch.is_tensor(y)):
         raise TypeError(f"{what}: expected two tensors (X, y), got "
@@ -3528,14 +3558,18 @@ def _check_pair(out):
                     "the outputs, and the targets the loss and metrics compare them with")
 
 
-def _check_output(y_pred, forward, cause=None):
-    """A model that returns something other than a tensor (a tuple of logits and extras,
-    a dict) where loops needs its outputs: the error names forward=."""
+def _check_output(y_pred, forward, batch=None, cause=None):
+    """A model that returns something other than a tensor (a tuple of logits and extras, a
+    ModelOutput) where loops needs its outputs: the error names forward=, with a lambda
+    that works on the batches given (its inputs a mapping: Hugging Face's)."""
     if forward is None and not torch.is_tensor(y_pred):
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        call = "model(**batch[0])" if isinstance(inputs, Mapping) else "model(batch[0])"
+        take = ".logits" if hasattr(y_pred, "logits") else "[0]"
         raise TypeError(f"the model returned {_describe(y_pred)}; loops needs one tensor of "
                         "outputs for the loss and the metrics: pass forward=, e.g. forward="
-                        "lambda model, batch: (model(batch[0])[0], batch[1]) to take the "
-                        "first (README, 'Make it yours')") from cause
+                        f"lambda model, batch: ({call}{take}, batch[1]) to take its "
+                        "outputs (README, 'Make it yours')") from cause
 
 
 def _check_predicted(outs, forward):
@@ -3545,6 +3579,11 @@ def _check_predicted(outs, forward):
 
 
 def _refuse_loss(loss):
+    if loss is None:
+        raise TypeError("no loss to train on: loss_fn is None, and forward returned (y_pred, "
+                        "y); pass a loss_fn, or return the model's own loss third: (y_pred, y, "
+                        "loss), e.g. out = model(**batch); return out.logits, batch['labels'], "
+                        "out.loss")
     if not torch.is_tensor(loss):
         raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
                         "(a Python number has no gradient: compute the loss with torch "
@@ -3556,14 +3595,16 @@ def _refuse_loss(loss):
 def _refuse_batch(batch, what):
     """A batch that is not an (xb, yb) pair (a dict from a Dataset returning {"x": ...,
     "y": ...} would unpack to its keys)."""
-    kind = (f"a dict with keys {list(batch)[:4]}" if isinstance(batch, dict)
-            else f"{_describe(batch)}" if torch.is_tensor(batch)
-            else f"a {type(batch).__name__}"
-            + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    kind = (f"a {type(batch).__name__} with keys {list(batch)[:4]}" if isinstance(
+        batch, Mapping) else f"{_describe(batch)}" if torch.is_tensor(batch) else
+        f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
+                                       else ""))
+    example = ("(out := model(**batch)).logits, batch['labels'], out.loss" if isinstance(
+        batch, Mapping) and "labels" in batch else "model(batch['x']), batch['y']")
     raise TypeError(f"{what}: a batch is {kind}; expected an (inputs, targets) pair. Pass "
-                    "forward=, which reads a batch of any shape (forward=lambda model, batch: "
-                    "(model(batch['x']), batch['y']); README, 'Make it yours'), or return "
-                    "(x, y) from the Dataset's __getitem__")
+                    f"forward=, which reads a batch of any shape (forward=lambda model, batch: "
+                    f"({example}); README, 'Make it yours'), or return (x, y) from the "
+                    "Dataset's __getitem__")
 
 
 def _check_step_values(values, names=None, step=None, *, monitor=None):

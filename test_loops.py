@@ -1133,6 +1133,45 @@ class InputsTest(Quiet):
         first = loops.predict(model, (X, y), forward=lambda m, b: (m(b[0])[0], b[1]))
         self.assertEqual(tuple(first.shape), (40, 3))
 
+    def test_batchnorm_and_a_last_batch_of_one_row_are_refused_before_any_step(self):
+        # torch's "Expected more than 1 value per channel", after a whole epoch's work
+        X, y = binary_data(33)  # batches of 8: 4 and one row
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                    torch.nn.ReLU(), torch.nn.Linear(16, 1), torch.nn.Sigmoid())
+        calls = []
+        model.register_forward_hook(lambda *_: calls.append(1))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8)
+        for data in ((X, y), loader):
+            with self.assertRaisesRegex(ValueError, r"the last training batch would hold 1 row "
+                                                    r"\(33 rows in batches of 8\), and "
+                                                    r"BatchNorm1d cannot train on one row: pass "
+                                                    r"drop_last=True"):
+                self.fit(model, data, torch.nn.BCELoss(),
+                         torch.optim.SGD(model.parameters(), 0.1), epochs=2, batch_size=8)
+        self.assertEqual(calls, [])
+        h = self.fit(model, (X, y), torch.nn.BCELoss(), torch.optim.SGD(model.parameters(), 0.1),
+                     epochs=2, batch_size=8, drop_last=True)
+        self.assertEqual(len(h["loss"]), 2)
+        self.assertTrue(model.training)  # fit leaves the model in training mode (README)
+
+    def test_channels_last_images_stay_channels_last_in_every_batch(self):
+        # The shuffled gather returned NCHW: a spy saw NCHW in training, channels_last in
+        # validation (conv nets on a GPU are slower in NCHW)
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(40, 3, 6, 6, generator=g).to(DEVICE, memory_format=torch.channels_last)
+        y = torch.randint(0, 2, (40,), generator=g).to(DEVICE)
+        seen = []
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                    torch.nn.Linear(64, 2)).to(DEVICE)
+        model[0].register_forward_pre_hook(lambda m, args: seen.append(
+            (m.training, args[0].is_contiguous(memory_format=torch.channels_last))))
+        for shuffle in (True, False):
+            self.fit(model, (X, y), torch.nn.CrossEntropyLoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=1, batch_size=16,
+                     val=(X, y), shuffle=shuffle)
+        self.assertEqual({fmt for training, fmt in seen if training}, {True})
+        self.assertEqual({fmt for training, fmt in seen if not training}, {True})
+
     def test_a_list_of_two_tensors_says_to_pass_a_tuple(self):
         X, y = binary_data()
         model = mlp()

@@ -2,6 +2,7 @@
 on_batch_end and whole_set metrics. Each against an oracle: a hand-written loop, a value
 computed on the whole set, scikit-learn where it is installed.
 """
+import collections
 import csv
 import os
 import tempfile
@@ -298,6 +299,95 @@ def gan_step(model, batch, optimizers):
     g_loss.backward()
     optimizers["G"].step()
     return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+class ModelsPeopleUseTest(Seams):
+    """Hugging Face's batches and outputs, without Hugging Face (test_hf.py has the real one)."""
+
+    def test_userdict_batches_are_moved_counted_by_rows_and_keep_their_type(self):
+        # A BatchEncoding (a UserDict) was not moved to the device, and under accumulate=2 a
+        # short last group was weighted by its number of keys: 0 weights equal to plain dicts.
+        X, y = classes(n=54)  # batches of 16, 16, 16, 6: groups (16, 16), (16, 6)
+        seen, runs = set(), {}
+        for kind in (dict, collections.UserDict):
+            batches = [kind(b) for b in dict_batches(X, y, 16)]
+
+            def forward(model, batch):
+                seen.add(type(batch))
+                return dict_forward(model, batch)
+            model = DictModel().to(DEVICE)
+            self.fit(model, batches, torch.nn.CrossEntropyLoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=2, accumulate=2,
+                     forward=forward)
+            runs[kind] = model
+        self.assertTrue(same_weights(runs[dict], runs[collections.UserDict]))
+        self.assertEqual(seen, {dict, collections.UserDict})  # each as it came
+
+    def test_a_model_that_computes_its_own_loss(self):
+        # Hugging Face models compute their loss when given labels: forward may return it
+        # third, with loss_fn=None (refused before); the epoch loss is the rows' mean of it.
+        class Output(collections.OrderedDict):  # a ModelOutput: keys and attributes
+            __getattr__ = collections.OrderedDict.__getitem__
+
+        class OwnLoss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = net()
+
+            def forward(self, x, labels=None):
+                logits = self.net(x)
+                out = Output(logits=logits)
+                if labels is not None:
+                    out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+                return out
+        X, y = classes(n=100)
+
+        def own(model, batch):
+            out = model(batch[0], labels=batch[1])
+            return out.logits, batch[1], out.loss
+        runs = {}
+        for name, forward, loss_fn in (
+                ("own", own, None),
+                ("loss_fn", lambda m, b: (m(b[0]).logits, b[1]), torch.nn.CrossEntropyLoss())):
+            model = OwnLoss().to(DEVICE)
+            runs[name] = model, self.fit(
+                model, (X, y), loss_fn, torch.optim.Adam(model.parameters(), 1e-2), epochs=3,
+                batch_size=16, accumulate=2, val=(X, y), forward=forward,
+                metrics={"acc": "accuracy"})
+        (a, h_own), (b, h_fn) = runs["own"], runs["loss_fn"]
+        self.assertTrue(same_weights(a, b))
+        self.assertEqual({k: v for k, v in h_own.items() if k != "time"},
+                         {k: v for k, v in h_fn.items() if k != "time"})
+        logs = loops.evaluate(a, (X, y), forward=own, metrics={"acc": "accuracy"})
+        self.assertAlmostEqual(logs["loss"], h_own["val_loss"][-1], places=12)
+        with self.assertRaisesRegex(TypeError, "no loss to train on: loss_fn is None, and "
+                                               "forward returned \\(y_pred, y\\)"):
+            self.fit(a, (X, y), None, torch.optim.SGD(a.parameters(), 0.1), epochs=1,
+                     forward=lambda m, b: (m(b[0]).logits, b[1]))
+
+    def test_the_hint_for_mapping_batches_works_on_them(self):
+        # The hint for a model that returns a tuple, model(batch[0])[0], gave a bare
+        # KeyError: 0 on dict batches; a dict batch without forward= did not name forward=.
+        class Output(collections.OrderedDict):
+            __getattr__ = collections.OrderedDict.__getitem__
+
+        class HFLike(DictModel):  # keyword inputs, labels in, a ModelOutput with its loss out
+            def forward(self, x, extra, mask, labels=None):
+                logits, _ = super().forward(x, extra, mask)
+                return Output(logits=logits, loss=torch.nn.functional.cross_entropy(
+                    logits, labels))
+        X, y = classes(n=40)
+        batches = [collections.UserDict(b) for b in dict_batches(X, y, 8)]
+        model = HFLike().to(DEVICE)
+        with self.assertRaises(TypeError) as err:
+            self.fit(model, batches, torch.nn.CrossEntropyLoss(),
+                     torch.optim.SGD(model.parameters(), 0.1), epochs=1)
+        said = str(err.exception)
+        self.assertIn("a batch is a UserDict with keys ['x', 'extra', 'mask', 'labels']", said)
+        hint = said.split("forward=lambda model, batch: ")[1].split("; README")[0]
+        h = self.fit(model, batches, None, torch.optim.SGD(model.parameters(), 0.1), epochs=2,
+                     forward=eval("lambda model, batch: " + hint))  # as the error says
+        self.assertLess(h["loss"][-1], h["loss"][0])
 
 
 class TrainStepTest(Seams):
