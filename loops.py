@@ -539,6 +539,12 @@ class _Watch:
 
 # --- exact sums ---------------------------------------------------------------
 
+def _kept_bytes(t):
+    """The bytes a meter counts for a tensor it keeps: those of 1 KiB or more."""
+    n = getattr(t, "nbytes", 0)
+    return n if n >= 1024 else 0
+
+
 class _Totals(NamedTuple):
     """A meter's sums on the device, not yet read back."""
     flat: torch.Tensor  # [loss sum, its denominator, *each metric's sums]
@@ -549,10 +555,13 @@ class _Totals(NamedTuple):
 
 class _Meter:
     """Sums of the loss and the metrics over one pass, on the device: ``add`` keeps detached
-    tensors, folded into the sums every ``_FOLD_STEPS`` steps in a few ops. Fold points
-    depend on the step count alone, so the sums do not depend on when anyone looked."""
+    tensors, folded into the sums in a few ops every ``_FOLD_STEPS`` steps, or sooner once
+    those of 1 KiB or more hold ``_PENDING`` bytes: tensors kept between a step's large
+    freed buffers keep the allocator (glibc's heap on CPU) from reusing them, and fit held
+    twice a hand loop's memory. Fold points depend on the steps and shapes alone, so the
+    sums do not depend on when anyone looked."""
     _FOLD_STEPS = 128
-    _PENDING = 1 << 22
+    _PENDING = 1 << 14
 
     def __init__(self, stats, device, loss_fn=None, *, sharded=False, evaluating=False,
                  tried=False, first_step=0, monitor=None):
@@ -569,7 +578,7 @@ class _Meter:
         self.evaluating = evaluating  # an evaluation pass: its steps are batches, not steps
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
-        self._losses, self._outs, self._ys, self._numel = [], [], [], 0
+        self._losses, self._outs, self._ys, self._held = [], [], [], 0
         self.own = self.lossless = False  # summing train_step's values; no loss at all
         self.tried = tried  # the metrics ran on a batch of this run already (an epoch ago)
         self.first, self.monitor = first_step, monitor  # for train_step's values: the run's
@@ -590,13 +599,14 @@ class _Meter:
             loss, y = out.sum(), _batch_rows(y)
         self._losses.append(loss)
         self._ys.append(y)  # its rows, and for the metrics and weights its values
+        self._held += _kept_bytes(y)
         self.steps += 1
         if self.steps == 1:  # fail at the first batch, not at a fold or never
             _maybe("_check_first_batch", self, out, y)
         if self.stats:
             self._outs.append(out)
-            self._numel += out.numel()
-        if len(self._losses) == self._FOLD_STEPS or self._numel > self._PENDING:
+            self._held += _kept_bytes(out)
+        if len(self._losses) == self._FOLD_STEPS or self._held > self._PENDING:
             self._fold()
 
     def _with_pending(self):
@@ -623,10 +633,12 @@ class _Meter:
     def _fold(self):
         self.loss_sum, self.loss_den, self.sums, self.counts, losses = self._with_pending()
         self.unchecked.append(losses)
+        if len(self.unchecked) == 8:  # a few tensors kept until the next look, not hundreds
+            self.unchecked = [torch.cat(self.unchecked)]
         if self.kept is not None:  # a whole_set metric sees every output of the epoch
             self.kept[0] += self._outs
             self.kept[1] += self._ys
-        self._losses, self._outs, self._ys, self._numel = [], [], [], 0
+        self._losses, self._outs, self._ys, self._held = [], [], [], 0
 
     def totals(self, world=None, final=True):
         """The sums so far as a _Totals, unread and unfolded (fold points stay put); when
@@ -1838,7 +1850,7 @@ def _load_meter(meter, state, step):
     losses = state["losses"]
     m._losses = [] if losses is None else list(losses.to(dev))
     m._outs, m._ys = [t.to(dev) for t in state["outs"]], [_to(t, dev) for t in state["ys"]]
-    m._numel = sum(t.numel() for t in m._outs)
+    m._held = sum(map(_kept_bytes, m._outs + m._ys))
     m.kept = _to(state["kept"], dev)
     m.steps, m.checked = step, step - len(m._losses)
 

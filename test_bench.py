@@ -48,6 +48,18 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertRegex(p.stdout, r"-?[\d.]+ us per step, -?\d+ us per epoch")  # noise may go below 0
         self.assertRegex(p.stdout, r"line_plot, 10,000 points at 72x18: [\d.]+ ms")
 
+    def test_memory_runs_report_the_peak_a_training_call_adds(self):
+        # bench.py --memory runs each of these in a process of its own; two, tiny, here
+        runs = [subprocess.Popen([sys.executable, os.path.join(HERE, "bench", "bench.py"),
+                                  "--memory-one", run, "0.2", "--quick"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for run in ("hand", "fit + accuracy + validation + checkpoint")]
+        for p in runs:
+            out, err = p.communicate(timeout=300)
+            self.assertEqual(p.returncode, 0, err[-3000:])
+            peak = json.loads(out.splitlines()[-1])["peak_mb"]
+            self.assertGreater(peak, 0)  # the call's own: the data was there before it
+
 
 if __name__ == "__main__":
     unittest.main()

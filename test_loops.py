@@ -234,9 +234,9 @@ class ExactMetricsTest(Quiet):
     """With lr=0 the model does not move, so the training epoch's value must equal the
     whole-set value too; batch size 7 leaves a short last batch."""
 
-    def run_metrics(self, model, train, val, loss_fn, names):
+    def run_metrics(self, model, train, val, loss_fn, names, batch_size=7):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        h = self.fit(model, train, loss_fn, opt, epochs=1, val=val, batch_size=7,
+        h = self.fit(model, train, loss_fn, opt, epochs=1, val=val, batch_size=batch_size,
                      metrics={n: n for n in names})
         with torch.no_grad():
             model.eval()
@@ -264,6 +264,26 @@ class ExactMetricsTest(Quiet):
         y = torch.randint(0, 4, (100,), generator=g).to(DEVICE)
         self.run_metrics(mlp(n_out=4, sigmoid=False), (X[:64], y[:64]), (X[64:], y[64:]),
                          torch.nn.CrossEntropyLoss(), ["accuracy"])
+
+    def test_large_outputs_fold_early_and_the_values_stay_the_whole_sets(self):
+        # Kept outputs of 1 KiB or more fold once they hold _PENDING bytes (memory: see
+        # bench/README.md); smaller ones wait for _FOLD_STEPS steps. Either way, exact.
+        folds, fold = [], loops._Meter._fold
+
+        def counting(meter):
+            folds.append((meter.evaluating, len(meter._losses)))
+            fold(meter)
+        g = torch.Generator().manual_seed(4)
+        X = torch.randn(400, 8, generator=g).to(DEVICE)
+        steps = loops._Meter._PENDING // (16 * 64 * 4) + 1  # 16 rows of 64 float32 logits
+        for classes, expected in ((64, [steps] * (25 // steps)), (2, [])):  # 25 steps
+            folds.clear()
+            y = torch.randint(0, classes, (400,), generator=g).to(DEVICE)
+            with mock.patch.object(loops._Meter, "_fold", counting):
+                self.run_metrics(mlp(n_out=classes, sigmoid=False), (X[:400], y[:400]),
+                                 (X[:32], y[:32]), torch.nn.CrossEntropyLoss(), ["accuracy"],
+                                 batch_size=16)
+            self.assertEqual([n for evaluating, n in folds if not evaluating], expected)
 
     def test_batches_of_varying_sequence_length(self):
         # Outputs that cannot be concatenated are summed batch by batch: the same value.

@@ -1,7 +1,8 @@
-"""Speed benchmark: loops.fit against the hand-written tutorial loop, in one process.
+"""Speed and memory benchmark: loops.fit against the hand-written tutorial loop.
 
     python bench/bench.py [--quick] [--device cuda] [--rounds N] [--only pima] [--out F]
     python bench/bench.py --instructions     (needs valgrind: counts instead of timing)
+    python bench/bench.py --memory           (peak memory: fit against the hand loop)
 
 For each workload it times, interleaved (A B C A B C ...) after a warm-up and
 on one thread, the training call of:
@@ -18,8 +19,17 @@ importable; they are never requirements. It then checks that time per epoch
 grows linearly with the data, that memory stays flat over 100 epochs, times
 plots_ascii and the imports, and (on CUDA) counts host-device synchronisations
 per epoch. Mixed precision (bf16 autocast) and gradient accumulation are each
-timed against the same technique written into the hand loop; on CUDA, fit in
+timed against the same technique written into the hand loop (accumulation: a hand
+loop that sums the same training values fit reports, the bare loop beside it); on CUDA, fit in
 bf16 is also timed against fit in fp32.
+
+--memory measures the peak memory a training call adds (its peak resident set
+minus the resident set before it: Linux's VmHWM, reset by /proc/self/clear_refs),
+each run in a process of its own: the hand loop (shuffled, .item() per step, a
+validation pass an epoch) and fit without and with a metric, validation and a
+checkpoint directory, on 60,000 rows x 200 features (48 MB), an MLP
+200-1024-1024-10, batch 256, 10,000 validation rows, 2 epochs, one thread; then
+at 2x and 4x the rows. On CUDA, torch.cuda.max_memory_allocated too.
 
 --instructions counts instead of timing: CPU instructions per epoch under
 valgrind's cachegrind (a 3-epoch run minus a 1-epoch run, halved), one thread,
@@ -222,6 +232,40 @@ def hand_accumulate_loop(w, model, opt, train, test, device):
     return time.perf_counter() - t0
 
 
+def hand_accumulate_sums_loop(w, model, opt, train, test, device):
+    """The accumulating loop computing the training values fit reports: the epoch's loss
+    and metric summed over its rows on the device and read once an epoch (no .item() per
+    batch), as fit does: what accumulate=k's fit is compared with."""
+    X, y = train
+    Xt, yt = test
+    loss_fn, (_, _, metric), b, k = w["loss"], w["metric"], w["batch"], ACCUMULATE
+    t0 = time.perf_counter()
+    for _ in range(w["epochs"]):
+        model.train()
+        perm = torch.randperm(len(X), device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        metric_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for g in range(0, len(X), b * k):
+            rows = min(b * k, len(X) - g)
+            opt.zero_grad()
+            for i in range(g, g + rows, b):
+                idx = perm[i:i + b]
+                xb, yb = X[idx], y[idx]
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                (loss * (len(idx) / rows)).backward()
+                loss_sum += loss.detach() * len(idx)
+                metric_sum += metric(out.detach(), yb)
+            opt.step()
+        train_loss, train_metric = loss_sum.item() / len(X), metric_sum.item() / len(X)
+        model.eval()
+        with torch.no_grad():
+            out = model(Xt)
+            test_loss, test_metric = loss_fn(out, yt).item(), metric(out, yt).item() / len(Xt)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def fit_call(verbose, **options):
     def run(w, model, opt, train, test, device):
         name, builtin, _ = w["metric"]
@@ -241,7 +285,8 @@ CORE = {"hand": hand_loop, "dataloader": dataloader_loop, "fit": fit_call(1),
 # Each technique against the same technique written by hand: "hand" is the unit.
 TECHNIQUES = {
     "bf16 autocast": {"hand": hand_autocast_loop, "fit": fit_call(1, precision="bf16")},
-    f"accumulate {ACCUMULATE}": {"hand": hand_accumulate_loop,
+    f"accumulate {ACCUMULATE}": {"hand": hand_accumulate_sums_loop,
+                                 "hand_bare": hand_accumulate_loop,
                                  "fit": fit_call(1, accumulate=ACCUMULATE)},
 }
 
@@ -361,6 +406,91 @@ def memory(device, quick):
             "cuda_epoch_2_mb": seen[2][1], "cuda_last_mb": seen[epochs][1]}
 
 
+MEMORY_RUNS = {  # name -> fit's options (None: the hand loop)
+    "hand": None, "fit": {}, "fit + accuracy": {"metrics": {"acc": "accuracy"}},
+    "fit + validation": {"val": True},
+    "fit + accuracy + validation + checkpoint": {"metrics": {"acc": "accuracy"}, "val": True,
+                                                  "checkpoint": True}}
+
+
+def peak_memory(run, scale, quick, device):
+    """The peak memory one training call adds, in MB: this process's peak resident set
+    during the call minus its resident set before (and on CUDA the peak allocated)."""
+    import tempfile
+    torch.set_num_threads(1)
+    n, width = (int(6000 * scale), 256) if quick else (int(60000 * scale), 1024)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(n, 200, generator=g), torch.randint(0, 10, (n,), generator=g)
+    Xv, yv = torch.randn(10000, 200, generator=g), torch.randint(0, 10, (10000,), generator=g)
+    X, y, Xv, yv = (t.to(device) for t in (X, y, Xv, yv))
+    torch.manual_seed(0)
+    model = mlp([200, width, width, 10]).to(device)
+    opt, loss_fn = torch.optim.Adam(model.parameters(), 1e-3), torch.nn.CrossEntropyLoss()
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith(key))
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM, the peak, starts again from now
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
+    options = MEMORY_RUNS[run]
+    if options is None:
+        for _ in range(2):  # the tutorial's loop: shuffled batches, .item() each step
+            model.train()
+            order = torch.randperm(n).to(device)
+            for i in range(0, n, 256):
+                xb, yb = X[order[i:i + 256]], y[order[i:i + 256]]
+                loss = loss_fn(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                loss.item()
+            model.eval()
+            with torch.no_grad():
+                hits = sum((model(Xv[i:i + 256]).argmax(1) == yv[i:i + 256]).sum().item()
+                           for i in range(0, len(Xv), 256))
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            loops.fit(model, (X, y), loss_fn, opt, epochs=2, batch_size=256, verbose=0,
+                      metrics=options.get("metrics"), val=(Xv, yv) if options.get("val") else None,
+                      checkpoint=os.path.join(d, "run") if options.get("checkpoint") else None)
+    out = {"peak_mb": status("VmHWM") - before}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20
+    print(json.dumps(out))
+
+
+def memory_table(device, quick, rounds):
+    """Each run of MEMORY_RUNS in a process of its own, ``rounds`` times (the median: glibc's
+    heap differs from one process to the next by a few MB), at 1x (and 2x, 4x) the rows."""
+    def measure(run, scale):
+        results = []
+        for _ in range(rounds):
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-one", run,
+                                str(scale), "--device", str(device)] + ["--quick"] * quick,
+                               capture_output=True, text=True, check=True)
+            results.append(json.loads(p.stdout.splitlines()[-1]))
+        return {k: statistics.median(r[k] for r in results) for k in results[0]}
+    rows = {run: measure(run, 1) for run in MEMORY_RUNS}
+    hand = rows["hand"]["peak_mb"]
+    width = max(map(len, MEMORY_RUNS))
+    print(f"peak memory a training call adds (median of {rounds} processes each; "
+          f"{'quick' if quick else '60,000 x 200 rows, MLP 200-1024-1024-10, batch 256'}):")
+    for run, r in rows.items():
+        print(f"  {run:<{width}} {r['peak_mb']:7.1f} MB  {r['peak_mb'] / hand:5.2f}x the hand loop"
+              + (f"; CUDA {r['cuda_peak_mb']:.1f} MB" if "cuda_peak_mb" in r else ""))
+    scales = {}
+    for run in ("hand", "fit + accuracy + validation + checkpoint"):
+        scales[run] = {str(k): rows[run]["peak_mb"] if k == 1 else measure(run, k)["peak_mb"]
+                       for k in (1, 2, 4)}
+        print(f"  {run} at 1x, 2x, 4x the rows: "
+              + ", ".join(f"{v:.1f}" for v in scales[run].values()) + " MB")
+    return {"runs": rows, "scaling": scales}
+
+
 def plot_speed():
     import plots_ascii
     values = [((i * 7919) % 1000) / 1000 for i in range(10000)]
@@ -411,7 +541,8 @@ def cuda_syncs(device):
 # written into the hand loop.
 COUNTED = {"hand": hand_loop, "fit": CORE["fit"], "fit_silent": CORE["fit_silent"],
            "hand_bf16": hand_autocast_loop, "fit_bf16": TECHNIQUES["bf16 autocast"]["fit"],
-           "hand_accumulate": hand_accumulate_loop,
+           "hand_accumulate": hand_accumulate_sums_loop,
+           "hand_accumulate_bare": hand_accumulate_loop,
            "fit_accumulate": TECHNIQUES[f"accumulate {ACCUMULATE}"]["fit"]}
 
 
@@ -490,12 +621,25 @@ def main():
     p.add_argument("--counted", default=",".join(COUNTED), metavar="NAMES",
                    help="with --instructions: the contenders to count (default: all of "
                         f"{','.join(COUNTED)})")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of fit against the hand loop, each in its own process")
     p.add_argument("--one", nargs=3, metavar=("WORKLOAD", "WHO", "EPOCHS"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-one", nargs=2, metavar=("RUN", "SCALE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(1)
     if args.one:
         return run_one(args.one[0], args.one[1], int(args.one[2]))
+    if args.memory_one:
+        return peak_memory(args.memory_one[0], float(args.memory_one[1]), args.quick, device)
+    if args.memory:
+        args.out = args.out or os.path.join(ROOT, "bench", "memory.json")
+        rounds = args.rounds or (1 if args.quick else 3)
+        results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "rounds": rounds,
+                   **memory_table(device, args.quick, rounds)}
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        return
     args.out = args.out or os.path.join(
         ROOT, "bench", "instructions.json" if args.instructions else "results.json")
     if args.instructions:
@@ -506,9 +650,13 @@ def main():
         print("CPU instructions per epoch (valgrind cachegrind), ratio to the hand-written loop "
               "with the same technique")
         for wname, r in counted.items():
+            e = r["per_epoch"]
+            bare = (f"(fit_accumulate against the bare accumulating loop: "
+                    f"{e['fit_accumulate'] / e['hand_accumulate_bare']:.3f})  "
+                    if {"fit_accumulate", "hand_accumulate_bare"} <= set(e) else "")
             print(f"{wname:<52}" + "".join(f"{who} {v:.3f}  " for who, v in r["ratios"].items()
                                            if not who.startswith("hand"))
-                  + f"(hand {r['per_epoch']['hand'] / 1e6:.0f}M)")
+                  + bare + f"(hand {e['hand'] / 1e6:.0f}M)")
         with open(args.out, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "instructions": counted}, f, indent=2)
         return
@@ -548,8 +696,11 @@ def main():
             ratios, spread, seconds = compare(w, contenders, rounds, device)
             results["techniques"].setdefault(tname, {})[wname] = {
                 "ratios": ratios, "middle_half": spread, "seconds": seconds}
+            bare = (f"; against the bare loop {ratios['fit'] / ratios['hand_bare']:.3f}"
+                    if "hand_bare" in ratios else "")
             print(f"  {tname:<14} {wname:<52} fit {ratios['fit']:.3f} "
-                  f"({spread['fit'][0]:.2f}-{spread['fit'][1]:.2f}; hand {seconds['hand']:.2f} s)")
+                  f"({spread['fit'][0]:.2f}-{spread['fit'][1]:.2f}; hand {seconds['hand']:.2f} s"
+                  f"{bare})")
     if device.type == "cuda":
         print("\nfit in bf16 against fit in fp32, the same workloads (time ratio):")
         results["bf16_vs_fp32"] = {}
