@@ -2361,12 +2361,29 @@ def consolidate(run_dir):
 def _leave_group():
     # The group made by setup_distributed is taken down at exit, once every rank is
     # there: a rank that leaves while another still uses the connection can abort in
-    # gloo's threads ("terminate called without an active exception").
+    # gloo's threads ("terminate called without an active exception"). DDP and FSDP keep
+    # gloo's threads alive past destroy_process_group, to the process's end; one that is
+    # still releasing a finished operation's tensors when the interpreter shuts down would
+    # take the GIL then, and that aborts the process the same way. So the exit waits
+    # (at most a second, the GIL free) until every other thread of the process sleeps.
     dist = torch.distributed
     if dist.is_initialized():
         with contextlib.suppress(RuntimeError):  # raised when another rank left already
             dist.barrier()
         dist.destroy_process_group()
+    me, deadline, calm = str(threading.get_native_id()), time.monotonic() + 1, 0
+    while calm < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)  # lets a thread that waits for the GIL finish
+        try:
+            states = [_thread_state(t) for t in os.listdir("/proc/self/task") if t != me]
+        except OSError:  # not Linux (nothing to wait for), or a thread that just ended
+            states = ["S"] if not os.path.isdir("/proc/self/task") else ["?"]
+        calm = calm + 1 if all(s == "S" for s in states) else 0
+
+
+def _thread_state(tid):
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]  # R running, S sleeping, ...
 
 
 class _Ranks:

@@ -1401,7 +1401,8 @@ class RoundFourTest(Quiet):
         for change, says in ((dict(metric="rmse"), "m rmse \\(last.pt: mae\\)"),
                              (dict(metric=lambda p, y: (p - y).abs().mean()),
                               "m .*<lambda> \\(last.pt: mae\\)"),
-                             (dict(loss_fn=torch.nn.MSELoss()), "loss MSELoss \\(last.pt: BCELoss\\)"),
+                             (dict(loss_fn=torch.nn.MSELoss()),
+                              "loss MSELoss \\(last.pt: BCELoss\\)"),
                              (dict(val=(X[:20], y[:20])), "val rows 20 \\(last.pt: 30\\)")):
             with self.subTest(says):
                 with self.assertRaisesRegex(ValueError, "other values in its history's columns: "
