@@ -1743,6 +1743,33 @@ class FrontDoorTest(unittest.TestCase):
             self.assertIn("nothing to do: 41 epochs done (training had stopped early)",
                           again.stdout)
 
+    def test_the_readme_is_a_manual_whose_links_resolve(self):
+        # A manual, not a record of measurements (those are bench/README.md's, dated)
+        with open(os.path.join(HERE, "README.md")) as f:
+            lines = f.read().splitlines()
+        self.assertLessEqual(len(lines), 700)
+        self.assertEqual([ln for ln in lines if re.search(r"\b20\d\d-\d\d-\d\d\b", ln)], [])
+        heads = [i for i, ln in enumerate(lines) if ln.startswith("## ")]
+        start = lines.index("## Quick start")
+        self.assertLessEqual(heads[heads.index(start) + 1] - start, 30)
+        self.assertLess(lines.index("## Make it yours"), 300)
+        pages = ["README.md", os.path.join("bench", "README.md")] + [
+            os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(HERE, "docs")))]
+        for page in pages:
+            with open(os.path.join(HERE, page)) as f:
+                text = re.sub(r"```.*?```", "", f.read(), flags=re.S)  # links, not code
+            for target, anchor in re.findall(r"\]\(([^)\s#]*)(?:#([^)\s]*))?\)", text):
+                if target.startswith("http"):
+                    continue
+                path = os.path.normpath(os.path.join(HERE, os.path.dirname(page), target or
+                                                     os.path.basename(page)))
+                self.assertTrue(os.path.exists(path), f"{page}: {target} does not exist")
+                if anchor:
+                    with open(path) as f:
+                        anchors = {re.sub(r"[^\w\- ]", "", ln.lstrip("#").strip().lower())
+                                   .replace(" ", "-") for ln in f if ln.startswith("#")}
+                    self.assertIn(anchor, anchors, f"{page}: {target}#{anchor}")
+
     def test_run_all_reports_failures_and_runs_every_example_still(self):
         # run_all itself is run over every example by test_datasets.RecipesTest, whose
         # recipe checks read its output; here, a failing example is reported, the others
