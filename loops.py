@@ -2819,7 +2819,7 @@ def _check_resumable(store, ck, record, epochs, steps=None):
     if ck.get("format") != store.FORMAT:
         raise ValueError(f"{path} was not written by fit (no 'format': '{store.FORMAT}'); "
                          "cannot resume")
-    wrong = _damage(ck, steps) or _optimizer_damage(ck, store.optimizer)
+    wrong = _damage(ck, steps)
     if wrong:
         raise ValueError(f"{path} is damaged: {wrong}; nothing was loaded from it. Resume "
                          "from a copy, or move it away to start afresh")
@@ -3020,32 +3020,9 @@ def _rng_damage(rng):
     return None
 
 
-def _optimizer_damage(ck, optimizer):
-    """A state tensor of torch.optim's optimizers that is not its parameter's shape
-    (Adam's exp_avg, SGD's momentum_buffer, ...): torch would load it and fail at the
-    first step, after the model was loaded. None when all fit (or cannot be told)."""
-    saved = ck["optimizer"]
-    for name, opt in _named(optimizer).items():
-        state = saved.get(name) if name else saved
-        kind = type(opt)
-        if (not isinstance(state, dict) or not kind.__module__.startswith("torch.optim")
-                or kind.__name__ in ("Adafactor", "LBFGS", "SparseAdam")):
-            continue
-        params = [p for g in opt.param_groups for p in g["params"]]
-        ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
-        if len(ids) != len(params):
-            continue  # named by _check_optimizer_fits, with the groups' sizes
-        shape = {i: p.shape for i, p in zip(ids, params)}
-        for i, st in state.get("state", {}).items():
-            for key, v in (st.items() if isinstance(st, dict) else ()):
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape != shape.get(i, v.shape):
-                    what = f"optimizer {name!r}" if name else "the optimizer"
-                    return (f"{what}'s {key!r} of parameter {i} has shape {tuple(v.shape)}, "
-                            f"the parameter {tuple(shape[i])}")
-    return None
-
-
 def _check_optimizer_fits(optimizer, ckpt, path):
+    """The same optimizers, groups and state shapes (torch.optim's: a wrong exp_avg would
+    load, and fail at the first step)."""
     if "optimizer" not in ckpt:
         raise ValueError(f"{path} holds no optimizer state")
     one = not isinstance(optimizer, dict)
@@ -3063,6 +3040,17 @@ def _check_optimizer_fits(optimizer, ckpt, path):
         if sizes != [len(g["params"]) for g in opt.param_groups]:
             raise ValueError(f"{path}: the saved {what} has parameter groups of sizes {sizes}, "
                              f"this one has {[len(g['params']) for g in opt.param_groups]}")
+        if not type(opt).__module__.startswith("torch.optim") or type(opt).__name__ in (
+                "Adafactor", "LBFGS", "SparseAdam"):  # their states are not the parameters'
+            continue
+        shape = {i: p.shape for sg, g in zip(states[name]["param_groups"], opt.param_groups)
+                 for i, p in zip(sg["params"], g["params"])}
+        for i, st in states[name].get("state", {}).items():
+            for key, v in (st.items() if isinstance(st, dict) else ()):
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != shape.get(i, v.shape):
+                    raise ValueError(f"{path} is damaged: the {what}'s {key!r} of parameter {i} "
+                                     f"has shape {tuple(v.shape)}, the parameter "
+                                     f"{tuple(shape[i])}; nothing was loaded from it")
 
 
 # The temp files _new_temp makes for the files fit writes; nothing else is ever removed.

@@ -999,6 +999,26 @@ class ResumeMismatchTest(Quiet):
         with self.assertRaisesRegex(ValueError, "optimizer Adam.*SGD"):
             self.resume(model, torch.optim.SGD(model.parameters(), 0.1))
 
+    def test_load_checkpoint_refuses_optimizer_state_of_other_shapes_before_loading(self):
+        # torch would load an exp_avg of another shape and fail at the first step, the model
+        # loaded already: refused first, as a resume refuses it.
+        model, path = mlp(), os.path.join(self.tmpdir(), "one.pt")
+        opt = torch.optim.Adam(model.parameters())
+        model(self.data[0][:4]).sum().backward()
+        opt.step()
+        state = opt.state_dict()
+        state["state"][0]["exp_avg"] = torch.zeros(3)
+        opt.load_state_dict(state)  # torch takes it as it is
+        loops.save_checkpoint(path, model, opt)
+        fresh = mlp(seed=5)
+        fresh_opt = torch.optim.Adam(fresh.parameters())
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with self.assertRaisesRegex(ValueError, rf"{re.escape(path)} is damaged: the optimizer's "
+                                                r"'exp_avg' of parameter 0 has shape \(3,\)"):
+            loops.load_checkpoint(path, fresh, fresh_opt)
+        self.assertTrue(all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items()))
+        self.assertEqual(fresh_opt.state_dict()["state"], {})
+
     def test_fewer_epochs_than_done(self):
         model = mlp()
         with self.assertRaisesRegex(ValueError, "already trained 3 epochs.*epochs >= 3"):
