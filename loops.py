@@ -14,21 +14,18 @@ Copy this file into your project; it needs only the standard library and torch.
     >>> history["loss"][-1] < 1e-3
     True
 
-Data is a tuple ``(X, y)`` of tensors, batched here (moved to the device once, shuffled
-by a seeded generator), or any re-iterable of batches, such as a ``DataLoader``. Epoch
-values are exact (sums and counts, never a mean of batch means), kept on the device and
-read back once an epoch and at each throttled progress refresh. ``checkpoint=DIR``
-writes best.pt, last.pt and history.csv atomically; ``resume=True`` goes on bit for bit.
+Data is ``(X, y)`` tensors, batched here, or any re-iterable of batches (a DataLoader).
+Epoch values are exact (sums and counts on the device, read once an epoch and at each
+progress refresh). ``checkpoint=DIR`` writes best.pt, last.pt and history.csv atomically;
+``resume=True`` goes on bit for bit.
 
 The map, top-down. To change the loop, copy ``fit``: it plans the run, then per epoch
 trains, evaluates, records, saves, reports and decides whether to stop.
 
     entry points     fit, train_epoch, evaluate, predict, batches, save/load_checkpoint
-    the step         _Stepper: ``step`` and ``_backward``, the one backward of every kind
-                     of step (an edit there, an L2 term, reaches them all); _forward_loss,
-                     where a batch meets the model and the loss
-    one epoch        _train_loop (a step per batch: no ``.item()`` there), _epoch_logs,
-                     _evaluate_pass, _Watch (a look now and then)
+    the step         _Stepper.step and _backward, the one backward of every kind of step;
+                     _forward_loss, where a batch meets the model and the loss
+    one epoch        _train_loop (no ``.item()`` there), _epoch_logs, _evaluate_pass, _Watch
     exact sums       _Meter: the loss and the metrics' statistics, summed on the device
     the run's record _Record: history, best value, patience, why it stopped
     checkpoints      _Store: best.pt and last.pt (saved and resumed side by side)
@@ -38,10 +35,8 @@ trains, evaluates, records, saves, reports and decides whether to stop.
     building a run   _plan: what fit runs on
     optional blocks  argument checks, checkpoint guards, mid-epoch snapshots, more metrics,
                      plot hints, mixed precision, distributed, lr_find: each from
-                     ``# --- optional: NAME`` to ``# --- end of NAME``. Delete any, or all,
-                     and the rest gives the same numbers; a deleted feature asked for is an
-                     error naming its block (bad input, without the argument checks,
-                     meets torch's own errors).
+                     ``# --- optional: NAME`` to ``# --- end of NAME``. Delete any, or all:
+                     the rest gives the same numbers, and refuses a deleted feature by name.
 """
 import builtins
 import contextlib
@@ -78,8 +73,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
         save_every=None, val_batch_size=None, drop_last=False, precision=None, accumulate=1,
         on_batch_end=None, forward=None, train_step=None, val_fn=None):
     """Train for ``epochs`` (the total, resumed epochs included); return the history dict.
-    The seams (``forward``, ``train_step``, ``val_fn``, ``on_batch_end``, ``on_epoch_end``):
-    README, "Make it yours"."""
+    The seams (forward, train_step, val_fn, on_batch_end, on_epoch_end): README."""
     args = locals()  # fit's arguments, once: to the checks, then to the plan
     world = _world()  # one process, or under torchrun the distributed block's _Ranks
     world.check(model, optimizer, save_every, clip_grad_norm, precision)
@@ -87,8 +81,7 @@ def fit(model, train, loss_fn, optimizer, *, epochs, val=None, batch_size=32, sh
     plan = _plan(world, **args)
     device = plan.device
 
-    # Setup: the shuffling generator (and every seed), the optimizer's side of a step,
-    # the run's record, the checkpoint directory, the printer.
+    # Setup: the order's generator (and seeds), the step, the record, the files, the printer.
     gen = _shuffle_generator(seed, device, world,
                              drawn=shuffle and isinstance(plan.train, _TensorSource))
     stepper = _Stepper(optimizer, scheduler=scheduler, interval=scheduler_interval,
@@ -288,8 +281,7 @@ class _Stepper:
         return loss, y_pred, y
 
     def _own_step(self, model, group):
-        """train_step's step: [(None, None, batch, its values detached)], the values being
-        batch means that the meter sums in place of the loss."""
+        """train_step's step: its values (batch means), summed in place of the loss."""
         batch, = group
         values = self.train_step(model, batch, self.optimizer)
         for scheduler in self.per_step:
@@ -302,8 +294,7 @@ class _Stepper:
         return [(None, None, batch, values)]
 
     def loss(self, done):
-        """The step's loss from its batches' (``done``): by their shares under accumulation;
-        with train_step, the values it returned."""
+        """The step's loss from its batches', by their shares (train_step's: its values)."""
         if self.train_step is not None:
             return done[0][3]
         if len(done) == 1:
@@ -311,12 +302,10 @@ class _Stepper:
         return sum(d[0] if w is None else d[0] * w for d, w in zip(done, self.shares))
 
     def optimizer_steps(self, batches):
-        """How many optimizer steps ``batches`` batches of an epoch made."""
         return -(-batches // self.accumulate)
 
     def groups(self, batches):
-        """The batches in groups of ``accumulate`` (the last may be shorter), one step
-        each; a group never spans two epochs."""
+        """The batches in groups of ``accumulate``, a step each; never across two epochs."""
         if self.accumulate == 1:
             return zip(batches)  # (batch,) tuples
         it = iter(batches)
@@ -363,9 +352,8 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: entered at every step that s
 
 
 def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
-    """``(loss, y_pred, y)`` of a batch, under ``cast()`` (autocast) if given: the one place
-    where a batch meets the model and the loss, for training, evaluation and predict. The
-    loss is the model's own, if ``forward`` returns it third, else ``loss_fn``'s (or None)."""
+    """``(loss, y_pred, y)`` of a batch, under autocast if ``cast``: the one place where a
+    batch meets the model and the loss (the model's own, if ``forward`` returns it third)."""
     if cast is not None:
         with cast():
             return _forward_loss(model, batch, loss_fn, None, forward)
@@ -390,16 +378,14 @@ def _forward_loss(model, batch, loss_fn, cast=None, forward=None):
 
 
 def _seam(loss_fn, forward, precision=None, device=None):
-    """_forward_loss with a run's loss_fn, forward and autocast (the mixed precision block;
-    in fp32 no context to enter at each step), decided once."""
+    """_forward_loss with a run's loss_fn, forward and autocast, decided once."""
     cast = None if precision is None else _block("mixed precision", "_autocast_to",
                                                  f"precision={precision!r}")(precision, device)
     return functools.partial(_forward_loss, loss_fn=loss_fn, cast=cast, forward=forward)
 
 
 def _rates(optimizer):
-    """The rates the next step trains with, each optimizer's first group's: {"lr": r}, or
-    {"lr_NAME": r, ...} for a dict of optimizers (train_step's)."""
+    """{"lr": r} (the first group's), or {"lr_NAME": r, ...} for a dict of optimizers."""
     if isinstance(optimizer, dict):
         return {f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizer.items()}
     return {"lr": optimizer.param_groups[0]["lr"]}
@@ -425,21 +411,18 @@ _CPU_CHECK_SECONDS = 1.0  # silent CPU runs still look for a NaN loss this often
 
 
 class _EpochStart:
-    """How an epoch began: its number, rates, clock and, for mid-epoch snapshots, the
-    random state before its order was drawn."""
+    """An epoch's number, rates, clock, and the random state before its order was drawn."""
 
     def __init__(self, epoch, lr, rng=None, elapsed_before=0.0):
         self.epoch, self.lr, self.rng = epoch, lr, rng
         self.elapsed_before, self.t0 = elapsed_before, time.perf_counter()
 
-    def elapsed(self):
-        """Seconds spent on this epoch, including those before a resume."""
+    def elapsed(self):  # including the seconds before a resume
         return self.elapsed_before + time.perf_counter() - self.t0
 
 
 def _begin_epoch(epoch, plan, gen, lr, meter, *, shuffle, snapshot=None):
-    """Start epoch ``epoch``: how it began and its batches, the order drawn now; or, given
-    last.pt's mid-epoch ``snapshot``, go on where it stopped (the snapshots block)."""
+    """Epoch ``epoch``'s start and batches, or where last.pt's mid-epoch ``snapshot`` was."""
     source = plan.train
     if snapshot is not None:
         return _block("mid-epoch snapshots", "_continue_epoch", "resuming a last.pt saved "
@@ -469,8 +452,7 @@ def _train_loop(model, batches, stepper, meter, watch=None, on_batch_end=None, s
 
 
 def _epoch_logs(meter, model, plan, seam, val_fn=None):
-    """The epoch's training and ``val_`` values in one host read (after one all-reduce with
-    several ranks), then ``val_fn``'s, named as it names them."""
+    """The epoch's training and ``val_`` values in one host read, then ``val_fn``'s."""
     val = [] if plan.val is None else [
         _evaluate_pass(model, plan.val, seam, plan.stats, meter.tried)]
     logs, *val_logs = _read([meter, *val], plan.world)
@@ -497,8 +479,7 @@ def _eval_mode(model):
 
 
 def _evaluate_pass(model, source, seam, stats, tried=False):
-    """One pass over ``source`` in eval mode without grad, each batch through ``seam``
-    (_forward_loss as the run sets it); its sums in a _Meter, unread."""
+    """One pass in eval mode without grad: its sums in a _Meter, unread."""
     loss_fn = seam.keywords["loss_fn"]
     meter = _Meter(stats, source.device, loss_fn, sharded=source.sharded, evaluating=True,
                    tried=tried)
@@ -522,8 +503,7 @@ class _Watch:
         self.t0, self.start = time.perf_counter(), None
         self.last = None if at_once else self.t0  # a live line shows the first step at once
 
-    def __call__(self, step, meter):
-        """Look now if it is time; return the step at which to ask again."""
+    def __call__(self, step, meter):  # returns the step at which to ask again
         now = time.perf_counter()
         if self.start is None:
             self.start = step - 1
@@ -554,12 +534,10 @@ class _Totals(NamedTuple):
 
 
 class _Meter:
-    """Sums of the loss and the metrics over one pass, on the device: ``add`` keeps detached
-    tensors, folded into the sums in a few ops every ``_FOLD_STEPS`` steps, or sooner once
-    those of 1 KiB or more hold ``_PENDING`` bytes: tensors kept between a step's large
-    freed buffers keep the allocator (glibc's heap on CPU) from reusing them, and fit held
-    twice a hand loop's memory. Fold points depend on the steps and shapes alone, so the
-    sums do not depend on when anyone looked."""
+    """Sums of the loss and the metrics over one pass, on the device. ``add`` keeps tensors,
+    folded in a few ops every ``_FOLD_STEPS`` steps, or once those of 1 KiB or more hold
+    ``_PENDING`` bytes: kept between a step's freed buffers, they keep the allocator from
+    reusing them. Fold points depend on steps and shapes alone, never on a look."""
     _FOLD_STEPS = 128
     _PENDING = 1 << 14
 
@@ -572,9 +550,7 @@ class _Meter:
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.loss_sum = torch.zeros((), dtype=self.dtype, device=device)
         self.loss_den = torch.zeros((), dtype=self.dtype, device=device)
-        self.steps = 0
-        self.sums = {k: None for k in stats}
-        self.counts = {k: 0 for k in stats}
+        self.steps, self.sums, self.counts = 0, dict.fromkeys(stats), dict.fromkeys(stats, 0)
         self.evaluating = evaluating  # an evaluation pass: its steps are batches, not steps
         self.checked = 0    # steps whose loss is known to be finite
         self.unchecked = []  # folded losses not yet known to be finite, in step order
@@ -586,8 +562,8 @@ class _Meter:
         self.kept = [[], []] if any(st.whole for st in stats.values()) else None  # all y_pred, y
 
     def add(self, loss, out, y, values=None):
-        """A batch's loss (its mean), outputs and targets, detached: kept until a fold; with
-        train_step its ``values`` instead, and the batch as ``y``."""
+        """A batch's loss (its mean), outputs and targets, kept until a fold (with
+        train_step: its ``values``, and the batch as ``y``)."""
         if values is not None:  # train_step's: the first step's names, each a scalar
             if not self.steps:  # the first step: the names, in train_step's order
                 _maybe("_check_step_values", values, monitor=self.monitor)
@@ -610,8 +586,8 @@ class _Meter:
             self._fold()
 
     def _with_pending(self):
-        """(loss sum, denominator, metric sums, counts, pending losses): the sums with the
-        steps not yet folded (their losses zeroed where a batch counts for nothing)."""
+        """(loss sum, denominator, metric sums, counts, pending losses), the steps not yet
+        folded in."""
         if not self._losses:
             return self.loss_sum, self.loss_den, self.sums, self.counts, None
         losses = torch.stack(self._losses)
@@ -641,8 +617,7 @@ class _Meter:
         self._losses, self._outs, self._ys, self._held = [], [], [], 0
 
     def totals(self, world=None, final=True):
-        """The sums so far as a _Totals, unread and unfolded (fold points stay put); when
-        ``final``, whole_set metrics too (every rank's outputs, given the ``world``)."""
+        """The sums so far, unread and unfolded; when ``final``, whole_set metrics too."""
         loss_sum, den, sums, counts, _ = self._with_pending()
         sums = dict(sums)  # the meter's own stay as they are
         if self.kept is not None:
@@ -669,8 +644,8 @@ class _Meter:
         return torch.cat(chunks) if chunks else torch.zeros(0, device=self.device)
 
     def check(self, loss_sum, world):
-        """Given the loss sum read back: FloatingPointError at the first non-finite loss
-        (``world`` None: one rank's sums, read alone; the reduced read will stop all)."""
+        """FloatingPointError at the first non-finite loss (``world`` None: a rank's own sums,
+        read alone: the reduced read will stop every rank)."""
         if math.isfinite(loss_sum):
             self.checked += sum(len(u) for u in self.unchecked)
             self.unchecked = []
@@ -683,8 +658,7 @@ class _Meter:
 
 
 def _value_stats(values):
-    """train_step's values as statistics: each a batch mean (column i of the outputs),
-    counted for the batch's rows (``y`` here), finished as the mean over the rows."""
+    """train_step's values as statistics: batch means (column i), counted for the rows."""
     return {k: _Stat(lambda p, y, i=i: p[0, i].double() * y, lambda p, y: y, _ratio,
                      by_batch=True) for i, k in enumerate(values)}
 
@@ -707,8 +681,7 @@ def _target_weights(loss_fn):
 
 
 def _loss_sum(losses, ns, loss_is_sum, dtype):
-    """The rows' loss sum from batch losses: each batch mean counts for its rows; a run of
-    batches of one size (all but the last, usually) in one op."""
+    """The rows' loss sum from batch means; a run of batches of one size in one op."""
     total, start = 0, 0
     for size, run in itertools.groupby(ns):
         run = len(list(run))
@@ -719,8 +692,7 @@ def _loss_sum(losses, ns, loss_is_sum, dtype):
 
 
 def _metric_sums(stats, outs, ys, dtype):
-    """({name: sums}, {name: count}) of the metrics over the outputs of several steps: the
-    built-in ones on all of them at once, your own batch by batch (whole_set's later)."""
+    """({name: sums}, {name: count}): built-ins on all steps at once, yours batch by batch."""
     sums, counts = {k: None for k in stats}, {k: 0 for k in stats}
     each = joined = None  # the outputs in fp32 at least, whatever autocast made them
     if len(outs) > 1 and not all(st.by_batch for st in stats.values()):
@@ -768,20 +740,10 @@ class _EvaluationLossError(FloatingPointError):
     """A loss that is not finite in an evaluation pass (fit's validation, evaluate)."""
 
 
-def _first_bad(losses, checked, total, unit):
-    """Where the first non-finite loss is: 'loss is nan at step 7'."""
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad) == 0:  # every loss finite, their weighted sum overflowed
-        return f"the sum of the losses overflowed to {total}"
-    j = int(bad[0])
-    return f"loss is {losses[j].item()} at {unit} {checked + j + 1}"
-
-
 # --- the run's record ---------------------------------------------------------
 
 class _Record:
-    """The run so far: history, best value, patience, why it stopped, the best weights;
-    ``state`` and ``load`` save and take it back under the same keys."""
+    """The run so far: history, best value, patience, why it stopped, the best weights."""
     _SAVED = ("history", "epoch", "best", "best_epoch", "wait", "stopped", "steps", "monitor",
               "mode")
 
@@ -819,8 +781,7 @@ class _Record:
         return value > self.best + self.min_delta
 
     def add(self, logs, model):
-        """Append one epoch's values, ``best_epoch`` set in ``logs`` too; return whether the
-        monitored value improved."""
+        """Append one epoch's values (``best_epoch`` too); return whether it improved."""
         logs["best_epoch"] = math.nan  # its place; set below
         if self.later and not self.history["epoch"] and set(self.history) <= set(logs):
             self.history = {k: [] for k in logs}  # train_step's and val_fn's names join
@@ -843,11 +804,9 @@ class _Record:
         return improved
 
     def epochs_to_run(self, epochs):
-        """The epoch numbers still to train, out of ``epochs`` in all."""
         return range(self.epoch + 1, (self.epoch if self.stopped else epochs) + 1)
 
     def why_stopped(self):
-        """The line that says why training stopped early, or None."""
         if self.stopped == "patience":
             return (f"early stop: {self.monitor} did not improve for {self.patience} epochs "
                     f"(best {_num(self.best)} at epoch {self.best_epoch})")
@@ -962,21 +921,18 @@ class _Store:
                                  "resume=True to continue it, or choose another directory "
                                  "(nothing is overwritten)")
 
-    def kept(self):
-        """What the directory holds for the run, in words: 'last.pt holds epoch 2'."""
+    def kept(self):  # in words: 'last.pt holds epoch 2'
         if self.dir is None:
             return "nothing is saved without checkpoint="
         return f"last.pt holds {self.holds}" if self.holds else "nothing saved yet"
 
-    def release(self):
-        """Let another run use the directory (fit's end, however it ends)."""
+    def release(self):  # fit's end, however it ends
         if self.lock is not None:
             self.lock.release()
             self.lock = None
 
     def save_epoch(self, record, improved):
-        """After an epoch: last.pt, then best.pt if it improved (never ahead of last.pt: see
-        resume), then history.csv."""
+        """last.pt, then best.pt (never ahead of last.pt: see resume), then history.csv."""
         if self.dir is None:
             return
         _maybe("_refuse_nonfinite", self, f"epoch {record.epoch}: ")
@@ -996,8 +952,7 @@ class _Store:
                             monitor=record.monitor, value=record.best)
 
     def save_last(self, record, step=0, **inside):
-        """last.pt: at the end of an epoch, or at batch ``step`` inside it with what a
-        mid-epoch snapshot adds (``inside``: its meter, the epoch's start)."""
+        """last.pt at an epoch's end, or at batch ``step`` with a snapshot's ``inside``."""
         if self.dir is None:
             return
         rng = _rng_state(self.gen, self.loaders)
@@ -1013,8 +968,7 @@ class _Store:
             self.holds = f"epoch {record.epoch}" + (f" + {step} steps" if step else "")
 
     def resume(self, record, epochs, steps=None):
-        """Continue from last.pt if it exists, checked whole first (checkpoint guards);
-        its dict when it is a mid-epoch snapshot."""
+        """Continue from last.pt, if any; its dict when it is a mid-epoch snapshot."""
         if self.dir is None or not os.path.exists(self.last_path):
             return None
         ck = _read_checkpoint(self.last_path)
@@ -1092,8 +1046,7 @@ def _new_temp(path):
 
 
 def _read_checkpoint(path, *, map_location="cpu"):
-    """A checkpoint's dict, read with weights_only=True (no code can run while it loads);
-    the checkpoint guards say what is wrong with a file that does not read."""
+    """A checkpoint's dict, read with weights_only=True: no code can run while it loads."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -1115,8 +1068,7 @@ def _load_into(ckpt, path, model, optimizer):
 
 
 def _named(objects):
-    """{name: object}: a dict of optimizers (or schedulers) as it is, one as {"": it}, None
-    as {}."""
+    """{name: object}: a dict of optimizers (schedulers) as it is, one as {"": it}."""
     return objects if isinstance(objects, dict) else {} if objects is None else {"": objects}
 
 
@@ -1165,8 +1117,7 @@ def _shuffle_generator(seed, device, world, *, drawn=True):
 
 
 def _rng_state(generator, loaders=()):
-    """Every random state training draws on, as tensors and plain values (weights_only-safe):
-    the global ones, fit's shuffling ``generator`` and the ``loaders``' generators."""
+    """Every random state training draws on, as tensors and plain values (weights_only)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -1210,7 +1161,12 @@ class _OneProcess:
     def reduce(self, totals):
         return totals.flat
 
-    first_bad = staticmethod(_first_bad)
+    def first_bad(self, losses, checked, total, unit):  # 'loss is nan at step 7'
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad) == 0:  # every loss finite, their weighted sum overflowed
+            return f"the sum of the losses overflowed to {total}"
+        j = int(bad[0])
+        return f"loss is {losses[j].item()} at {unit} {checked + j + 1}"
 
     def broadcast(self, x):  # rank 0's value, the value itself here
         return x
@@ -1227,8 +1183,7 @@ _ONE_PROCESS = _OneProcess()
 
 
 def _world():
-    """The run's world: one process or, when torch.distributed has a group of several
-    ranks (torchrun), the distributed block's _Ranks."""
+    """One process, or the distributed block's _Ranks for a group of several (torchrun)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _block("distributed", "_Ranks", "a process group of several ranks (torchrun)")()
@@ -1277,8 +1232,7 @@ class _TensorSource:
         self.steps = (len(self.X) if self.rows is None else self.rows) // step + short
 
     def epoch(self, *, generator=None, shuffle=False, start=0, number=0):
-        """Batches of one epoch, beginning after ``start`` of them; the order is drawn now,
-        before the first batch is asked for."""
+        """Batches of one epoch after ``start`` of them; the order is drawn now."""
         order = None
         if shuffle:
             order = torch.randperm(len(self.X), generator=generator)
@@ -1307,8 +1261,7 @@ class _LoaderSource:
             self.steps = None  # an IterableDataset: its length shows after one pass
 
     def epoch(self, *, generator=None, shuffle=False, start=0, number=0):
-        """Batches of epoch ``number`` on the device, beginning after ``start`` of them (the
-        loader draws its order when iterated, here; the batches done are passed over)."""
+        """Batches of epoch ``number`` on the device, after ``start`` of them (passed over)."""
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles by epoch number
             sampler.set_epoch(number)
@@ -1340,8 +1293,7 @@ def _to(x, device):
 
 
 def _batch_rows(x):
-    """The rows of a batch or of its targets: a tensor's first dimension; for a mapping (a
-    dict, a BatchEncoding), a tuple or a list of tensors, its first entry's; else len()."""
+    """A batch's rows: a tensor's first dimension, a mapping's or sequence's first entry's."""
     if isinstance(x, torch.Tensor):  # not torch.is_tensor: a Python call per batch
         return x.shape[0]
     if isinstance(x, int):  # already a count (train_step's batches)
@@ -1434,8 +1386,7 @@ class _Printer:
         self.width = 0  # of the live line on the screen, to be blanked by the next
 
     def progress(self, epoch, step, steps, logs, elapsed, done):
-        """Refresh the live line (a terminal only), fitted to the terminal's width now:
-        a line that wrapped could not be overwritten by the next."""
+        """The live line, fitted to the width now: a wrapped line cannot be overwritten."""
         if self.live:
             columns = _terminal_columns(self.stream) - 1  # the last column wraps on some
             text = _format_progress(epoch, self.epochs, step, steps, logs, elapsed, done,
@@ -1503,8 +1454,7 @@ def _scores(p):
 
 
 def _labels(p, y):
-    """The class labels of targets ``y`` for class scores ``p``: indices as they are,
-    (N, 1) indices flattened, one-hot or probability rows by their arg-max."""
+    """Class labels of targets ``y``: indices as they are, one-hot rows by their arg-max."""
     if y.shape == p.shape:
         return y.argmax(-1)
     if y.numel() * p.shape[-1] != p.numel():
@@ -1514,14 +1464,12 @@ def _labels(p, y):
 
 
 def _kept(y, ignore):
-    """Which targets count: all, or those that are not the ignored label (class indices
-    only: a loss's ``ignore_index``, -100 by default in CrossEntropyLoss)."""
+    """Which class-index targets count: not a loss's ``ignore_index`` (None: all)."""
     return None if ignore is None or y.is_floating_point() else y != ignore
 
 
 def _right(right, keep):
-    """[right rows, rows counted] as one tensor, the ignored rows in neither; without
-    an ignored label, the right rows alone (counted from the shapes: one op fewer)."""
+    """[right rows, rows counted]; without an ignored label the right rows alone."""
     if keep is None:
         return right.sum()
     return torch.stack([(right & keep).sum(), keep.sum()])
@@ -1565,8 +1513,7 @@ def _n_none(p, y):  # or nothing (a maximum)
 
 
 def _stats(cut, ignore=None):
-    """The built-in metrics: one value per row is positive above ``cut``; rows whose class
-    target is ``ignore`` count nowhere."""
+    """The built-in metrics: one value per row is positive above ``cut``."""
     def sq(p, y):
         return _error(p, y).square().sum(dtype=torch.float64)
     counted = {"size": 2, "count": _n_none, "finish": _share}  # [right, counted]
@@ -1584,16 +1531,8 @@ def _stats(cut, ignore=None):
     return {**table, **(_maybe("_more_stats", cut, ignore) or {})}
 
 
-def _ignored_label(loss_fn):
-    """The class index that ``loss_fn`` leaves out (CrossEntropyLoss/NLLLoss), or None."""
-    if isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
-        return loss_fn.ignore_index
-    return None
-
-
 def _metric(name, doc):
-    """The public function of built-in metric ``name``: its statistic over the rows given,
-    finished (what fit computes over an epoch, computed over one call's rows)."""
+    """Built-in metric ``name`` as a function: fit's epoch value over one call's rows."""
     def metric(y_pred, y, *, logits=False, ignore_index=None):
         st = _stats(0.0 if logits else 0.5, ignore_index)[name]
         if ignore_index is not None and st.better == "min":  # the errors
@@ -1621,12 +1560,12 @@ mae = _metric("mae", "Mean absolute error.")
 
 
 def _metric_table(metrics, loss_fn=None):
-    """{"name": fn or built-in name} -> {"name": _Stat}; the built-ins follow ``loss_fn``
-    (BCEWithLogitsLoss: logits; CrossEntropyLoss: its ignore_index)."""
+    """{"name": fn or name} -> {"name": _Stat}; built-ins follow ``loss_fn`` (logits, ignored)."""
     if metrics is None:
         return {}
     logits = isinstance(loss_fn, torch.nn.BCEWithLogitsLoss)
-    builtin = _stats(0.0 if logits else 0.5, _ignored_label(loss_fn))
+    builtin = _stats(0.0 if logits else 0.5, loss_fn.ignore_index if isinstance(
+        loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) else None)
     table = {}
     for key, fn in metrics.items():
         name = fn if isinstance(fn, str) else getattr(fn, "builtin", None)
@@ -1683,8 +1622,7 @@ class _Plan(NamedTuple):
 def _plan(world, model, train, loss_fn, optimizer, *, val, batch_size, val_batch_size,
           metrics, monitor, mode, shuffle, drop_last, accumulate, precision, save_every,
           forward, train_step, val_fn, **_):
-    """What fit runs on: the device (the model's), metrics, data sources, the history's
-    keys, the monitor and its direction, the settings saved in last.pt."""
+    """What fit runs on: device, metrics, data sources, history keys, monitor, settings."""
     device = model_device(model)
     stats = _metric_table(metrics, loss_fn)
     train_data = _source(train, what="train", batch_size=batch_size, device=device, world=world,
@@ -1732,8 +1670,7 @@ def _source(data, *, what, batch_size, device, world=None, pairs=True, drop_last
 
 
 def _direction(monitor, mode, stats):
-    """The monitor's direction: ``mode`` itself, or for "auto" the known direction of the
-    loss and of the built-in metrics; refused where it is not known (never a guess)."""
+    """``mode``, or for "auto" the loss's or a built-in metric's direction (never a guess)."""
     if mode != "auto":
         return mode
     base = monitor.removeprefix("val_")
@@ -1807,18 +1744,12 @@ class _Snapshots:
 
 
 def _continue_epoch(epoch, source, gen, meter, snapshot, *, shuffle):
-    """Epoch ``epoch`` going on from last.pt's mid-epoch ``snapshot``: how it began and its
-    batches after those done; ``meter`` takes the snapshot's sums.
-
-    Bit-exact resume rests on the order of these lines:
-      1. restore the RNG state the epoch began with, so that
-      2. drawing the epoch's order, and passing over the batches done, gives the same
-         order as the first time (a DataLoader redraws its own from the same state);
-      3. then restore the RNG state of the snapshot's batch boundary, so that dropout
-         and anything else random goes on from there, not from the epoch's start.
-    Swap 1 and 2 and the order differs; leave out 3 and the masks of the first
-    batches come again. (The snapshot's sums go to the meter: no randomness.)
-    """
+    """Epoch ``epoch`` going on from last.pt's mid-epoch ``snapshot``. Bit-exact resume
+    rests on the order of these lines: (1) the random state the epoch began with, so that
+    (2) drawing the order and passing over the batches done gives the first run's order
+    (a DataLoader redraws its own from that state); then (3) the state at the snapshot's
+    batch, so that dropout goes on from there. Swap 1 and 2 and the order differs; leave
+    out 3 and the first batches' masks come again."""
     start = _EpochStart(epoch, snapshot["epoch_lr"], snapshot["rng_epoch"],
                         snapshot["epoch_time"])
     _set_rng_state(start.rng, gen, source.generators)  # 1
@@ -1829,9 +1760,8 @@ def _continue_epoch(epoch, source, gen, meter, snapshot, *, shuffle):
     return start, batches
 
 
-def _meter_state(meter):
+def _meter_state(m):
     """A meter's sums and pending steps, for a snapshot (taken right after a look)."""
-    m = meter
     return {"loss_sum": m.loss_sum.cpu(), "loss_den": m.loss_den.cpu(),
             "counts": dict(m.counts), "own": m.own,
             "sums": {k: (v.cpu() if v is not None else None) for k, v in m.sums.items()},
@@ -1867,14 +1797,13 @@ __all__ += ["mape", "max_error", "precision", "recall", "f1", "confusion_matrix"
 _MAPE_EPS = 1e-7  # as Keras: |y| is clamped so that a zero target does not divide by zero
 
 
-def _more_stats(cut, ignore=None):
-    """The statistics of this block's metrics, as _stats makes the core's."""
+def _more_stats(cut, ignore=None):  # as _stats makes the core's
     def counts(p, y):
         return _counts(p, y, cut, ignore)
 
-    def macro(score):
-        return _Stat(counts, _class_rows, lambda c, rows: _macro(score, c, rows), size=4,
-                     better="max")
+    def macro(score):  # counted over the rows of class scores; 0: the counts are binary
+        return _Stat(counts, lambda p, y: p.shape[0] if _scores(p) else 0,
+                     lambda c, rows: _macro(score, c, rows), size=4, better="max")
     return {
         "mape": _Stat(lambda p, y: (_error(p, y).abs() / y.reshape(p.shape).abs()
                                     .clamp_min(_MAPE_EPS)).sum(dtype=torch.float64) * 100,
@@ -1888,9 +1817,8 @@ def _more_stats(cut, ignore=None):
 
 
 def _counts(p, y, cut, ignore=None):
-    """Confusion counts: for one value per row [tn, fn, fp, tp] (``p`` positive above
-    ``cut``, ``y`` above 0.5); for class scores the C x C counts, rows true. Rows whose
-    target is ``ignore`` count nowhere."""
+    """Confusion counts: [tn, fn, fp, tp] for one value per row (``p`` positive above
+    ``cut``, ``y`` above 0.5); for class scores the C x C counts, rows true."""
     if _scores(p):
         k = p.shape[-1]
         labels = _labels(p, y).reshape(-1).long()
@@ -1907,13 +1835,8 @@ def _counts(p, y, cut, ignore=None):
     return torch.bincount(cells, minlength=k * k)[:k * k]  # a label >= C counts nowhere
 
 
-def _class_rows(p, y):
-    return p.shape[0] if _scores(p) else 0  # 0: the counts are binary
-
-
 def _macro(score, c, class_rows):
-    """``score(tp, fp, fn)`` of the positive class (binary counts ``c``), or its mean over
-    each class that occurs in the targets or the predictions (scikit-learn's macro)."""
+    """``score(tp, fp, fn)`` of the positive class, or scikit-learn's macro mean over classes."""
     if not class_rows:
         tn, fn, fp, tp = c
         per = [(tp, fp, fn)]
@@ -1943,8 +1866,7 @@ recall = _metric("recall", "Recall, tp / (tp + fn)." + _ABOUT_PRF)
 f1 = _metric("f1", "F1 score, 2 tp / (2 tp + fp + fn)." + _ABOUT_PRF)
 
 
-def _classes(t, num_classes, cut, what):
-    """Class numbers of predictions or targets, as confusion_matrix reads them."""
+def _classes(t, num_classes, cut, what):  # as confusion_matrix reads them
     if _scores(t):
         return t.argmax(-1).reshape(-1)
     if t.is_floating_point():
@@ -1958,11 +1880,7 @@ def _classes(t, num_classes, cut, what):
 
 def confusion_matrix(y_pred, y, num_classes, *, logits=False, ignore_index=None):
     """Counts as a (num_classes, num_classes) int64 tensor: rows true, columns predicted.
-
-    Predictions are class numbers, class scores (N, C) (their arg-max) or, for two
-    classes, one probability per row (positive above 0.5, or a logit above 0 with
-    ``logits=True``); targets likewise. Rows whose class-number target is ``ignore_index``
-    are left out. A class outside 0..num_classes-1 is a ValueError."""
+    Class numbers, scores (N, C) or, for two classes, probabilities (logits with ``logits``)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"confusion_matrix: num_classes must be an int >= 1, got "
                          f"{num_classes!r}")
@@ -1998,9 +1916,7 @@ import json  # noqa: E402
 
 
 class _History(dict):
-    """fit's history, ``{key: [value per epoch]}``, and ``better``: ``{key: "min" or
-    "max"}`` for each value whose better direction is known (the loss, the built-in
-    metrics, the monitor by its mode); plots_ascii marks a best only for those."""
+    """fit's history, with ``better``: {key: "min" or "max"} where the direction is known."""
 
     def __init__(self, history, better):
         super().__init__(history)
@@ -2014,8 +1930,7 @@ class _History(dict):
 
 
 def _directions(stats, monitor, mode):
-    """{history key: "min" or "max"} for each value whose direction is known: the loss,
-    the built-in metrics (their val_ values too) and the monitor, by fit's mode."""
+    """{key: "min" or "max"}: the loss, the built-in metrics, the monitor by fit's mode."""
     better = {"loss": "min", **{k: st.better for k, st in stats.items() if st.better}}
     better.update({"val_" + k: d for k, d in better.items()})
     better[monitor] = better[monitor.removeprefix("val_")] = mode  # the same value's
@@ -2042,15 +1957,12 @@ _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _autocast_to(precision, device):
-    """A factory of autocast contexts to the precision's dtype on the device's type."""
     return functools.partial(torch.autocast, device.type, dtype=_CAST[precision])
 
 
 class _Scaler(torch.amp.GradScaler):
-    """fp16's GradScaler, with the optimizer's side of a step as PyTorch's AMP recipe
-    writes it: the loss is scaled before backward (``scale``); gradients are unscaled
-    before clipping; a step whose gradients overflowed is skipped, and the scale falls.
-    The skipped steps are counted on the device and read once an epoch (``check_epoch``)."""
+    """fp16's GradScaler, stepping as PyTorch's AMP recipe does (unscaled before clipping);
+    the skipped steps are counted on the device and read once an epoch."""
 
     skipped, steps = 0, 0
 
@@ -2066,10 +1978,8 @@ class _Scaler(torch.amp.GradScaler):
         self.update()
 
     def check_epoch(self):
-        """When every step of the epoch was skipped, the weights did not move: the
-        gradients were not finite at any scale tried. Below a scale of 1 they are not
-        finite unscaled either, and training stops (as fp32 would: FloatingPointError);
-        above it, a warning says so once an epoch."""
+        """Every step of the epoch skipped: below a scale of 1 the gradients are not finite
+        unscaled either, and training stops (as fp32 would); above it, a warning."""
         skipped, steps, self.skipped, self.steps = self.skipped, self.steps, 0, 0
         if not steps or int(skipped) < steps:
             return
@@ -2083,7 +1993,6 @@ class _Scaler(torch.amp.GradScaler):
 
 
 def _check_mixed_precision(precision, device):
-    """ValueError for a precision this device cannot run."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision='bf16': {torch.cuda.get_device_name(device)} cannot run "
                          "bfloat16; use precision='fp16' (with its GradScaler) or None")
@@ -2115,19 +2024,12 @@ _SHARDED = weakref.WeakKeyDictionary()  # a model sharded here -> its checkpoint
 
 
 def setup_distributed(model, *, backend=None, shard=False, precision=None, checkpoints="full"):
-    """Under torchrun: join its process group and wrap the model in DistributedDataParallel,
-    or with ``shard`` shard it with FSDP2 (weights, gradients and optimizer state split over
-    the ranks: for a model whose training state does not fit one device).
-
-    The group is initialised once (nccl with CUDA, else gloo), the model moved to this
-    rank's device and wrapped; without torchrun the model comes back as it is. Returns
-    ``(model, device)``; create the optimizer after this call.
-    ``shard=True`` applies ``fully_shard`` to each module holding parameters of its own,
-    then to the root; module classes (a transformer's block: ``shard={Block}``) to each of
-    their instances instead. ``precision="bf16"``: FSDP's MixedPrecisionPolicy (compute and
-    gathers in bf16, weights, reduced gradients and optimizer in fp32; fit's precision
-    stays None). ``checkpoints``: "full" (best.pt and last.pt hold the whole state,
-    gathered to rank 0) or "sharded" (each rank writes its shards; see consolidate)."""
+    """Under torchrun: join the group, move the model to this rank's device and wrap it in
+    DistributedDataParallel, or shard it with FSDP2 (``shard=True``: each module with
+    parameters of its own; or module classes, ``shard={Block}``). Returns ``(model,
+    device)``; create the optimizer after. ``precision="bf16"``: FSDP's mixed precision.
+    ``checkpoints``: "full" (gathered to rank 0) or "sharded" (see consolidate). More in
+    docs/distributed.md."""
     _check_sharding(shard, precision, checkpoints)
     dist = torch.distributed
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -2145,9 +2047,8 @@ def setup_distributed(model, *, backend=None, shard=False, precision=None, check
             model, device_ids=[device.index] if device.type == "cuda" else None), device
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if device.type == "cpu":
-        # Every step gathers and frees each module's weights; glibc raises its mmap
-        # threshold on such frees and keeps later blocks in its heap, so the memory grows
-        # step after step. A fixed threshold (M_MMAP_THRESHOLD, -3: 1 MiB) returns them.
+        # Each step gathers and frees every module's weights; glibc then raises its mmap
+        # threshold and the heap grows step after step. A fixed one (-3: 1 MiB) returns them.
         with contextlib.suppress(OSError, AttributeError, TypeError):
             ctypes.CDLL(None).mallopt(-3, 1 << 20)
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if precision \
@@ -2161,10 +2062,8 @@ def setup_distributed(model, *, backend=None, shard=False, precision=None, check
 
 
 def _shard_units(model, shard):
-    """The modules fully_shard shards on their own, innermost first: with ``shard=True`` each
-    that holds parameters of its own, or the instances of the classes ``shard`` names. A
-    tied weight (a tensor two modules share) goes whole into one unit: with ``shard=True``
-    the innermost that holds all of its owners, or the root."""
+    """The modules fully_shard shards on their own, innermost first. A tied weight goes
+    whole into one unit: the innermost that holds all its owners, or the root."""
     if type(model).forward is torch.nn.Module.forward:
         raise ValueError(f"setup_distributed(shard=...): the model is a {type(model).__name__}, "
                          "which has no forward, and FSDP shards a model through its root's "
@@ -2191,21 +2090,23 @@ _RANKS_WAIT = 50  # seconds an evaluation forward of a sharded model waits for e
 
 
 def _every_rank_here(model, args):
-    """Every rank runs each evaluation forward of a sharded model (evaluate, predict, fit's
-    validation: each gathers the weights from all ranks); one rank alone (``if rank == 0:
-    evaluate(...)``) gets this error within a minute, not gloo's 30-minute wait."""
+    """A sharded model's evaluation forward gathers weights from every rank: one rank alone
+    (``if rank == 0: evaluate(...)``) gets this error in a minute, not a 30-minute wait."""
     if model.training:
         return
-    t = torch.ones(1, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    t = torch.ones(1, device=_collective_device())
     try:
         torch.distributed.all_reduce(t, async_op=True).wait(
             timeout=datetime.timedelta(seconds=_RANKS_WAIT))
     except RuntimeError:
         raise RuntimeError(
             f"rank {torch.distributed.get_rank()}: the other ranks did not come within "
-            f"{_RANKS_WAIT} s. evaluate, predict and any forward of a sharded model in eval "
-            "mode must run on every rank together (each forward gathers the weights from all "
-            "ranks): call it on every rank, and print on rank 0") from None
+            f"{_RANKS_WAIT} s. A sharded model's evaluate, predict or eval forward must run on "
+            "every rank together (it gathers the weights): print on rank 0") from None
+
+
+def _collective_device():  # where the backend's collectives take their tensors
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
 def _check_sharding(shard, precision, checkpoints):
@@ -2246,17 +2147,14 @@ def _renamed(osd, key, state=True):
 
 
 def _indexed(osd, state=True):
-    """torch.distributed.checkpoint's optimizer state as torch.optim's, which a plain model's
-    optimizer loads (``state`` False: its groups only)."""
+    """torch.distributed.checkpoint's optimizer state as torch.optim's (a plain model's)."""
     names = [n for g in osd["param_groups"] for n in g["params"]]
     return _renamed(osd, {n: i for i, n in enumerate(names)}, state)
 
 
 def _save_sharded(path, model, optimizer, state):
-    """save_checkpoint of a sharded model, every rank calling. "full": the whole state
-    gathered to rank 0, which writes it. "sharded": each rank writes its shards with
-    torch.distributed.checkpoint into a fresh directory beside ``path``; then rank 0
-    writes ``path`` naming it (the commit), and removes the directories named before."""
+    """save_checkpoint of a sharded model, every rank calling: gathered to rank 0; or each
+    rank's shards in a fresh directory, then ``path`` naming it (the commit)."""
     from torch.distributed.checkpoint import state_dict as sd
     whole = _SHARDED.get(model, "full") == "full"
     options = sd.StateDictOptions(full_state_dict=whole, cpu_offload=whole)
@@ -2317,8 +2215,7 @@ def _load_sharded(ck, path, model, optimizer):
 
 
 def _drop_old_shards(path, ckpt):
-    """Once ``path`` is written naming its shard directory: remove the others of ``path``
-    (the one it named before, and any a kill left unnamed)."""
+    """Remove ``path``'s shard directories but the one it names (older, or a kill's)."""
     folder = os.path.dirname(os.path.abspath(path))
     prefix = os.path.basename(path) + ".shards."
     for name in os.listdir(folder):
@@ -2327,9 +2224,8 @@ def _drop_old_shards(path, ckpt):
 
 
 def consolidate(run_dir):
-    """Make a sharded run's best.pt and last.pt plain ones (the whole state in each file,
-    as checkpoints="full" writes it: loadable in one process with weights_only), then
-    remove its shard directories. In one process, while no run uses the directory."""
+    """Make a sharded run's best.pt and last.pt whole, plain ones, and remove its shard
+    directories. In one process, while no run uses the directory."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir!r} is not a directory; expected a run's checkpoint directory")
@@ -2359,13 +2255,10 @@ def consolidate(run_dir):
 
 
 def _leave_group():
-    # The group made by setup_distributed is taken down at exit, once every rank is
-    # there: a rank that leaves while another still uses the connection can abort in
-    # gloo's threads ("terminate called without an active exception"). DDP and FSDP keep
-    # gloo's threads alive past destroy_process_group, to the process's end; one that is
-    # still releasing a finished operation's tensors when the interpreter shuts down would
-    # take the GIL then, and that aborts the process the same way. So the exit waits
-    # (at most a second, the GIL free) until every other thread of the process sleeps.
+    # At exit, once every rank is there: a rank leaving while another uses the connection
+    # can abort in gloo's threads. Those outlive destroy_process_group, and one that takes
+    # the GIL at interpreter shutdown aborts the same way: so wait (a second at most, the
+    # GIL free) until every other thread sleeps.
     dist = torch.distributed
     if dist.is_initialized():
         with contextlib.suppress(RuntimeError):  # raised when another rank left already
@@ -2387,9 +2280,8 @@ def _thread_state(tid):
 
 
 class _Ranks:
-    """The world of a torchrun job: this process's ``rank`` among ``size``, rank 0 the
-    only writer. Answers what _OneProcess answers, with collectives: every rank must
-    ask the same questions in the same order."""
+    """A torchrun job's world: _OneProcess's answers, with collectives (so every rank asks
+    the same questions in the same order)."""
 
     def __init__(self):
         dist = torch.distributed
@@ -2397,13 +2289,9 @@ class _Ranks:
         self.writer, self.lockstep = self.rank == 0, False
 
     def reduce(self, totals):
-        """A meter's sums and counts summed over the ranks (maxima: the largest): the
-        layout [loss sum, its denominator, *metric sums, *counts], so that the counts
-        travel with the sums."""
-        flat = totals.flat
-        counts = torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)
-        flat = torch.cat([flat, counts])
-        dist = torch.distributed
+        """[loss sum, denominator, *metric sums, *counts] over the ranks (maxima: max)."""
+        dist, flat = torch.distributed, totals.flat
+        flat = torch.cat([flat, torch.tensor(totals.counts, dtype=flat.dtype, device=flat.device)])
         total = flat.clone()
         dist.all_reduce(total)
         if totals.maxima:
@@ -2432,9 +2320,7 @@ class _Ranks:
         return out
 
     def any(self, flag):
-        t = torch.tensor([float(flag)])
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
+        t = torch.tensor([float(flag)], device=_collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
@@ -2461,14 +2347,12 @@ class _Ranks:
         sharded = isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
         if what == "train" and not sharded:
             raise ValueError(f"{what}: under torch.distributed a DataLoader needs a "
-                             "DistributedSampler, or every rank trains on every batch; pass "
+                             "DistributedSampler, or every rank trains on every batch: "
                              "DataLoader(dataset, sampler=DistributedSampler(dataset), ...)")
         if what == "val" and sharded and len(sampler.dataset) % self.size:
             raise ValueError(f"val: a DistributedSampler makes {len(sampler.dataset)} rows even "
-                             f"over {self.size} ranks by repeating (or dropping) some, which "
-                             "would count twice (or not at all) in the validation values: pass "
-                             "them as tensors, val=(X, y), which loops splits over the ranks "
-                             "counting each row once")
+                             f"over {self.size} ranks by repeating some, which would count "
+                             "twice: pass val=(X, y) tensors, which loops splits exactly")
         return sharded
 
     def check(self, model, optimizer, save_every, clip_grad_norm, precision):
@@ -2478,24 +2362,20 @@ class _Ranks:
         elif not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"the process group has {self.size} ranks but the model is not "
                              "wrapped in DistributedDataParallel, so the ranks would not share "
-                             "gradients; wrap it (model, device = loops.setup_distributed(model))"
-                             " or shard it (shard=True) before creating the optimizer")
+                             "gradients: model, device = loops.setup_distributed(model) first")
         if save_every is not None:
-            raise ValueError("save_every is not supported under torch.distributed (a mid-epoch "
-                             "snapshot would need every rank at the same step); checkpoints are "
-                             "written at the end of each epoch")
+            raise ValueError("save_every is not supported under torch.distributed: a snapshot "
+                             "would need every rank at the same step")
 
     def val_rows(self, X, y, batch_size, device, what):
-        """This rank's share of validation tensors, in as many batches as every other rank's
-        (each forward of a sharded model gathers its weights from all ranks): ceil(ceil(n /
-        ranks) / batch_size) batches of at most batch_size rows."""
+        """This rank's validation rows, in as many batches as every rank's (a sharded
+        model's forward gathers from all): ceil(ceil(n / ranks) / batch_size)."""
         lo, hi = len(X) * self.rank // self.size, len(X) * (self.rank + 1) // self.size
         batches = -(-(-(-len(X) // self.size)) // batch_size)
         if self.lockstep and len(X) // self.size < batches:
             raise ValueError(f"{what}: {len(X)} rows over {self.size} ranks cannot make "
-                             f"{batches} batches on every rank, as a sharded model needs (each "
-                             "forward gathers its weights from all ranks); give more rows or a "
-                             "larger val_batch_size")
+                             f"{batches} batches on every rank, as a sharded model needs: give "
+                             "more rows or a larger val_batch_size")
         return _RankRows(X[lo:hi], y[lo:hi], batches, batch_size=batch_size, device=device,
                          sharded=True)
 
@@ -2521,20 +2401,17 @@ def _check_sharded(model, optimizer, clip_grad_norm, precision):
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for o in _named(optimizer).values() for g in o.param_groups
            for p in g["params"]):
-        raise ValueError("the optimizer holds parameters that are not the sharded model's: "
-                         "it was built before setup_distributed sharded the model (fully_shard "
-                         "replaces each parameter); build it after: model, device = "
-                         "loops.setup_distributed(model, shard=True), then the optimizer")
+        raise ValueError("the optimizer holds parameters that are not the sharded model's "
+                         "(fully_shard replaces them): build it after setup_distributed")
     plain = [n for n, p in model.named_parameters() if not hasattr(p, "to_local")]
     if clip_grad_norm and plain and len(plain) < len(own):
         raise ValueError(f"clip_grad_norm: the parameters {plain[:3]} are plain tensors, the "
                          "others sharded (DTensors), and one norm cannot be taken over both; "
                          "shard the module that holds them too (shard=True shards them all)")
     if precision is not None:
-        raise ValueError(f"precision={precision!r}: a sharded model's precision is FSDP's "
-                         "MixedPrecisionPolicy, chosen when it is sharded: "
-                         f"setup_distributed(model, shard=True, precision={precision!r}), and "
-                         "fit's precision stays None")
+        raise ValueError(f"precision={precision!r}: a sharded model's precision is chosen when "
+                         f"it is sharded: setup_distributed(model, shard=True, precision="
+                         f"{precision!r})")
 
 # --- end of distributed -------------------------------------------------------
 
@@ -2553,14 +2430,8 @@ _LR_DIVERGE = 4.0  # the search stops once the smoothed loss passes this many ti
 
 def lr_find(model, train, loss_fn, optimizer, *, start_lr=1e-7, end_lr=10, steps=100,
             batch_size=32, device=None, precision=None, forward=None):
-    """The learning-rate range test: train one batch per step while the rate rises
-    geometrically from ``start_lr`` to ``end_lr``; return ``{"lr": [...], "loss": [...],
-    "suggestion": float}``.
-
-    ``loss`` is smoothed (a moving average, 0.98); the search stops once it is not
-    finite or 4 times its best. The suggestion: the rate tried nearest a tenth of the
-    lowest point's (fastai's lr_min). The model, optimizer and random states are left
-    exactly as they were."""
+    """The learning-rate range test: a batch per step, the rate rising from ``start_lr`` to
+    ``end_lr``; returns {"lr", "loss" (smoothed), "suggestion"}, all else left as it was."""
     _maybe("_check_lr_find", **locals())
     device = model_device(model)
     source = _source(train, what="train", batch_size=batch_size, device=device,
@@ -2599,23 +2470,18 @@ def _range_test(model, source, loss_fn, stepper, start_lr, end_lr, steps):
 
 def _cycled(source, gen):
     """The source's batches, epoch after epoch (reshuffled), for as long as asked."""
-    number = 0
-    while True:
+    for number in itertools.count():
         empty = True
         for batch in source.epoch(generator=gen, shuffle=True, number=number):
             empty = False
             yield batch
         if empty:
             raise ValueError("lr_find: the training data yielded no batches")
-        number += 1
 
 
 def _suggestion(lrs, losses):
-    """The tried rate nearest (in log) to a tenth of the rate of the lowest smoothed loss:
-    there the rate is already about to be too high (the average lags); the steepest
-    descent, the other usual rule, proved too high where the stable range is known.
-    The first tenth of the points is skipped, as fastai does: on a flat start the first
-    batch's loss, averaged over nothing yet, can be the lowest. Never the range's edge."""
+    """The rate nearest a tenth of the lowest loss's (fastai's lr_min; the steepest descent
+    proved too high), skipping the first tenth, where a flat start can be lowest."""
     skip = max(1, len(lrs) // 10)
     low = min(range(skip, len(lrs) - 1) or range(len(lrs)), key=losses.__getitem__)
     target = math.log(lrs[low] / 10)
@@ -2623,11 +2489,8 @@ def _suggestion(lrs, losses):
 
 
 class _Before:
-    """Everything lr_find changes, as it was, for ``restore``: the parameters, buffers
-    (non-persistent ones too), gradients and modes of the model and of a loss_fn module,
-    each restored into the same tensor objects; the optimizer's state, and its
-    param_groups as the same dicts (a reference to a group stays true, a tensor lr
-    stays that tensor); the random states."""
+    """Everything lr_find changes, restored into the same objects (a reference to a tensor
+    or a param group stays true): weights, buffers, gradients, modes, optimizer, RNG."""
 
     def __init__(self, model, optimizer, loaders=(), loss_fn=None):
         self.modules = [m for root in (model, loss_fn) if isinstance(root, torch.nn.Module)
@@ -2668,11 +2531,10 @@ class _Before:
 
 
 # --- optional: checkpoint guards ----------------------------------------------
-# What guards a run's directory and files beyond atomic writes: one run at a time (the
-# directory's lock), the diagnosis of a damaged or foreign last.pt before anything is
-# loaded from it, the checks that a checkpoint fits the model and optimizer it goes
-# into (torch's load_state_dict would half-load them), and the settings compared on
-# resume. Without this block a good run resumes the same; a damaged one meets torch.
+# Beyond atomic writes: one run per directory (its lock), the diagnosis of a damaged
+# last.pt before anything loads, checkpoints that must fit the model and optimizer
+# (torch would half-load them), the settings compared on resume, checksums, no NaN
+# weights saved. Without it a good run resumes the same; a damaged one meets torch.
 
 import ctypes  # noqa: E402  (the block's own imports: they go with it)
 import re  # noqa: E402
@@ -2682,29 +2544,31 @@ import zlib  # noqa: E402
 
 
 def _lock_dir(directory):
-    """Take the directory's lock, then remove the temp files a killed run left there."""
     lock = _DirLock(directory)
-    _remove_own_temps(directory)  # only now: another run's would be in flight
+    for name in os.listdir(directory):  # a killed run's temp files, only now (another run's
+        if _OWN_TEMP.fullmatch(name):   # would be in flight) and only those: yours stay
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
     return lock
 
 
+# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
+_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
+
+
 def _refuse_nonfinite(store, where):
-    """FloatingPointError, before anything is written, if a weight is NaN or inf: a
-    gradient can be NaN while the loss is finite (sqrt at 0, an fp16 overflow), and
-    such weights must never replace a good checkpoint. One host read."""
+    """FloatingPointError before a save if a weight is NaN or inf: a gradient can be NaN
+    while the loss is finite (sqrt at 0), and such weights must not replace a good one."""
     bad = _nonfinite_weights(store.model)
     bad = list(dict.fromkeys(n for names in store.world.gather(bad) or [bad] for n in names))
     if bad:
         raise FloatingPointError(
-            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}) although every loss was finite: a gradient "
-            f"was not finite. Nothing was written from them ({store.kept()}); look for an "
-            "operation whose gradient is undefined where it is used (sqrt or log at 0, a "
-            "norm of zeros)")
+            f"{where}the weights hold NaN or inf ({', '.join(bad[:3])}{', ...' * (len(bad) > 3)})"
+            f" although every loss was finite: a gradient was not (sqrt or log at 0, a norm of "
+            f"zeros). Nothing was written from them ({store.kept()})")
 
 
-def _nonfinite_weights(model):
-    """The names of the parameters holding NaN or inf; one host read when there are none."""
+def _nonfinite_weights(model):  # one host read when there are none
     params = [(n, p.to_local() if hasattr(p, "to_local") else p)  # a sharded model's: this
               for n, p in _unwrap(model).named_parameters()]      # rank's shard (DTensor)
     if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
@@ -2713,8 +2577,7 @@ def _nonfinite_weights(model):
 
 
 def _raise_os_error(e):
-    """Raise the OSError that ``e`` wraps (torch's zip writer turns a full disk's into a
-    RuntimeError), where it is not one itself."""
+    """Raise the OSError that ``e`` wraps (torch's zip writer wraps a full disk's)."""
     cause, seen = e, set()
     while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
         seen.add(id(cause))
@@ -2724,28 +2587,24 @@ def _raise_os_error(e):
 
 
 def _refuse_unreadable(path, e):
-    """A checkpoint torch.load could not read: missing, or not a plain checkpoint."""
     if isinstance(e, FileNotFoundError):
         raise FileNotFoundError(f"no checkpoint at {path}") from None
-    raise ValueError(f"{path} is not a plain checkpoint: it holds something other than "
-                     "tensors and plain values (refused: unpickling it could run code), "
-                     f"or it is damaged. torch said: "
+    raise ValueError(f"{path} is not a plain checkpoint: it holds more than tensors and plain "
+                     "values (unpickling it could run code), or it is damaged. torch said: "
                      f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 def _check_checkpoint(ckpt, path):
-    """A loops checkpoint, as it was written: its checksum (if it has one) still matches."""
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a loops checkpoint (expected a dict with 'model')")
     if "checksum" in ckpt and ckpt["checksum"] != _crc32(ckpt):
         raise ValueError(f"{path} is damaged: what it holds no longer matches the checksum "
-                         "written with it (a disk or a copy changed it); nothing was loaded "
-                         "from it. Resume from a copy, or move it away to start afresh")
+                         "written with it; nothing was loaded. Resume from a copy, or move it "
+                         "away to start afresh")
 
 
 def _seal(ckpt):
-    """A checksum of all a checkpoint holds, so that one damaged on disk or in a copy (a
-    flipped bit in a weight) is refused as it is read, not trained from."""
+    """A checksum of all it holds: a flipped bit on disk is refused, not trained from."""
     ckpt["checksum"] = _crc32(ckpt)
 
 
@@ -2770,12 +2629,10 @@ def _crc32(value, crc=0, top=True):
 
 
 def _seal_shards(folder):
-    """The checksum of each file of a sharded checkpoint's directory, as written."""
     return {name: _file_crc32(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
 
 def _check_shards(folder, sums, path):
-    """Each file of a sharded checkpoint's directory is there, and as written."""
     for name, crc in (sums or {}).items():
         where = os.path.join(folder, name)
         wrong = "missing" if not os.path.isfile(where) else (
@@ -2795,8 +2652,7 @@ def _file_crc32(path):
 
 
 def _check_fits(ckpt, path, model, optimizer):
-    """ValueError, before anything is loaded, where the checkpoint's weights or optimizer
-    state do not fit ``model`` and ``optimizer``."""
+    """Before anything loads: the weights and optimizer state fit ``model``, ``optimizer``."""
     own, state = ({} if model is None else _unwrap(model).state_dict()), ckpt["model"]
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own] if model is not None else []
@@ -2813,8 +2669,7 @@ def _check_fits(ckpt, path, model, optimizer):
 
 
 def _check_resumable(store, ck, record, epochs, steps=None):
-    """Everything that would make last.pt's dict ``ck`` a wrong place to go on from, refused
-    before anything is loaded; returns the lines that say what this run changes."""
+    """Refuse a last.pt that is a wrong place to go on from; return what this run changes."""
     path = store.last_path
     if ck.get("format") != store.FORMAT:
         raise ValueError(f"{path} was not written by fit (no 'format': '{store.FORMAT}'); "
@@ -2830,15 +2685,13 @@ def _check_resumable(store, ck, record, epochs, steps=None):
             "it was written by an older loops.py: finish it with that one" if older
             else "resume with the same metrics, val, train_step and val_fn"))
     if (ck["monitor"], ck["mode"]) != (record.monitor, record.mode):
-        raise ValueError(f"{path} monitored {ck['monitor']!r} (mode {ck['mode']!r}); this "
-                         f"run asks for {record.monitor!r} ({record.mode!r}), and its best "
-                         "so far would mean nothing for that: resume with the same monitor")
+        raise ValueError(f"{path} monitored {ck['monitor']!r} (mode {ck['mode']!r}), this run "
+                         f"{record.monitor!r} ({record.mode!r}): resume with the same monitor")
     done = ck["epoch"] + (1 if ck["step"] else 0)
     if epochs < done:
-        raise ValueError(f"{path} already trained {ck['epoch']} epochs"
-                         + (f" and part of epoch {done}" if ck["step"] else "")
-                         + f"; epochs={epochs} is the total, counting those: pass epochs >= "
-                           f"{done}")
+        raise ValueError(f"{path} already trained {ck['epoch']} epochs" + (
+            f" and part of epoch {done}" if ck["step"] else "") + f"; epochs={epochs} is the "
+            f"total, counting those: pass epochs >= {done}")
     if (ck["scheduler"] is None) != (store.scheduler is None) or isinstance(
             store.scheduler, dict) and set(ck["scheduler"]) != set(store.scheduler):
         raise ValueError(f"{path} was saved {'with' if ck['scheduler'] else 'without'} a "
@@ -2852,12 +2705,10 @@ def _check_resumable(store, ck, record, epochs, steps=None):
              if saved and given and saved.get(k) != given.get(k)]
     if other:
         raise ValueError(f"{path} has other values in its history's columns: {'; '.join(other)}"
-                         ": the history would mix two quantities in one column; resume with the "
-                         "same metrics, loss_fn and validation set, or start a new directory")
+                         ": resume with the same metrics, loss_fn and val, or a new directory")
     notes = [line for line in [_changed_settings(store, ck)] if line]
     with contextlib.suppress(KeyError, TypeError):  # optimizers that do not fit: refused next
-        given = _group_rates(store.optimizer)
-        saved = _group_rates(store.optimizer, ck["optimizer"])
+        given, saved = _group_rates(store.optimizer), _group_rates(store.optimizer, ck["optimizer"])
         notes += [f"the optimizer was given {k} {a:g}; last.pt's {saved[k]:g} is used, so that "
                   "the run goes on as it was" for k, a in given.items() if saved[k] != a]
     ranks = len(ck["rng_ranks"] or [ck["rng"]])
@@ -2869,35 +2720,27 @@ def _check_resumable(store, ck, record, epochs, steps=None):
 
 def _settings(train, train_data, batch_size, shuffle, drop_last, accumulate, precision,
               metrics, loss_fn, val, **_):
-    """How the run trains (a DataLoader's own batch size), and what each column of its
-    history is: saved in last.pt, compared on resume."""
+    """How the run trains, and what each history column is (each metric's function, the
+    loss's type, the validation rows): compared on resume."""
+    def name(fn):
+        fn = getattr(fn, "fn", fn)  # a whole_set metric's function
+        return getattr(fn, "builtin", None) or getattr(fn, "__qualname__", type(fn).__name__)
+    columns = {"loss": name(type(loss_fn) if isinstance(loss_fn, torch.nn.Module) else loss_fn),
+               **{k: fn if isinstance(fn, str) else name(fn) for k, fn in (metrics or {}).items()},
+               **({} if val is None else {"val rows": _rows(val)})}
     return {"batch_size": getattr(train, "batch_size", batch_size), "shuffle": shuffle,
             "drop_last": drop_last, "accumulate": accumulate, "precision": precision,
-            "rows": _rows(train), "batches": train_data.steps,
-            "columns": _columns(metrics, loss_fn, val)}
+            "rows": _rows(train), "batches": train_data.steps, "columns": columns}
 
 
 def _rows(data):
-    """The rows of the training data, where they can be counted."""
     with contextlib.suppress(TypeError, AttributeError):
         return len(data[0] if _is_pair(data) else data if torch.is_tensor(data) else data.dataset)
     return None
 
 
-def _columns(metrics, loss_fn, val):
-    """What each column of the history is (compared on resume): each metric's function,
-    the loss's type, the validation set's rows."""
-    def name(fn):
-        fn = getattr(fn, "fn", fn)  # a whole_set metric's function
-        return getattr(fn, "builtin", None) or getattr(fn, "__qualname__", type(fn).__name__)
-    return {"loss": name(type(loss_fn) if isinstance(loss_fn, torch.nn.Module) else loss_fn),
-            **{k: name(fn) if not isinstance(fn, str) else fn for k, fn in (metrics or {}).items()},
-            **({} if val is None else {"val rows": _rows(val)})}
-
-
 def _group_rates(optimizer, states=None):
-    """{"lr": r} of every parameter group of every optimizer, or of their saved ``states``,
-    named as the line that reports one changed needs ("lr", "lr of group 1", "lr_gen")."""
+    """{"lr of group 1": r, ...} of every group of every optimizer (or its saved state)."""
     rates = {}
     for k, opt in _named(optimizer).items():
         groups = opt.param_groups if states is None else (states[k] if k else states)[
@@ -2908,9 +2751,8 @@ def _group_rates(optimizer, states=None):
 
 
 def _changed_settings(store, ck):
-    """A line on the settings this run changes from last.pt's, or None. Inside an
-    epoch (a snapshot) none may change: the rows already trained, the order and the
-    partial sums are those of the saved settings, so it is refused, naming each."""
+    """A line on the settings this run changes, or None; inside an epoch none may change
+    (the rows trained, the order, the sums are the saved settings')."""
     saved, given = ck.get("settings"), store.settings
     if not isinstance(saved, dict) or given is None:  # written before settings were kept
         return None
@@ -2920,9 +2762,8 @@ def _changed_settings(store, ck):
         return None
     if ck["step"]:
         raise ValueError(f"{store.last_path} stopped inside epoch {ck['epoch'] + 1}, at batch "
-                         f"{ck['step']}, and this run changes {', '.join(changed)}: the epoch "
-                         "cannot go on with other rows or another order. Resume with the saved "
-                         "settings (change them at an epoch's end)")
+                         f"{ck['step']}, and this run changes {', '.join(changed)}: resume with "
+                         "the saved settings (an epoch cannot go on with other rows or order)")
     return (f"resuming after epoch {ck['epoch']} with {', '.join(changed)}: the epochs "
             "from here train so")
 
@@ -2933,17 +2774,14 @@ _LAST_PT = {"model": dict, "optimizer": dict, "history": dict, "epoch": int, "st
             "best": (*_NUMBER, _NONE), "best_epoch": (int, _NONE), "wait": int,
             "stopped": (str, _NONE), "scheduler": (dict, _NONE), "rng": dict,
             "rng_ranks": (list, _NONE), "steps": int, "monitor": str, "mode": str}
-_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": dict, "epoch_time": _NUMBER,
-                      "rng_epoch": dict}
+_LAST_PT_MID_EPOCH = {"meter": dict, "epoch_lr": dict, "epoch_time": _NUMBER, "rng_epoch": dict}
 _METER = {"loss_sum": torch.Tensor, "loss_den": torch.Tensor, "counts": dict, "sums": dict,
           "losses": (torch.Tensor, _NONE), "outs": list, "ys": list}
 _STOPPED = (None, "patience", "on_epoch_end")  # _Record.stopped's values
 
 
 def _damage(ck, steps=None):
-    """What is wrong with last.pt's dict ``ck`` (a key missing or of the wrong type, a
-    history that does not add up, a random state that would not load, a snapshot's
-    step outside an epoch of ``steps`` batches), or None when a resume can trust it."""
+    """What is wrong with last.pt's dict ``ck``, or None when a resume can trust it."""
     def wrong_type(keys):
         for key, kind in keys.items():
             if key not in ck:
@@ -2999,8 +2837,7 @@ def _damage(ck, steps=None):
 
 
 def _rng_damage(rng):
-    """What keeps ``rng`` (a saved random state) from loading, tried on throwaway
-    generators so that nothing of this process changes; None when it loads."""
+    """What keeps a saved random state from loading, tried on throwaway generators."""
     if not isinstance(rng, dict):
         return f"is a {type(rng).__name__}, not a random state"
     try:
@@ -3053,28 +2890,14 @@ def _check_optimizer_fits(optimizer, ckpt, path):
                                      f"{tuple(shape[i])}; nothing was loaded from it")
 
 
-# The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
-_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
-
-
-def _remove_own_temps(path):
-    """Remove the temp files a run killed while writing left behind (``last.pt.<12 hex>.tmp``),
-    and only those: a user's ``best.weights.tmp`` stays."""
-    for name in os.listdir(path):
-        if _OWN_TEMP.fullmatch(name):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(path, name))
-
-
 class _DirLock:
-    """One run per checkpoint directory: the operating system's lock on ``DIR/.lock``
-    (flock; msvcrt on Windows), which goes with the process however it ends. The file
-    names the holder; without locks on the file system, none is taken. It is opened
-    without following a link and changed only once it is known to be loops' own (new,
-    empty, or naming a holder as loops writes it): anything else at that name (a link,
-    a directory, a FIFO, a file of yours) is refused, never written to or deleted."""
+    """One run per checkpoint directory: the OS's lock on ``DIR/.lock`` (flock, msvcrt),
+    which goes with the process however it ends. Opened without following a link and
+    changed only once known to be loops' own: anything else there is never touched."""
     NAME = ".lock"
     OURS = re.compile(r"(pid \d+ on \S*\n?)?")  # what loops writes there, or nothing yet
+    NOT_OURS = ("; fit keeps its lock in a file of its own at that name, and never follows, "
+                "changes or deletes another: move it, or choose another directory")
 
     def __init__(self, directory):
         self.path = os.path.join(directory, self.NAME)
@@ -3085,12 +2908,10 @@ class _DirLock:
                 with contextlib.suppress(OSError):  # Windows locks are mandatory: unreadable
                     f.seek(0)
                     holder = f.read().strip()
-                holder = holder or "another process"
                 f.close()
-                raise ValueError(
-                    f"checkpoint directory {directory!r} is in use by another run ({holder}, "
-                    f"holding {self.path}); one directory holds one run at a time: wait for "
-                    "it to end, or choose another directory")
+                raise ValueError(f"checkpoint directory {directory!r} is in use by another run "
+                                 f"({holder or 'another process'}, holding {self.path}): wait "
+                                 "for it to end, or choose another directory")
             try:  # locked: but is it still the file at that name (not one just removed)?
                 same = os.path.samestat(os.fstat(f.fileno()), os.lstat(self.path))
             except OSError:
@@ -3102,9 +2923,8 @@ class _DirLock:
         held = f.read(4096)
         if not self.OURS.fullmatch(held):
             f.close()
-            raise ValueError(f"{self.path} is not loops' lock file (it holds {held[:60]!r}); "
-                             "fit keeps its lock at that name and will not change or delete "
-                             "a file of yours: move it, or choose another directory")
+            raise ValueError(f"{self.path} is not loops' lock file (it holds {held[:60]!r})"
+                             + self.NOT_OURS)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -3113,24 +2933,20 @@ class _DirLock:
         _HELD_LOCKS.add(f)
 
     def _open(self, directory):
-        """The lock file, opened read-write without following a link, created if absent."""
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(
             os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # NONBLOCK: a FIFO
         try:
             fd = os.open(self.path, flags, 0o666)
-        except OSError as e:
+        except OSError:
             kind = ("a symbolic link" if os.path.islink(self.path) else "a directory"
                     if os.path.isdir(self.path) else None)
             if kind is None:
                 raise
-            raise ValueError(f"{self.path} is {kind}; fit keeps its lock in a file of its own "
-                             "at that name and will not follow or replace it: remove it, or "
-                             "choose another directory") from None
+            raise ValueError(f"{self.path} is {kind}" + self.NOT_OURS) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise ValueError(f"{self.path} is not a regular file (a FIFO, socket or device); "
-                             "fit keeps its lock in a file of its own at that name: remove "
-                             "it, or choose another directory")
+            raise ValueError(f"{self.path} is not a regular file (a FIFO, socket or device)"
+                             + self.NOT_OURS)
         if getattr(os, "O_NONBLOCK", 0):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "r+")
@@ -3160,34 +2976,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-def _try_lock(f):
-    """Take an exclusive lock on open file ``f`` without waiting; False if another holds it."""
+def _try_lock(f):  # False if another holds it
     try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
         try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
             f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
+        else:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
-    except OSError:  # no locks on this file system: go on unlocked
-        return True
+    except OSError:  # on Windows another holds it; elsewhere no locks here: go on unlocked
+        return os.name != "nt"
+    return True
 
 # --- end of checkpoint guards ------------------------------------------------
 
 
 # --- optional: argument checks ------------------------------------------------
-# Everything an entry point is given is checked before the first step and before any
-# file is written, with errors that say what came and what was expected; so are a
-# pass's first batch and what the seams return. Without this block good input runs
-# the same, and bad input meets torch's (or Python's) own errors.
+# What an entry point is given, a pass's first batch and what the seams return, checked
+# before any step or file, saying what came and what was expected. Without this block
+# good input runs the same, and bad input meets torch's (or Python's) own errors.
 
 import tempfile  # noqa: E402  (the block's own imports: they go with it)
 import warnings  # noqa: E402
@@ -3203,13 +3014,11 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
             ("precision", precision, None), ("accumulate", accumulate, 1),
             ("clip_grad_norm", clip_grad_norm, None)) if v != unset]
         if given:
-            raise ValueError(f"{given[0]} is an option of loops' own step, and train_step makes "
-                             "its own: do that inside train_step (autocast, several batches a "
-                             "step, clip_grad_norm_)")
+            raise ValueError(f"{given[0]} is an option of loops' own step: do it inside your "
+                             "train_step (autocast, several batches a step, clip_grad_norm_)")
         if metrics and val is None:
-            raise ValueError("metrics= with train_step are computed in validation only (the "
-                             "training values are those train_step returns): give val= too, "
-                             "or return them from train_step")
+            raise ValueError("metrics= with train_step are computed in validation only: give "
+                             "val= too, or return them from train_step")
     _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
                     scheduler_interval=scheduler_interval, precision=precision,
                     clip_grad_norm=clip_grad_norm, accumulate=accumulate,
@@ -3230,29 +3039,23 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
     _check_callables(train_step=train_step, on_epoch_end=on_epoch_end,
                      on_batch_end=on_batch_end, forward=forward, val_fn=val_fn)
     if (resume or save_every is not None) and checkpoint is None:
-        raise ValueError("resume=True and save_every need checkpoint=DIR to know where "
-                         "last.pt is")
+        raise ValueError("resume=True and save_every need checkpoint=DIR, where last.pt is")
     if scheduler_interval == "step" and any(isinstance(
             s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in _named(scheduler).values()):
-        raise ValueError("ReduceLROnPlateau needs the monitored value: use scheduler_interval="
-                         "'epoch'")
+        raise ValueError("ReduceLROnPlateau needs the monitor: use scheduler_interval='epoch'")
     if scheduler is not None and checkpoint is not None and all(
             hasattr(s, "state_dict") for s in _named(scheduler).values()):
         try:  # now, not after an epoch, when last.pt could not hold the scheduler's state
             _check_plain(_state_of(scheduler), "the scheduler's state_dict()")
         except TypeError as e:
-            raise TypeError(f"{str(e).removeprefix('save_checkpoint: ')}. last.pt could not "
-                            "hold it, so this run could not be resumed: keep functions and "
-                            "objects out of the scheduler's attributes, or train without "
+            raise TypeError(f"{str(e).removeprefix('save_checkpoint: ')}: this run could not "
+                            "be resumed; keep functions out of the scheduler, or drop "
                             "checkpoint=") from None
     if checkpoint is not None and getattr(train, "persistent_workers", False) and getattr(
             train, "num_workers", 0) > 0:  # their random state lives in their processes
-        warnings.warn("the training DataLoader has persistent_workers=True: its workers' "
-                      "random state lives in their processes and cannot go into last.pt, so "
-                      "a resumed run draws other augmentations than the first run would have. "
-                      "For an exact resume, use persistent_workers=False (the workers' seeds "
-                      "are then drawn each epoch from state that is saved)",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn("the training DataLoader has persistent_workers=True: its workers' random "
+                      "state cannot go into last.pt, so a resume draws other augmentations; "
+                      "use persistent_workers=False for an exact one", RuntimeWarning, stacklevel=4)
     _check_metrics(metrics)
     _check_data(train, "train", batch_size, reused=epochs > 1, drop_last=drop_last,
                 accumulate=accumulate, ranks=_world().size, alone=train_step is not None)
@@ -3262,17 +3065,13 @@ def _check_fit(model, train, loss_fn, optimizer, *, epochs, val, batch_size, met
     _must("mode", mode, mode in ("auto", "min", "max"), "'auto', 'min' or 'max'")
 
 
-def _check_train_epoch(model, data, loss_fn, optimizer, *, metrics, batch_size, shuffle, device,
-                       scheduler, scheduler_interval, clip_grad_norm, progress, drop_last,
-                       precision, accumulate, forward, **_):
-    _check_training(model, loss_fn, optimizer, device=device, scheduler=scheduler,
-                    scheduler_interval=scheduler_interval, precision=precision,
-                    clip_grad_norm=clip_grad_norm, accumulate=accumulate,
-                    own_loss=forward is not None)
+def _check_train_epoch(model, data, loss_fn, optimizer, *, metrics, batch_size, shuffle,
+                       generator, progress, drop_last, forward, **step):  # step: the options
+    _check_training(model, loss_fn, optimizer, own_loss=forward is not None, **step)
     _must("shuffle", shuffle, isinstance(shuffle, bool), "True or False", TypeError)
     _check_callables(progress=progress, forward=forward)
     _check_metrics(metrics)
-    _check_data(data, "data", batch_size, drop_last=drop_last, accumulate=accumulate)
+    _check_data(data, "data", batch_size, drop_last=drop_last, accumulate=step["accumulate"])
 
 
 def _check_evaluate(model, data, loss_fn, *, metrics, batch_size, device, precision, forward):
@@ -3318,9 +3117,8 @@ def _check_lr_find(model, train, loss_fn, optimizer, *, start_lr, end_lr, steps,
 def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
                     scheduler_interval="epoch", clip_grad_norm=None, precision=None,
                     accumulate=1, own_step=False, own_loss=False):
-    """What every entry point that trains is given; with the user's ``own_step`` the loss
-    may be None and the optimizer a dict of them; with ``own_loss`` (a forward that may
-    return the model's loss) the loss may be None."""
+    """What every entry point that trains is given; with ``own_step`` (train_step) or
+    ``own_loss`` (forward's loss) no loss_fn, and with ``own_step`` a dict of optimizers."""
     _check_model(model, device, precision)
     if not (callable(loss_fn) or loss_fn is None and (own_step or own_loss)):
         raise TypeError(f"loss_fn must be callable (or None, with a forward that returns the "
@@ -3356,8 +3154,7 @@ def _check_training(model, loss_fn, optimizer, *, device, scheduler=None,
 
 
 def _check_model(model, device, precision=None):
-    """A module whose parameters are on ``device`` (the model's device is the one that
-    trains: nothing is moved), and a precision that device can run."""
+    """A module on ``device`` (the model's device trains: nothing is moved)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     here = model_device(model)
@@ -3379,9 +3176,8 @@ def _check_model(model, device, precision=None):
                              f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
         if here.type != device.type or None not in (device.index, here.index) and (
                 here.index != device.index):
-            raise ValueError(f"the model's parameters are on {here} but device={name!r}; move "
-                             f"the model first (model.to({name!r})) and create the optimizer "
-                             "after")
+            raise ValueError(f"the model's parameters are on {here} but device={name!r}: move "
+                             f"it first (model.to({name!r})), then create the optimizer")
     if precision is not None:
         _must("precision", precision, precision in ("bf16", "fp16"), "None (fp32), 'bf16' or "
               "'fp16'")
@@ -3390,7 +3186,6 @@ def _check_model(model, device, precision=None):
 
 
 def _check_metrics(metrics):
-    """{"name": fn or built-in name}: TypeError/ValueError naming the key."""
     if metrics is None:
         return
     if not isinstance(metrics, dict):
@@ -3400,9 +3195,8 @@ def _check_metrics(metrics):
     for key, fn in metrics.items():
         if not isinstance(key, str) or not key or key.startswith("val_") or key in (
                 "loss", *_NOT_VALUES):
-            raise ValueError(f"metrics: key {key!r} is not allowed; use a name that is not "
-                             f"'loss', {', '.join(map(repr, _NOT_VALUES))} and does not start "
-                             "with 'val_'")
+            raise ValueError(f"metrics: key {key!r} is not allowed; use a name other than "
+                             f"'loss', {', '.join(map(repr, _NOT_VALUES))}, not 'val_...'")
         if isinstance(fn, str) and fn not in known and fn not in _BLOCK_OF:
             raise ValueError(f"metrics[{key!r}]: unknown metric {fn!r}; expected one of "
                              f"{', '.join(known)} or a function (y_pred, y) -> tensor")
@@ -3419,8 +3213,7 @@ def _check_whole_set(fn):
 
 def _check_data(data, what, batch_size, *, reused=False, drop_last=False, accumulate=1,
                 ranks=1, alone=False):
-    """(X, y) tensors (X alone, where ``alone``), or batches a second epoch can iterate
-    again (where ``reused``)."""
+    """(X, y) tensors (X alone, if ``alone``), or batches an epoch can iterate again."""
     _must("batch_size", batch_size, _is_int(batch_size, 1), "an int >= 1")
     _must("drop_last", drop_last, isinstance(drop_last, bool), "True or False", TypeError)
     if _is_pair(data) or alone and torch.is_tensor(data):
@@ -3428,9 +3221,8 @@ def _check_data(data, what, batch_size, *, reused=False, drop_last=False, accumu
         _check_tensors(X, y, what)
         if drop_last and len(X) < ranks * batch_size * accumulate:
             raise ValueError(f"{what}: drop_last=True with {len(X)} rows and batch_size "
-                             f"{batch_size}" + (f" x accumulate {accumulate}" if accumulate > 1
-                                                else "") + " leaves no batch; expected at "
-                             f"least {ranks * batch_size * accumulate} rows")
+                             f"{batch_size}{f' x accumulate {accumulate}' * (accumulate > 1)} "
+                             f"leaves no batch; expected >= {ranks * batch_size * accumulate} rows")
     elif torch.is_tensor(data) or isinstance(data, tuple) or not hasattr(data, "__iter__"):
         raise TypeError(f"{what}: expected a tuple (X, y) of two tensors or an iterable of "
                         f"(xb, yb) batches (a list, a DataLoader), got {_describe(data)}")
@@ -3465,8 +3257,7 @@ def _check_last_batch(model, train, batch_size, drop_last, ranks):
     if norms and not drop_last and size and rows % size // ranks == 1:
         raise ValueError(f"the last training batch would hold 1 row ({rows} rows in batches of "
                          f"{size}), and {norms[0]} cannot train on one row: pass drop_last=True "
-                         "(DataLoader(..., drop_last=True) for a loader), or a batch size that "
-                         "leaves more rows over")
+                         "(to the DataLoader, for one), or another batch size")
 
 
 def _check_tensors(X, y, what):
@@ -3481,8 +3272,7 @@ def _check_tensors(X, y, what):
 
 
 def _check_monitor(monitor, keys, *, has_val, later):
-    """The monitor names a value of the history (one that train_step or val_fn may yet
-    return, ``later``, is checked when they first do)."""
+    """The monitor names a value of the history (``later``: train_step's, val_fn's)."""
     if not isinstance(monitor, str) or monitor in _NOT_VALUES or monitor.startswith("lr_") or (
             monitor not in keys and not later):
         raise ValueError(f"monitor={monitor!r} names no value of the history; expected one of "
@@ -3491,8 +3281,7 @@ def _check_monitor(monitor, keys, *, has_val, later):
                             else " (val_ values need val=)"))
 
 
-def _check_writable(path):
-    """Create the checkpoint directory and prove it writable with a probe file."""
+def _check_writable(path):  # created, and proved writable with a probe file
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
@@ -3516,8 +3305,7 @@ def _check_plain(value, where):
             _check_plain(v, f"{where}[{k!r}]")
     elif not (torch.is_tensor(value) or isinstance(value, _PLAIN)):
         raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold "
-                        "only tensors and plain Python values, so that load_checkpoint can load "
-                        "them with weights_only=True")
+                        "only tensors and plain values, which weights_only=True loads")
 
 
 # what comes back from the model, the loss and the seams
@@ -3526,9 +3314,8 @@ _SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, 
 
 
 def _try_first_val_batch(model, val, seam, stats):
-    """The first batch of validation tensors through the model, loss and metrics before
-    training: data of the wrong shape fails now, not after an epoch (a DataLoader is not
-    drawn from early: that would start its workers)."""
+    """The first validation batch through model, loss and metrics before training: wrong
+    shapes fail now, not after an epoch (not a DataLoader: it would start its workers)."""
     if not isinstance(val, _TensorSource):
         return
     first = _TensorSource(val.X[:val.batch_size], val.y[:val.batch_size],
@@ -3548,15 +3335,13 @@ def _try_first_val_batch(model, val, seam, stats):
 
 
 def _check_first_batch(meter, out, y):
-    """A pass's first batch: outputs and targets that MSELoss and the like would broadcast
-    ((N, 1) against (N,): an (N, N) mean, with only torch's warning) are refused, and each
-    metric is tried on it (once a run), so that one that fails names itself now."""
+    """A pass's first batch: shapes MSELoss would broadcast ((N, 1) with (N,): an (N, N)
+    mean) are refused, and each metric is tried, so that one that fails names itself."""
     if isinstance(meter.loss_fn, _SAME_SHAPE_LOSSES) and out.shape != y.shape:
         raise ValueError(f"{type(meter.loss_fn).__name__} got outputs of shape "
-                         f"{tuple(out.shape)} and targets of shape {tuple(y.shape)}: torch "
-                         "would broadcast them against each other and the loss would be "
-                         "wrong; give both the same shape (targets y.reshape(-1, 1), or "
-                         "outputs out.squeeze(-1))")
+                         f"{tuple(out.shape)} and targets of shape {tuple(y.shape)}, which "
+                         "torch would broadcast to a wrong loss: give both the same shape "
+                         "(y.reshape(-1, 1), or out.squeeze(-1))")
     for k, st in meter.stats.items() if not meter.tried else ():
         try:
             _metric_sums({k: st}, [out], [y], meter.dtype)
@@ -3576,9 +3361,7 @@ def _check_pair(out):
 
 
 def _check_output(y_pred, forward, batch=None, cause=None):
-    """A model that returns something other than a tensor (a tuple of logits and extras, a
-    ModelOutput) where loops needs its outputs: the error names forward=, with a lambda
-    that works on the batches given (its inputs a mapping: Hugging Face's)."""
+    """A model returning a tuple or a ModelOutput: the error names forward=, with a lambda."""
     if forward is None and not torch.is_tensor(y_pred):
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
         call = "model(**batch[0])" if isinstance(inputs, Mapping) else "model(batch[0])"
@@ -3599,8 +3382,7 @@ def _refuse_loss(loss):
     if loss is None:
         raise TypeError("no loss to train on: loss_fn is None, and forward returned (y_pred, "
                         "y); pass a loss_fn, or return the model's own loss third: (y_pred, y, "
-                        "loss), e.g. out = model(**batch); return out.logits, batch['labels'], "
-                        "out.loss")
+                        "loss), e.g. (out.logits, batch['labels'], out.loss)")
     if not torch.is_tensor(loss):
         raise TypeError(f"loss_fn returned a {type(loss).__name__}; expected a scalar tensor "
                         "(a Python number has no gradient: compute the loss with torch "
@@ -3610,12 +3392,9 @@ def _refuse_loss(loss):
 
 
 def _refuse_batch(batch, what):
-    """A batch that is not an (xb, yb) pair (a dict from a Dataset returning {"x": ...,
-    "y": ...} would unpack to its keys)."""
-    kind = (f"a {type(batch).__name__} with keys {list(batch)[:4]}" if isinstance(
-        batch, Mapping) else f"{_describe(batch)}" if torch.is_tensor(batch) else
-        f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
-                                       else ""))
+    """A batch that is not an (xb, yb) pair (a dict would unpack to its keys)."""
+    kind = (f"a {type(batch).__name__} with keys {list(batch)[:4]}"
+            if isinstance(batch, Mapping) else _describe(batch))
     example = ("(out := model(**batch)).logits, batch['labels'], out.loss" if isinstance(
         batch, Mapping) and "labels" in batch else "model(batch['x']), batch['y']")
     raise TypeError(f"{what}: a batch is {kind}; expected an (inputs, targets) pair. Pass "
@@ -3625,8 +3404,7 @@ def _refuse_batch(batch, what):
 
 
 def _check_step_values(values, names=None, step=None, *, monitor=None):
-    """train_step's values: a dict {name: scalar tensor}; at later steps the first step's
-    ``names``; at the first, the ``monitor`` among them when only train_step can give it."""
+    """train_step's values: {name: scalar tensor}, the first step's ``names`` later on."""
     at = "" if step is None else f" at step {step} (as on_batch_end counts)"
     if not isinstance(values, dict) or not values:
         raise TypeError(f"train_step returned {_describe(values)}{at}; expected a dict "
@@ -3647,7 +3425,6 @@ def _check_step_values(values, names=None, step=None, *, monitor=None):
 
 
 def _check_val_values(values, logs):
-    """val_fn's return: {name: number}, none of the names the epoch's logs have already."""
     if not isinstance(values, dict) or not all(
             isinstance(k, str) and _is_number(v) for k, v in values.items()):
         raise TypeError(f"val_fn returned {values!r:.80}; expected a dict {{name: float}} "
@@ -3655,12 +3432,10 @@ def _check_val_values(values, logs):
     taken = [k for k in values if k in logs or k in _NOT_VALUES or k.startswith("lr_")]
     if taken:
         raise ValueError(f"val_fn returned {taken[0]!r}, a name the epoch's values have "
-                         f"already ({', '.join(logs)}, lr, time, best_epoch): it would "
-                         "overwrite that column; name yours otherwise")
+                         f"already ({', '.join(logs)}, lr, time, best_epoch): name yours otherwise")
 
 
 def _check_logs(logs, record):
-    """An epoch's values have the names of the run's history, the monitor among them."""
     if list(logs) != list(record.history):
         raise ValueError(f"epoch {logs['epoch']} has the values {list(logs)}; the run "
                          f"records {list(record.history)}: train_step and val_fn return the "
@@ -3694,7 +3469,7 @@ def _check_callables(**named):
 
 def _describe(x):
     return f"a tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else (
-        f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-        if isinstance(x, tuple) else type(x).__name__)
+        f"a {type(x).__name__} of {len(x)} ({', '.join(type(v).__name__ for v in x[:4])})"
+        if isinstance(x, (tuple, list)) else f"a {type(x).__name__}")
 
 # --- end of argument checks ---------------------------------------------------

@@ -209,6 +209,23 @@ class DeletedBlocksTest(unittest.TestCase):
         self.assertLessEqual(len(core.splitlines()), 1800)
         self.assertEqual(source.count(".backward("), 1)  # one step path for every kind of step
 
+    def test_the_readme_counts_the_lines_as_they_are(self):
+        # README's "Changing the loop" gives each block's lines and the file's: kept true.
+        with open(os.path.join(HERE, "loops.py")) as f:
+            source = f.read()
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        lines = len(source.splitlines())
+        for name in BLOCKS:
+            said = re.search(rf"^\| `{re.escape(name)}` \| (\d+) \|", readme, re.M)
+            self.assertIsNotNone(said, f"no row for {name!r}")
+            self.assertEqual(int(said.group(1)), lines - len(without(source, (name,)).splitlines()),
+                             name)
+        said = re.search(r"`loops.py` is ([\d,]+)\s+lines; the core, with every block "
+                         r"deleted, ([\d,]+)", readme)
+        self.assertEqual([int(n.replace(",", "")) for n in said.groups()],
+                         [lines, len(without(source, BLOCKS).splitlines())])
+
     def test_every_name_a_copy_uses_is_defined_in_it(self):
         # A block that uses a module or a helper of another block (warnings, say) would fail
         # in a copy without that block, on a path the runs above may not take: every global
