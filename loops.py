@@ -2553,7 +2553,7 @@ def _lock_dir(directory):
 
 
 # The temp files _new_temp makes for the files fit writes; nothing else is ever removed.
-_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv)\.[0-9a-f]{12}\.tmp")
+_OWN_TEMP = re.compile(r"(best\.pt|last\.pt|history\.csv|run\.json)\.[0-9a-f]{12}\.tmp")
 
 
 def _refuse_nonfinite(store, where):

@@ -365,7 +365,8 @@ class OneRunPerDirectoryTest(Quiet):
             with open(os.path.join(d, ".lock"), "w") as f:
                 f.write(left)
             self.small_fit(d)
-            self.assertEqual(sorted(os.listdir(d)), ["best.pt", "history.csv", "last.pt", "run.json"])
+            self.assertEqual(sorted(os.listdir(d)),
+                             ["best.pt", "history.csv", "last.pt", "run.json"])
 
     def test_two_new_runs_started_together_never_train_over_each_other(self):
         # B passed the "already holds a run" check before A wrote last.pt, then took the lock
@@ -413,8 +414,9 @@ class OneRunPerDirectoryTest(Quiet):
     def test_the_clean_up_removes_only_the_temp_files_fit_makes(self):
         d = self.tmpdir()
         own = ["last.pt.0123456789ab.tmp", "best.pt.a1b2c3d4e5f6.tmp",
-               "history.csv.00ff00ff00ff.tmp"]
-        users = ["best.weights.tmp", "history.notes.tmp", "last.pt.mine.tmp", "last.tmp"]
+               "history.csv.00ff00ff00ff.tmp", "run.json.447b6e45bc42.tmp"]  # the last was
+        users = ["best.weights.tmp", "history.notes.tmp", "last.pt.mine.tmp", "last.tmp",
+                 "run.json.mine.tmp"]  # left behind by a kill during run.json's write
         for name in own + users:
             with open(os.path.join(d, name), "w") as f:
                 f.write("keep me")
