@@ -414,9 +414,10 @@ class OneRunPerDirectoryTest(Quiet):
     def test_the_clean_up_removes_only_the_temp_files_fit_makes(self):
         d = self.tmpdir()
         own = ["last.pt.0123456789ab.tmp", "best.pt.a1b2c3d4e5f6.tmp",
-               "history.csv.00ff00ff00ff.tmp", "run.json.447b6e45bc42.tmp"]  # the last was
+               "history.csv.00ff00ff00ff.tmp",
+               "run.json.447b6e45bc42.tmp"]  # was left behind by a kill during its write
         users = ["best.weights.tmp", "history.notes.tmp", "last.pt.mine.tmp", "last.tmp",
-                 "run.json.mine.tmp"]  # left behind by a kill during run.json's write
+                 "run.json.mine.tmp"]
         for name in own + users:
             with open(os.path.join(d, name), "w") as f:
                 f.write("keep me")
